@@ -1,0 +1,45 @@
+"""The kernel's own plugin: built-in tasks and rewards.
+
+Registered through the same entry-point group as every other plugin (see ``setup.py``), so
+third-party plugins see no difference between what ships with the kernel and what they add.
+Task modules are imported lazily by their factories.
+"""
+from __future__ import annotations
+
+from metareason.hookspecs import hookimpl
+
+
+def _causal_loop(params, seed, num_samples):
+    from metareason.data.causal_loop import make_task
+
+    return make_task(params, seed, num_samples)
+
+
+def _jsonl(params, seed, num_samples):
+    from metareason.data.jsonl_task import make_task
+
+    return make_task(params, seed, num_samples)
+
+
+def _reasoning_gym(params, seed, num_samples):
+    from metareason.data.reasoning_gym_task import make_task
+
+    return make_task(params, seed, num_samples)
+
+
+@hookimpl
+def metareason_register_tasks(register):
+    register("causal_loop", _causal_loop)
+    register("jsonl", _jsonl)
+    register("reasoning_gym/", _reasoning_gym)
+
+
+def _causal_loop_exact(completions, examples):
+    from metareason.data.causal_loop import reward_exact_match
+
+    return reward_exact_match(completions, examples)
+
+
+@hookimpl
+def metareason_register_rewards(register):
+    register("causal_loop_exact", _causal_loop_exact)

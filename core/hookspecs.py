@@ -1,0 +1,209 @@
+"""Every hook a metareason plugin can implement. The one file a plugin author must read.
+
+A plugin is any object or module with functions decorated by ``@hookimpl`` whose names match
+the specs below; it is found through the entry-point group ``metareason``::
+
+    # pyproject.toml of a plugin package
+    [project.entry-points.metareason]
+    my_method = "my_package.plugin"
+
+or registered programmatically with ``Kernel(config).register(obj)``. An implementation may
+accept any subset of a hook's arguments (pluggy passes only the names it asks for).
+
+Conventions
+-----------
+* Registry hooks (``metareason_register_*``) receive a ``register`` callback; call it once per
+  thing you provide. Names must be unique across plugins: a clash is an error naming both.
+* "Chained" hooks (prompt transform, SFT labels, model preparation) run one plugin after the
+  other; each receives what the previous one returned (return ``None`` to keep it unchanged).
+* Masks returned by ``metareason_rl_loss_mask`` are AND-ed with the kernel's own mask.
+* An exception raised inside a hook is re-raised as ``metareason.plugins.PluginError`` naming
+  the plugin and the hook.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
+
+    import torch
+    from pydantic import BaseModel
+
+    from metareason.config import RunConfig
+    from metareason.kernel import Kernel
+
+PROJECT = "metareason"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_register_tasks(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Provide tasks (datasets with a scorer).
+
+    Called once when the kernel builds its task registry. ``register(name, factory)`` where
+    ``factory(params: dict, seed: int, num_samples: int) -> metareason.data.Task``. A name
+    ending in ``/`` registers a family: ``reasoning_gym/`` serves ``reasoning_gym/<anything>``
+    and the factory receives the suffix as ``params["name"]``.
+    """
+
+
+@hookspec
+def metareason_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
+    """Provide reward functions for RL and scoring.
+
+    ``register(name, fn)`` where ``fn(completions: list[str], examples: list[dict]) ->
+    list[float]``. Rewards are selected and weighted in the run config by name.
+    """
+
+
+@hookspec
+def metareason_register_models(register: Callable[[str, type, type], None]) -> None:
+    """Provide model architectures.
+
+    ``register(model_type, config_class, model_class)``: the kernel registers the pair with
+    transformers' ``AutoConfig`` / ``AutoModelForCausalLM``, so ``model.arch.model_type`` in a
+    run config, ``save_pretrained`` and ``from_pretrained`` work for it like for a built-in.
+    """
+
+
+@hookspec
+def metareason_config_sections() -> dict[str, type["BaseModel"]]:
+    """Contribute top-level config sections: ``{"section_name": PydanticModel}``.
+
+    The section is validated with the rest of the run config (unknown fields and wrong types
+    are errors naming the field path) and is available as ``config.section_name``. Sections
+    should have defaults for every field so that a config may omit them.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and model
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_special_tokens(config: "RunConfig") -> Optional[list[Any]]:
+    """Return special tokens this plugin needs in the vocabulary.
+
+    Items are strings or ``metareason.models.SpecialToken(text, init_from=[words])``. The kernel
+    adds them to the tokenizer, resizes the embeddings, and initialises each new row from the
+    mean of the embeddings of ``init_from`` (or of the whole vocabulary when not given), never
+    from random noise.
+    """
+
+
+@hookspec
+def metareason_prepare_model(model: "torch.nn.Module", tokenizer: Any, config: "RunConfig",
+                             new_token_ids: list[int]) -> Optional["torch.nn.Module"]:
+    """Change the model after loading, resizing and (when configured) PEFT wrapping.
+
+    Chained: freeze parameters, add trainable rows only, wrap it. Return a replacement model or
+    ``None``. ``new_token_ids`` are the ids of the special tokens added for this run.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_transform_prompt(prompt: str, example: dict, config: "RunConfig") -> Optional[str]:
+    """Rewrite a prompt before tokenisation (training) and before generation (eval/inference).
+
+    Chained; return the new prompt or ``None`` to keep it.
+    """
+
+
+@hookspec
+def metareason_sft_labels(batch: dict, tokenizer: Any, config: "RunConfig") -> Optional["torch.Tensor"]:
+    """Change the labels of an SFT batch (``-100`` = not in the loss).
+
+    ``batch`` has ``input_ids``, ``attention_mask``, ``labels`` (prompt tokens already -100),
+    ``prompt_lengths`` and ``examples`` (the source dicts). Chained; return new labels or
+    ``None``. Called every step, so random masking is re-drawn each time.
+    """
+
+
+@hookspec
+def metareason_rl_loss_mask(completion_ids: "torch.Tensor", completion_mask: "torch.Tensor",
+                            tokenizer: Any, config: "RunConfig") -> Optional["torch.Tensor"]:
+    """Restrict the RL token loss mask (``[B, T]`` bool) of sampled completions.
+
+    Every returned mask is AND-ed with the kernel's mask (padding, truncation).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Training step
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_extra_losses(model: "torch.nn.Module", batch: dict, outputs: Any, config: "RunConfig",
+                            step: int) -> Optional[dict[str, Any]]:
+    """Add named loss terms to the training step.
+
+    Return ``{name: tensor}`` (weight 1) or ``{name: (weight, tensor)}``; the kernel adds
+    ``weight * tensor`` to the loss and logs each unweighted term as ``train/<name>``.
+    ``outputs`` is the model's forward output (logits, and whatever the model attached).
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_generation_triggers(config: "RunConfig") -> Optional[list[str]]:
+    """Strings that, when they appear in a completion, trigger ``metareason_generation_handover``."""
+
+
+@hookspec(firstresult=True)
+def metareason_generation_handover(state: Any) -> Optional[str]:
+    """Take over generation at a trigger.
+
+    ``state`` is a ``metareason.generate.HandoverState`` (prompt, text so far, the trigger that
+    fired, the example). Return text to append to the completion (the model then resumes after
+    it), or ``None`` to let the model continue. The first plugin to return text wins.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_on_run_start(kernel: "Kernel", run_dir: str) -> None:
+    """A run is starting; ``run_dir`` exists and holds the resolved config."""
+
+
+@hookspec
+def metareason_on_step_end(kernel: "Kernel", step: int, metrics: dict) -> None:
+    """An optimizer step finished. ``metrics`` may be extended in place before it is logged."""
+
+
+@hookspec
+def metareason_on_eval(kernel: "Kernel", step: int, metrics: dict) -> None:
+    """An evaluation finished; ``metrics`` holds ``eval/...`` keys and may be extended."""
+
+
+@hookspec
+def metareason_on_checkpoint(kernel: "Kernel", step: int, path: str) -> None:
+    """A checkpoint was written (atomically) to ``path``."""
+
+
+@hookspec
+def metareason_on_run_end(kernel: "Kernel", metrics: dict) -> None:
+    """The run finished; ``metrics`` is the last evaluation."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+@hookspec
+def metareason_cli_commands(subparsers: "argparse._SubParsersAction") -> None:
+    """Add subcommands to the ``metareason`` CLI.
+
+    Call ``subparsers.add_parser(name, help=...)`` and ``parser.set_defaults(func=fn)``;
+    ``fn(args) -> int`` is the exit code. Use a plugin-named group (``metareason cspo ...``).
+    """

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment and install metareason into it.
+#   scripts/install.sh VENV EXTRAS
+# torch is installed first, from TORCH_SPEC (default: the CPU-friendly pin torch==2.13.0), and
+# only when the environment has no torch yet: a CUDA build that is already there is kept.
+# Everything after that installs under a constraint that pins the torch now present, so no
+# dependency can replace it, and the extension builds against it (--no-build-isolation).
+set -euo pipefail
+VENV=${1:-.venv}
+EXTRAS=${2:-}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[install] creating $VENV"
+  "$PYTHON" -m venv ${VENV_ARGS:-} "$VENV"
+fi
+PY="$VENV/bin/python"
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70" wheel
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "[install] keeping torch $("$PY" -W ignore -c "import torch; print(torch.__version__)" 2>/dev/null)"
+else
+  echo "[install] installing $TORCH_SPEC"
+  "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+fi
+constraints="$VENV/torch-constraint.txt"
+"$PY" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$constraints" 2>/dev/null
+
+target="."
+[ -n "$EXTRAS" ] && target=".[$EXTRAS]"
+echo "[install] installing metareason$([ -n "$EXTRAS" ] && echo "[$EXTRAS]") (builds the compiled ops; a minute or two)"
+"$PY" -m pip install -q --disable-pip-version-check -c "$constraints" --no-build-isolation -e "$target"
+"$PY" -c "import metareason, metareason.ops as ops; print('[install] metareason', metareason.__version__, '| op backends:', ', '.join(ops.available_backends()))"

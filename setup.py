@@ -1,0 +1,115 @@
+"""Build metareason: the kernel (core/ -> metareason), the built-in plugins
+(plugins/ -> metareason.plugins) and the compiled ops (csrc/ -> metareason._C).
+
+The extension is built against the torch that is already installed; install with
+``pip install --no-build-isolation`` so pip does not fetch another torch into a build
+environment. CUDA sources are compiled when the installed torch has CUDA and nvcc is
+found (``METAREASON_CUDA=0`` turns that off, ``METAREASON_NO_EXT=1`` skips the
+extension entirely: every op then runs on its reference path).
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_version() -> str:
+    with open(os.path.join(ROOT, "core", "version.py"), encoding="utf-8") as f:
+        scope: dict = {}
+        exec(f.read(), scope)  # our own file, a single assignment
+        return scope["__version__"]
+
+
+def packages():
+    core = ["metareason"] + ["metareason." + p for p in find_packages("core")]
+    plugins = ["metareason.plugins"] + ["metareason.plugins." + p for p in find_packages("plugins")]
+    return core + plugins
+
+
+def extensions():
+    if os.environ.get("METAREASON_NO_EXT") == "1":
+        return [], {}
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    cxx = ["-O3", "-std=c++17"]
+    want_cuda = os.environ.get("METAREASON_CUDA", "1") != "0"
+    import torch
+
+    if want_cuda and torch.version.cuda and cpp_extension.CUDA_HOME:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        ext = cpp_extension.CUDAExtension(
+            "metareason._C",
+            sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("METAREASON_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension(
+            "metareason._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=cxx
+        )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = extensions()
+
+# Built-in plugins are declared in the same entry-point group as third-party ones, so the
+# kernel loads them through exactly the same path.
+BUILTIN_PLUGINS = [
+    "builtin = metareason.builtin",
+]
+
+setup(
+    name="metareason",
+    version=read_version(),
+    description="A plugin-based microkernel for training and running LLM reasoning-optimisation methods",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages(),
+    package_dir={"metareason": "core", "metareason.plugins": "plugins"},
+    package_data={"metareason": ["py.typed"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        # torch is installed first by the Makefile (see README): a bare "torch" here would let
+        # pip replace a CPU build with the multi-GB CUDA one.
+        "torch>=2.4,<2.14",
+        "transformers>=4.46",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "accelerate>=1.0",
+        "peft>=0.13",
+        "pluggy>=1.5",
+        "pydantic>=2.6",
+        "PyYAML>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "quant": ["bitsandbytes>=0.45"],
+        "tasks": ["reasoning-gym>=0.1.19"],
+        "ray": ["ray>=2.40"],
+        "rl": ["trl>=0.20"],
+        "tb": ["tensorboard>=2.15"],
+        "triton": ["triton>=3.0"],
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "bitsandbytes>=0.45",
+            "reasoning-gym>=0.1.19",
+            "tensorboard>=2.15",
+            "ray>=2.40",
+            "trl>=0.20",
+            "triton>=3.0",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["metareason = metareason.cli:main"],
+        "metareason": BUILTIN_PLUGINS,
+    },
+)
