@@ -245,7 +245,7 @@ def resolve_plugins(data: dict) -> Optional[list[str]]:
 
 
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[list[str]] = None,
-                data: Optional[dict] = None):
+                data: Optional[dict] = None, source: Optional[str] = None):
     """Read, override and validate a run config; returns ``(config, plugin_manager)``.
 
     The plugin manager is built from the config's ``plugins`` list (or ``METAREASON_PLUGINS``)
@@ -253,7 +253,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     """
     from metareason.plugins import PluginError, build_plugin_manager
 
-    source = str(path) if path is not None else "config"
+    source = source or (str(path) if path is not None else "config")
     raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})
     raw = apply_overrides(raw, overrides or [], source)
     try:

@@ -1,0 +1,3 @@
+from metareason.cli import main
+
+raise SystemExit(main())

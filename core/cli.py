@@ -1,0 +1,175 @@
+"""The ``metareason`` command line.
+
+    metareason run CONFIG [KEY=VALUE ...] [--resume]
+    metareason eval CONFIG|RUN_DIR [KEY=VALUE ...]
+    metareason plugins
+    metareason config show CONFIG [KEY=VALUE ...]
+    metareason data generate TASK ...
+    metareason bench kernels|data|train ...
+    metareason <plugin subcommands>
+
+User errors (bad config, missing path, unknown plugin) print one line and exit 2; ``--debug``
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Optional
+
+from metareason.version import __version__
+
+BENCHMARKS = {
+    "kernels": ("metareason.benchmarks.kernels", "fused ops against eager and torch.compile references"),
+    "data": ("metareason.benchmarks.data", "causal-loop data generation speed"),
+    "train": ("metareason.benchmarks.train", "SFT loop against Hugging Face Trainer"),
+}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from metareason.config import ConfigError
+    from metareason.data.base import TaskError
+    from metareason.errors import UserError
+    from metareason.plugins import PluginError
+
+    return (ConfigError, UserError, PluginError, TaskError)
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_run(args) -> int:
+    from metareason.kernel import Kernel
+
+    overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
+    kernel = Kernel(args.config, overrides=overrides)
+    metrics = kernel.run(resume=args.resume)
+    _print_summary(metrics, kernel.config.run_dir)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from metareason.evaluate import evaluate_target
+
+    metrics, run_dir = evaluate_target(args.target, list(args.overrides), checkpoint=args.checkpoint,
+                                       quiet=args.quiet)
+    _print_summary(metrics, run_dir)
+    return 0
+
+
+def _print_summary(metrics: dict, run_dir) -> None:
+    keys = [k for k in sorted(metrics) if k.startswith("eval/accuracy")]
+    for k in keys:
+        print(f"{k:32s} {metrics[k]:.4f}")
+    if run_dir is not None:
+        print(f"report: {os.path.join(str(run_dir), 'report.md')}")
+
+
+def cmd_plugins(args) -> int:
+    from metareason.plugins import build_plugin_manager, enabled_from_env
+
+    pm = build_plugin_manager(enabled_from_env())
+    rows = [(i.name, i.version, i.source, ", ".join(h.replace("metareason_", "") for h in i.hooks))
+            for i in pm.infos.values()]
+    widths = [max(len(r[c]) for r in rows + [("name", "version", "source", "hooks")]) for c in range(3)]
+    print(f"{'name':{widths[0]}}  {'version':{widths[1]}}  {'source':{widths[2]}}  hooks")
+    for name, version, source, hooks in rows:
+        print(f"{name:{widths[0]}}  {version:{widths[1]}}  {source:{widths[2]}}  {hooks}")
+    return 0
+
+
+def cmd_config_show(args) -> int:
+    from metareason.config import dump_config, load_config
+
+    config, _ = load_config(args.config, list(args.overrides))
+    sys.stdout.write(dump_config(config))
+    return 0
+
+
+def _lazy(subparsers, name: str, module_name: str, help_text: str, prog: str) -> None:
+    """A subcommand whose module (and its heavy imports) loads only when it is used."""
+    p = subparsers.add_parser(name, help=help_text, add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    def run(args) -> int:
+        module = importlib.import_module(module_name)
+        own = argparse.ArgumentParser(prog=prog, description=help_text)
+        module.add_arguments(own)
+        return int(module.run(own.parse_args(args.rest)) or 0)
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------ parser
+def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="metareason", description="Train and run LLM reasoning-optimisation methods.")
+    parser.add_argument("--version", action="version", version=f"metareason {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="train (and evaluate) from a run config")
+    p.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="evaluate a run directory (last checkpoint) or a config")
+    p.add_argument("target", help="a run directory (runs/NAME) or a YAML run config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_samples=100")
+    p.add_argument("--checkpoint", help="a checkpoint directory inside the run (default: latest)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("config", help="inspect configs")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    s = csub.add_parser("show", help="print the resolved config (defaults, plugin sections, overrides)")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("data", help="generate task data")
+    dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    _lazy(dsub, "generate", "metareason.data.export", "write a task's examples to JSONL or parquet",
+          "metareason data generate")
+
+    p = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        _lazy(bsub, name, module_name, help_text, f"metareason bench {name}")
+
+    if plugin_manager is not None:
+        plugin_manager.hook.metareason_cli_commands(subparsers=sub)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    errors = _user_errors()
+    try:
+        from metareason.plugins import build_plugin_manager, enabled_from_env
+
+        pm = build_plugin_manager(enabled_from_env())
+        parser = build_parser(pm)
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except errors as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""The kernel object: config + plugins + registries, and the entry to train / eval / generate.
+
+    from metareason import Kernel
+    kernel = Kernel("configs/quickstart.yaml", overrides=["train.max_steps=10"])
+    kernel.register(my_plugin_object)     # any object with @hookimpl methods
+    metrics = kernel.run()                # train, then evaluate
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+from metareason.config import ConfigError, KernelConfig, load_config, validate_config
+from metareason.plugins import MetareasonPluginManager, PluginError
+from metareason.registry import Registry
+
+
+class Kernel:
+    def __init__(self, config: Union[str, Path, dict, KernelConfig, None] = None,
+                 overrides: Optional[list[str]] = None):
+        from metareason.config import apply_overrides, read_yaml
+
+        if isinstance(config, KernelConfig):
+            raw, source = config.model_dump(mode="python"), getattr(config, "_source", "config")
+        elif isinstance(config, (str, Path)):
+            raw, source = read_yaml(config), str(config)
+        else:
+            raw, source = copy.deepcopy(config or {}), "config"
+        self._source = source
+        self._raw = apply_overrides(raw, overrides or [], source)
+        config, self.pm = load_config(data=self._raw, source=source)
+        self.config = config
+        self._registries: Optional[dict[str, Registry]] = None
+
+    # ------------------------------------------------------------------ plugins
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def register(self, plugin: Any, name: Optional[str] = None) -> str:
+        """Register an object (or module) with hookimpls; returns the plugin name.
+
+        Config sections it contributes are validated against this kernel's raw config.
+        """
+        registered = self.pm.register(plugin, name=name)
+        if registered is None:
+            raise PluginError(f"plugin {name or plugin!r} is blocked or already registered")
+        self._registries = None
+        self._revalidate()
+        return registered
+
+    def _revalidate(self) -> None:
+        sections: dict[str, Any] = {}
+        for contributed in self.pm.hook.metareason_config_sections():
+            for sec, model in (contributed or {}).items():
+                if sec in sections:
+                    raise ConfigError(f"{self._source}: config section {sec!r} is contributed by two plugins")
+                sections[sec] = model
+        self.config = validate_config(self._raw, sections, self._source)
+
+    def _fill(self, hook_name: str, registry: Registry, transform: Optional[Callable] = None) -> Registry:
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in caller.get_hookimpls():
+            def register(name, *obj, _plugin=impl.plugin_name):
+                registry.register(name, obj[0] if len(obj) == 1 else obj, _plugin)
+
+            args = {"register": register}
+            impl.function(*[args[a] for a in impl.argnames])
+        return registry
+
+    @property
+    def registries(self) -> dict[str, Registry]:
+        if self._registries is None:
+            self._registries = {
+                "task": self._fill("metareason_register_tasks", Registry("task")),
+                "reward": self._fill("metareason_register_rewards", Registry("reward")),
+                "model": self._fill("metareason_register_models", Registry("model architecture")),
+            }
+            register_architectures(self._registries["model"])
+        return self._registries
+
+    @property
+    def tasks(self) -> Registry:
+        return self.registries["task"]
+
+    @property
+    def rewards(self) -> Registry:
+        return self.registries["reward"]
+
+    def chain(self, hook_name: str, value_name: str, value: Any, **kwargs) -> Any:
+        """Run a chained hook: each plugin gets the previous plugin's value (``None`` keeps it)."""
+        caller = getattr(self.pm.hook, hook_name)
+        for impl in reversed(caller.get_hookimpls()):
+            args = dict(kwargs, **{value_name: value})
+            result = impl.function(*[args[a] for a in impl.argnames])
+            if result is not None:
+                value = result
+        return value
+
+    # ------------------------------------------------------------------ data
+    def build_task(self, spec, field: str = "data"):
+        """Instantiate a task from a ``TaskSpec``; errors name ``field``."""
+        from metareason.data.base import TaskError
+
+        factory, extra = self.tasks.lookup(spec.task)
+        params = dict(spec.params, **extra)
+        try:
+            return factory(params, spec.seed, spec.num_samples)
+        except TaskError as exc:
+            raise ConfigError(f"{self._source}: {field}: {exc}") from None
+
+    # ------------------------------------------------------------------ model
+    def load(self):
+        """``(model, tokenizer)`` with special tokens from plugins and plugin model changes."""
+        from metareason.models.loader import load_model, load_tokenizer
+
+        self.registries  # architectures must be registered before the Auto classes are used
+        tokenizer = load_tokenizer(self.config.model)
+        tokens: list[Any] = []
+        for got in self.pm.hook.metareason_special_tokens(config=self.config):
+            tokens.extend(got or [])
+        model, new_ids = load_model(self.config.model, tokenizer, tokens)
+        model = self.chain("metareason_prepare_model", "model", model, tokenizer=tokenizer,
+                           config=self.config, new_token_ids=new_ids)
+        return model, tokenizer
+
+    # ------------------------------------------------------------------ work
+    def run(self, resume: bool = False) -> dict:
+        """Train with the configured algorithm, then evaluate; returns the final metrics."""
+        from metareason.train import run_training
+
+        return run_training(self, resume=resume)
+
+    def evaluate(self, model=None, tokenizer=None, step: int = 0) -> dict:
+        from metareason.evaluate import evaluate
+
+        if model is None:
+            model, tokenizer = self.load()
+        return evaluate(self, model, tokenizer, step=step)
+
+    def generate(self, prompts: list[str], model=None, tokenizer=None, **overrides):
+        from metareason.generate import generate
+
+        if model is None:
+            model, tokenizer = self.load()
+        return generate(self, model, tokenizer, prompts, **overrides)
+
+
+def register_architectures(registry: Registry) -> None:
+    """Make plugin architectures known to transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name in registry.names():
+        config_cls, model_cls = registry.get(name)
+        try:
+            AutoConfig.register(name, config_cls, exist_ok=True)
+            AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        except ValueError as exc:
+            raise PluginError(f"plugin '{registry.owner(name)}' model architecture {name!r}: {exc}") from None

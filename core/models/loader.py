@@ -1,0 +1,189 @@
+"""Load tokenizers and causal LMs through Hugging Face's own APIs.
+
+* From a local directory, offline (``local_files_only``): ``AutoTokenizer`` /
+  ``AutoModelForCausalLM``; ``trust_remote_code`` only when the config sets it.
+* From an architecture config (``model.arch``, random init) for from-scratch runs.
+* QLoRA: 4-bit nf4 with double quantisation through bitsandbytes, then PEFT LoRA.
+
+Every failure the user can cause (missing path, corrupt config.json, a tokenizer that does not
+fit the model) is a ``ModelLoadError`` with one line naming the path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+
+from metareason.config import ModelConfig
+from metareason.errors import ModelLoadError
+from metareason.models.char_tokenizer import build_char_tokenizer
+from metareason.models.special_tokens import SpecialToken, add_special_tokens
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"model.device: {device!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device: {device!r} requested but this torch sees no CUDA device")
+    return dev
+
+
+def _check_model_dir(path: str, field: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"{field}: {path}: no such directory (models load from local paths only)")
+    if not p.is_dir():
+        raise ModelLoadError(f"{field}: {path}: not a directory")
+    return p
+
+
+def _check_config_json(p: Path, field: str) -> dict:
+    cfg = p / "config.json"
+    if not cfg.exists():
+        raise ModelLoadError(f"{field}: {cfg}: missing (not a Hugging Face model directory)")
+    try:
+        data = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{field}: {cfg}: corrupt JSON ({exc})") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelLoadError(f"{field}: {cfg}: no 'model_type' field")
+    return data
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The run's tokenizer; ``tokenizer.type: char`` builds (or loads) the character tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer.path or cfg.path
+    if cfg.tokenizer.type == "char" and path is None:
+        return build_char_tokenizer()
+    if path is None:
+        raise ModelLoadError("model.tokenizer: set model.path, model.tokenizer.path, or model.tokenizer.type: char")
+    field = "model.tokenizer.path" if cfg.tokenizer.path else "model.path"
+    p = _check_model_dir(path, field)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
+                                            trust_remote_code=cfg.trust_remote_code)
+    except Exception as exc:  # transformers raises many types here; all mean "cannot load"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{field}: {path}: cannot load tokenizer: {first}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"{field}: {path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quantization_config(cfg: ModelConfig):
+    q = cfg.quantization
+    if not q.load_in_4bit:
+        return None
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("model.quantization.load_in_4bit: needs bitsandbytes (pip install 'metareason[quant]')") from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+    )
+
+
+def build_model(cfg: ModelConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module:
+    """Instantiate the model (no special tokens, no PEFT yet)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path is not None:
+        p = _check_model_dir(cfg.path, "model.path")
+        _check_config_json(p, "model.path")
+        quant = _quantization_config(cfg)
+        kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"model.path: {cfg.path}: cannot load model: {first}") from None
+    elif cfg.arch is not None:
+        if cfg.quantization.load_in_4bit:
+            raise ModelLoadError("model.quantization.load_in_4bit: needs a pretrained model in model.path, not model.arch")
+        arch = dict(cfg.arch)
+        model_type = arch.pop("model_type", None)
+        if not model_type:
+            raise ModelLoadError("model.arch.model_type: field required (e.g. llama)")
+        arch.setdefault("vocab_size", len(tokenizer))
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(tokenizer, name, None)
+            if value is not None:
+                arch.setdefault(name, value)
+        try:
+            config = AutoConfig.for_model(model_type, **arch)
+        except ValueError as exc:
+            raise ModelLoadError(f"model.arch.model_type: {model_type!r}: {str(exc).splitlines()[0]}") from None
+        except TypeError as exc:
+            raise ModelLoadError(f"model.arch: {exc}") from None
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(f"model.arch: cannot build {model_type!r}: {str(exc).splitlines()[0]}") from None
+    else:
+        raise ModelLoadError("model: set model.path (a local Hugging Face model) or model.arch (random init)")
+
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        where = cfg.tokenizer.path or cfg.path or "char tokenizer"
+        raise ModelLoadError(
+            f"model.tokenizer: {where} has {len(tokenizer)} tokens but the model has {rows} embedding rows (incompatible tokenizer)"
+        )
+    if not cfg.quantization.load_in_4bit:
+        model.to(device)
+    return model
+
+
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.quantization.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    lc = cfg.lora
+    peft_cfg = LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def load_model(cfg: ModelConfig, tokenizer: Any, special_tokens: Iterable[Any] = (),
+               device: Optional[torch.device] = None) -> tuple[torch.nn.Module, list[int]]:
+    """Model ready for training: built, special tokens added, gradient checkpointing, LoRA.
+
+    Returns ``(model, new_token_ids)``. Plugins' ``metareason_prepare_model`` runs after this
+    (in ``Kernel.load``).
+    """
+    device = device or resolve_device(cfg.device)
+    model = build_model(cfg, tokenizer, device)
+    tokens = list(special_tokens) + [SpecialToken(t) for t in cfg.special_tokens]
+    new_ids = add_special_tokens(tokenizer, model, tokens)
+    if cfg.gradient_checkpointing and not cfg.quantization.load_in_4bit:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora.enabled or cfg.quantization.load_in_4bit:
+        if not cfg.lora.enabled:
+            raise ModelLoadError("model.quantization.load_in_4bit: 4-bit weights cannot be trained; set model.lora.enabled: true")
+        model = apply_lora(model, cfg)
+    return model, new_ids

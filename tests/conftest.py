@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests build tiny models from configs, save them with save_pretrained and
+load them back through the real loader; nothing is fetched from a hub."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+EXT_PLUGIN = REPO / "tests" / "ext_plugin"
+
+TINY_LLAMA = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def run_cli(*args, env=None, cwd=None, timeout=600):
+    """Run the CLI in a fresh interpreter, as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "metareason", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd or REPO, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ext_plugin():
+    """pip-install the external test plugin for the session, uninstall it afterwards."""
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+           "--disable-pip-version-check", str(EXT_PLUGIN)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    import importlib
+
+    importlib.invalidate_caches()
+    yield "ext_example"
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "metareason-ext-example"],
+                   capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the char tokenizer, saved like any Hugging Face model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metareason.models import build_char_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tok = build_char_tokenizer()
+    arch = dict(TINY_LLAMA)
+    cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
