@@ -89,15 +89,14 @@ def cmd_config_show(args) -> int:
 def _lazy(subparsers, name: str, module_name: str, help_text: str, prog: str) -> None:
     """A subcommand whose module (and its heavy imports) loads only when it is used."""
     p = subparsers.add_parser(name, help=help_text, add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
 
     def run(args) -> int:
         module = importlib.import_module(module_name)
         own = argparse.ArgumentParser(prog=prog, description=help_text)
         module.add_arguments(own)
-        return int(module.run(own.parse_args(args.rest)) or 0)
+        return int(module.run(own.parse_args(args.extra)) or 0)
 
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, lazy=True)
 
 
 # ------------------------------------------------------------------------------------ parser
@@ -156,7 +155,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         pm = build_plugin_manager(enabled_from_env())
         parser = build_parser(pm)
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and isinstance(getattr(args, "overrides", None), list):
+            # overrides given after an option (run CONFIG --resume train.lr=1e-4)
+            args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+            extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+        if extra and not getattr(args, "lazy", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra
         if not getattr(args, "func", None):
             parser.print_help()
             return 2

@@ -119,12 +119,14 @@ def metareason_transform_prompt(prompt: str, example: dict, config: "RunConfig")
 
 
 @hookspec
-def metareason_sft_labels(batch: dict, tokenizer: Any, config: "RunConfig") -> Optional["torch.Tensor"]:
+def metareason_sft_labels(labels: "torch.Tensor", batch: dict, tokenizer: Any,
+                          config: "RunConfig") -> Optional["torch.Tensor"]:
     """Change the labels of an SFT batch (``-100`` = not in the loss).
 
-    ``batch`` has ``input_ids``, ``attention_mask``, ``labels`` (prompt tokens already -100),
+    ``labels`` ``[B, T]`` are the current labels (prompt and padding already -100, and any
+    change by an earlier plugin applied). ``batch`` has ``input_ids``, ``attention_mask``,
     ``prompt_lengths`` and ``examples`` (the source dicts). Chained; return new labels or
-    ``None``. Called every step, so random masking is re-drawn each time.
+    ``None``. Called every micro-batch, so random masking is re-drawn each time.
     """
 
 

@@ -3,6 +3,9 @@
 Dispatch order: cuda -> triton -> cpu extension -> torch reference. ``METAREASON_OPS`` forces
 one backend (``reference|cpu|triton|cuda``); a forced backend that is not available is an
 error, never a silent fallback.
+
+Each op lives in ``ops/<name>/`` with ``reference.py`` (the readable spec) beside the fused
+front (``fused.py``); see docs/architecture.md, "Compiled kernels".
 """
 from __future__ import annotations
 
@@ -17,8 +20,31 @@ def extension():
 
 
 def available_backends() -> list[str]:
-    backends = ["reference"]
+    """Backends usable on this machine, in dispatch order (reference is always there)."""
+    backends = []
     ext = extension()
+    if ext is not None and ext.has_cuda():
+        import torch
+
+        if torch.cuda.is_available():
+            backends.append("cuda")
     if ext is not None:
         backends.append("cpu")
+    backends.append("reference")
     return backends
+
+
+from metareason.ops._dispatch import BACKENDS, BackendUnavailableError  # noqa: E402
+from metareason.ops.lru_act import LRUActOutput, LRUParams, lru_act  # noqa: E402
+from metareason.ops.mla_decode import mla_decode  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "LRUActOutput",
+    "LRUParams",
+    "available_backends",
+    "extension",
+    "lru_act",
+    "mla_decode",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks run by ``metareason bench <name>``; results are written under bench/results/."""

@@ -1,0 +1,155 @@
+"""Atomic checkpoints: safetensors weights (or PEFT adapters), optimizer, scheduler, RNG states
+and data position.
+
+A checkpoint is written into a temporary directory next to its final place and renamed into
+``checkpoints/step-NNNNNNN`` only when every file is on disk, so a crash mid-save leaves the
+previous checkpoint as it was. Optimizer/scheduler/RNG states are loaded with
+``torch.load(weights_only=True)``; trainer state is JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+OPTIM_STATE = "optimizer.pt"
+SCHED_STATE = "scheduler.pt"
+RNG_STATE = "rng.pt"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": _numpy_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
+                    optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict,
+                    keep_last: int) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically; prune to the newest ``keep_last``."""
+    root = checkpoints_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
+    try:
+        write_weights(model, tokenizer, tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIM_STATE)
+        torch.save(scheduler.state_dict(), tmp / SCHED_STATE)
+        torch.save(rng_state(), tmp / RNG_STATE)
+        (tmp / TRAINER_STATE).write_text(json.dumps(dict(trainer_state, step=step), indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace whole
+            old = root / f".old-{final.name}-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_weights(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
+    """Safetensors through ``save_pretrained`` (adapters only for a PEFT model)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(str(path), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(path))
+
+
+def clean_partial(run_dir: Path) -> None:
+    """Remove temp directories left by a crash during a save."""
+    root = checkpoints_dir(run_dir)
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith(".tmp-step-") or p.name.startswith(".old-step-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+    """Load a checkpoint's weights into an already-built model (same architecture)."""
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no model*.safetensors")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
+        tied = set(model._tied_weights_keys)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{path}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_training_state(path: Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
+    optimizer.load_state_dict(torch.load(path / OPTIM_STATE, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / SCHED_STATE, weights_only=True))
+    set_rng_state(torch.load(path / RNG_STATE, weights_only=True))
+    return json.loads((path / TRAINER_STATE).read_text())

@@ -1,0 +1,161 @@
+"""The ``jsonl`` task: examples from a JSON Lines file.
+
+Params::
+
+    path: data/train.jsonl      # required; one JSON object per line (blank lines are skipped)
+    question_field: question    # the prompt
+    answer_field: answer        # the gold answer (any JSON scalar; compared as stripped text)
+    completion_field: null      # optional SFT target; defaults to the answer
+    group_field: null           # optional per-group metrics (e.g. "difficulty"); default "all"
+    id_field: null              # optional stable id; default "<file name>/<line number>"
+    shuffle: true               # shuffle with the spec's seed before taking num_samples
+
+Every other field of a record is kept in the example. ``num_samples`` caps the number of
+examples (the first ones after the seeded shuffle). A line that is not a JSON object, or that
+lacks a required field, is a ``TaskError`` naming the file and the line.
+
+Scoring: the model's answer is the text after the last ``answer:`` marker when there is one
+(``Answer: 42``), else the content of the last ``\\boxed{...}``, else the whole stripped completion;
+it must equal the gold answer after stripping whitespace (numbers are compared as numbers when
+both sides parse as numbers, so ``42.0`` matches ``42``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from typing import Any, Optional
+
+from metareason.data.base import Task, TaskError
+
+_KNOWN = ("path", "question_field", "answer_field", "completion_field", "group_field", "id_field",
+          "shuffle", "name")
+_MARKER = re.compile(r"answer\s*[:=]", re.IGNORECASE)
+_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
+
+
+def extract_answer(completion: str) -> Optional[str]:
+    """The answer in a model completion (see the module docstring); ``None`` when empty."""
+    if completion is None:
+        return None
+    text = completion
+    markers = list(_MARKER.finditer(text))
+    if markers:
+        rest = text[markers[-1].end():].strip()
+        text = rest.splitlines()[0] if rest else ""
+    else:
+        boxed = _BOXED.findall(text)
+        if boxed:
+            text = boxed[-1]
+    text = text.strip()
+    return text or None
+
+
+def _as_number(text: str) -> Optional[float]:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def answers_match(predicted: Optional[str], gold: Any) -> bool:
+    if predicted is None:
+        return False
+    gold_text = str(gold).strip()
+    pred = predicted.strip()
+    if pred == gold_text:
+        return True
+    a, b = _as_number(pred), _as_number(gold_text)
+    return a is not None and b is not None and a == b
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+class JsonlTask(Task):
+    name = "jsonl"
+
+    def extract_answer(self, completion: str) -> Optional[str]:
+        return extract_answer(completion)
+
+    def score(self, completion: str, example: dict) -> float:
+        return float(answers_match(self.extract_answer(completion), example["answer"]))
+
+
+def _str_param(params: dict, key: str, default: Optional[str]) -> Optional[str]:
+    value = params.get(key, default)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise TaskError(f"params.{key}: expected a field name, got {value!r}")
+    return value
+
+
+def load_records(path: str) -> list[tuple[int, dict]]:
+    """``(line_number, record)`` for each non-blank line; errors name file and line."""
+    if not os.path.isfile(path):
+        raise TaskError(f"params.path: file not found: {path}")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(rec, dict):
+                raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            records.append((lineno, rec))
+    return records
+
+
+def make_task(params: dict, seed: int, num_samples: int) -> JsonlTask:
+    """Factory registered as ``jsonl``."""
+    params = dict(params or {})
+    unknown = sorted(k for k in params if k not in _KNOWN)
+    if unknown:
+        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: {', '.join(_KNOWN[:-1])})")
+    path = params.get("path")
+    if not isinstance(path, str) or not path:
+        raise TaskError("params.path: required (a JSON Lines file)")
+    path = os.path.expanduser(path)
+    qf = _str_param(params, "question_field", "question")
+    af = _str_param(params, "answer_field", "answer")
+    cf = _str_param(params, "completion_field", None)
+    gf = _str_param(params, "group_field", None)
+    idf = _str_param(params, "id_field", None)
+    shuffle = params.get("shuffle", True)
+    if not isinstance(shuffle, bool):
+        raise TaskError(f"params.shuffle: expected true or false, got {shuffle!r}")
+
+    records = load_records(path)
+    if not records:
+        raise TaskError(f"params.path: {path} holds no records")
+    base = os.path.basename(path)
+    examples = []
+    for lineno, rec in records:
+        for field, role in ((qf, "question_field"), (af, "answer_field"), (cf, "completion_field"),
+                            (gf, "group_field"), (idf, "id_field")):
+            if field is not None and field not in rec:
+                raise TaskError(f"{path}:{lineno}: missing field {field!r} (params.{role}); "
+                                f"fields: {', '.join(sorted(rec)) or 'none'}")
+        ex = {k: v for k, v in rec.items() if k not in (qf, af, cf, gf, idf)}
+        answer = _text(rec[af]).strip()
+        ex.update(
+            id=str(rec[idf]) if idf else f"{base}/{lineno}",
+            prompt=_text(rec[qf]),
+            completion=_text(rec[cf]) if cf else answer,
+            answer=answer,
+            group=str(rec[gf]) if gf else "all",
+        )
+        examples.append(ex)
+    if shuffle:
+        random.Random(seed).shuffle(examples)
+    if num_samples is not None and int(num_samples) > 0:
+        examples = examples[: int(num_samples)]
+    task = JsonlTask(examples)
+    task.name = f"jsonl:{base}"
+    return task

@@ -1,0 +1,101 @@
+"""Evaluation: generate on the eval tasks, score with each task's scorer, aggregate per group.
+
+Metrics: ``eval/accuracy`` (all eval examples), ``eval/accuracy/<group>``, ``eval/gen_tokens``
+(mean generated tokens) and ``eval/gen_tokens/<group>``; with several eval tasks the group
+is prefixed by the task name when groups would collide.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Optional
+
+from metareason.config import ConfigError
+
+
+def build_eval_examples(kernel) -> list[tuple[object, dict]]:
+    """``(task, example)`` pairs of every eval task, capped by ``eval.max_samples`` each."""
+    pairs = []
+    specs = kernel.config.data.eval
+    multi = len(specs) > 1
+    for i, spec in enumerate(specs):
+        task = kernel.build_task(spec, field=f"data.eval[{i}]")
+        n = len(task) if kernel.config.eval.max_samples is None else min(len(task), kernel.config.eval.max_samples)
+        for j in range(n):
+            ex = dict(task[j])
+            group = str(ex.get("group", "all"))
+            ex["_group"] = f"{spec.task}/{group}" if multi else group
+            pairs.append((task, ex))
+    return pairs
+
+
+def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Path] = None) -> dict:
+    from metareason.generate import generate
+
+    pairs = build_eval_examples(kernel)
+    if not pairs:
+        raise ConfigError(f"{kernel._source}: data.eval: no eval tasks configured")
+    examples = [ex for _, ex in pairs]
+    prompts = [kernel.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=kernel.config)
+               for ex in examples]
+    gens = generate(kernel, model, tokenizer, prompts, examples=examples, desc="eval")
+    correct: dict[str, list[float]] = defaultdict(list)
+    tokens: dict[str, list[int]] = defaultdict(list)
+    rows = []
+    for (task, ex), g in zip(pairs, gens):
+        score = float(task.score(g.text, ex))
+        correct[ex["_group"]].append(score)
+        tokens[ex["_group"]].append(g.num_tokens)
+        rows.append({"id": ex.get("id"), "group": ex["_group"], "prompt": g.prompt, "completion": g.text,
+                     "answer": ex.get("answer"), "score": score, "gen_tokens": g.num_tokens})
+    all_scores = [s for v in correct.values() for s in v]
+    all_tokens = [t for v in tokens.values() for t in v]
+    metrics = {"eval/accuracy": sum(all_scores) / len(all_scores),
+               "eval/gen_tokens": sum(all_tokens) / len(all_tokens),
+               "eval/num_samples": len(all_scores)}
+    for group in sorted(correct):
+        metrics[f"eval/accuracy/{group}"] = sum(correct[group]) / len(correct[group])
+        metrics[f"eval/gen_tokens/{group}"] = sum(tokens[group]) / len(tokens[group])
+    if write_samples is not None:
+        write_samples.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write_samples.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(write_samples)
+    kernel.pm.hook.metareason_on_eval(kernel=kernel, step=step, metrics=metrics)
+    return metrics
+
+
+def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str] = None,
+                    quiet: bool = False):
+    """``metareason eval``: a run directory (its config + latest checkpoint) or a config file."""
+    from metareason.checkpoint import latest_checkpoint, load_weights_into
+    from metareason.errors import UserError
+    from metareason.kernel import Kernel
+    from metareason.metrics import MetricsLogger, read_metrics
+    from metareason.report import write_report
+
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"{target}: no such run directory or config file")
+    overrides = overrides + (["quiet=true"] if quiet else [])
+    if path.is_dir():
+        cfg_file = path / "config.yaml"
+        if not cfg_file.exists():
+            raise UserError(f"{target}: not a run directory (no config.yaml)")
+        kernel = Kernel(cfg_file, overrides=overrides)
+        ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(path)
+        if ckpt is None or not ckpt.is_dir():
+            raise UserError(f"{target}: no checkpoint to evaluate (train first, or pass --checkpoint)")
+        model, tokenizer = kernel.load()
+        load_weights_into(model, ckpt)
+        step = json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0)
+        metrics = evaluate(kernel, model, tokenizer, step=step, write_samples=path / "eval_samples.jsonl")
+        logger = MetricsLogger(path, append=True, tensorboard=False)
+        logger.log(step, metrics)
+        logger.close()
+        write_report(path, kernel.config, read_metrics(path))
+        return metrics, path
+    kernel = Kernel(path, overrides=overrides)
+    model, tokenizer = kernel.load()
+    return evaluate(kernel, model, tokenizer), None

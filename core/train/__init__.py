@@ -1,0 +1,11 @@
+"""Training loops of the kernel. Both call the same hooks; the algorithm is ``train.algorithm``."""
+from __future__ import annotations
+
+
+def run_training(kernel, resume: bool = False) -> dict:
+    algorithm = kernel.config.train.algorithm
+    if algorithm == "sft":
+        from metareason.train.sft import train_sft
+
+        return train_sft(kernel, resume=resume)
+    raise ValueError(f"train.algorithm: {algorithm!r} is not implemented")
