@@ -66,6 +66,20 @@ def _cut_at(text: str, stops: list[str]) -> tuple[str, Optional[str]]:
     return text[:best], which
 
 
+def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    """Left-padded prompt ids, tokenised exactly as in training (BOS + text, no other specials)."""
+    from metareason.data.tokenize import prompt_ids
+
+    rows = [prompt_ids(tokenizer, p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool,
                    temperature: float, top_p: float, stop: list[str], triggers: tuple[str, ...] = (),
@@ -77,12 +91,7 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     """
     triggers = tuple(triggers)
     device = device or next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(device)
-    finally:
-        tokenizer.padding_side = side
+    enc = encode_prompts(tokenizer, prompts, device)
     plen = enc["input_ids"].shape[1]
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,

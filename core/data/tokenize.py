@@ -22,6 +22,12 @@ class Encoded:
     truncated: int
 
 
+def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """BOS (when the tokenizer has one) + the prompt's tokens; the same in training and generation."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 def encode_examples(tokenizer: Any, prompts: list[str], completions: list[str], max_length: int) -> Encoded:
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]

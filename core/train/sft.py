@@ -192,7 +192,7 @@ def train_sft(kernel, resume: bool = False) -> dict:
                 t_window, tok_window = time.perf_counter(), 0
                 logger.log(step, metrics)
                 bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-                if quiet and not cfg.quiet:
+                if quiet:  # no bar (quiet mode or not a terminal): a log line instead
                     print(f"[train] step {step}/{tc.max_steps} loss {total_loss:.4f} "
                           f"lr {metrics['train/lr']:.2e} tok/s {metrics['train/tokens_per_s']:.0f}",
                           file=sys.stderr, flush=True)

@@ -1,0 +1,289 @@
+"""``metareason bench kernels``: time the fused ops against their references, same run.
+
+Per op and shape: median time of the dispatched backend, the eager PyTorch reference and
+``torch.compile`` of that reference (plus, for mla_decode, the naive decompress-then-attend
+path), effective GB/s and TFLOP/s, and the ratios. Prints a table and writes
+``bench/results/kernels-<device>.json`` with the device name, torch version and date.
+
+How the lru_act halting mix is made realistic: w_p is scaled (×6) so tokens get different
+halting probabilities, then b_p is chosen by bisection on the benchmark's own input so that
+the mean ponder (mean num_iterations) is ≈ 3 of max 8; the table reports the mean and the
+histogram of halting steps. FLOP counts are *useful* work (Σ_t n_t GEMM rows), the same for
+every column, so TFLOP/s compare directly; the reference does N·max_iterations rows of it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from metareason import ops
+from metareason.ops import LRUParams
+from metareason.ops.lru_act import lru_act_reference
+from metareason.ops.mla_decode import absorb_queries, mla_decode_reference, mla_decompress_attention
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to benchmark on")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
+    parser.add_argument("--out", default="bench/results", help="folder for kernels-<device>.json")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's). On a shared machine use fewer threads "
+                             "than free cores: OpenMP barriers with a descheduled thread dominate otherwise")
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def timeit(fn: Callable[[], object], device: str, repeats: int, budget_s: float = 30.0) -> float:
+    """Median seconds of ``fn`` after one warm-up call; stops early past ``budget_s``."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()
+    sync()
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def _compiled(fn, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as exc:  # pragma: no cover - depends on the toolchain
+        print(f"[bench] torch.compile unavailable: {exc}")
+        return None
+
+
+def _measure_compiled(fn, device, repeats):
+    if fn is None:
+        return None, "disabled"
+    try:
+        return timeit(fn, device, repeats), None
+    except Exception as exc:  # a compile failure is a result worth recording, not a crash
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+
+# ---------------------------------------------------------------- lru_act
+def calibrate_halt_bias(x, params, max_iterations, threshold, target, backend):
+    lo, hi = -8.0, 8.0
+    with torch.no_grad():
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            p = params._replace(b_p=torch.tensor(mid, dtype=params.b_p.dtype, device=params.b_p.device))
+            mean = ops.lru_act(x, p, max_iterations, threshold, backend=backend).num_iterations.float().mean().item()
+            lo, hi = (mid, hi) if mean > target else (lo, mid)  # larger b_p -> earlier halting
+    return params._replace(b_p=torch.tensor((lo + hi) / 2, dtype=params.b_p.dtype, device=params.b_p.device))
+
+
+def bench_lru(n, d, M, dtype, device, repeats, use_compile, backend):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g).to(dtype=dtype, device=device)
+    params = LRUParams.init(d, generator=g, dtype=dtype, device=device)
+    params = params._replace(w_p=params.w_p * 6)
+    thr = 0.99
+    params = calibrate_halt_bias(x, params, M, thr, 3.0, backend)
+    with torch.no_grad():
+        res = ops.lru_act(x, params, M, thr, backend=backend)
+    nit = res.num_iterations
+    rows = int(nit.sum())
+    esize = torch.tensor([], dtype=dtype).element_size()
+    flops = 2 * n * d * 3 * d + rows * (2 * d * 2 * d + 2 * d * d)  # U·x once + two GEMMs per active row
+    nbytes = esize * (2 * n * d + 7 * d * d + 4 * d) + 4 * (2 * n * M + 2 * n)
+
+    def fused():
+        with torch.no_grad():
+            return ops.lru_act(x, params, M, thr, backend=backend)
+
+    def eager():
+        with torch.no_grad():
+            return lru_act_reference(x, params, M, thr)
+
+    comp = _compiled(lru_act_reference, use_compile)
+
+    def compiled():
+        with torch.no_grad():
+            return comp(x, params, M, thr)
+
+    t_f = timeit(fused, device, repeats)
+    t_e = timeit(eager, device, repeats)
+    t_c, c_err = _measure_compiled(compiled if comp else None, device, repeats)
+    return dict(
+        op="lru_act",
+        shape=dict(tokens=n, d=d, max_iterations=M, threshold=thr),
+        dtype=str(dtype).replace("torch.", ""),
+        backend=backend,
+        mean_ponder=round(nit.float().mean().item(), 3),
+        halting_histogram=torch.bincount(nit.cpu(), minlength=M + 1)[1:].tolist(),
+        b_p=round(float(params.b_p), 4),
+        median_ms=t_f * 1e3,
+        eager_ms=t_e * 1e3,
+        compile_ms=None if t_c is None else t_c * 1e3,
+        compile_error=c_err,
+        gbps=nbytes / t_f / 1e9,
+        tflops=flops / t_f / 1e12,
+        vs_eager=t_e / t_f,
+        vs_compile=None if t_c is None else t_c / t_f,
+    )
+
+
+# ---------------------------------------------------------------- mla_decode
+def bench_mla(B, S, H, d_c, d_rope, dtype, device, repeats, use_compile, backend, d_nope=128, d_v=128):
+    g = torch.Generator().manual_seed(0)
+    D = d_c + d_rope
+    nblk = (S + 63) // 64
+    cache = torch.randn(B * nblk, 64, 1, D, generator=g).to(dtype=dtype, device=device)
+    table = torch.randperm(B * nblk, generator=g).view(B, nblk).int().to(device)
+    lens = torch.full((B,), S, dtype=torch.int32, device=device)
+    q_nope = torch.randn(B, H, d_nope, generator=g).to(dtype=dtype, device=device)
+    q_rope = torch.randn(B, H, d_rope, generator=g).to(dtype=dtype, device=device)
+    W_uk = (torch.randn(H, d_c, d_nope, generator=g) / d_c ** 0.5).to(dtype=dtype, device=device)
+    W_uv = (torch.randn(H, d_c, d_v, generator=g) / d_c ** 0.5).to(dtype=dtype, device=device)
+    q = absorb_queries(q_nope, q_rope, W_uk)[:, None].contiguous()
+    scale = (d_nope + d_rope) ** -0.5
+    # the naive path keeps the latent per sequence ([B, S, d_c] + rope), decompressing every step
+    rows = cache[table.long()].reshape(B, nblk * 64, D)[:, :S]
+    c_kv, k_rope = rows[..., :d_c].contiguous(), rows[..., d_c:].contiguous()
+
+    def fused():
+        return ops.mla_decode(q, cache, table, lens, d_c, scale, backend=backend)
+
+    def eager():
+        return mla_decode_reference(q, cache, table, lens, d_c, scale)
+
+    def naive():
+        return mla_decompress_attention(q_nope, q_rope, c_kv, k_rope, W_uk, W_uv, scale)
+
+    comp = _compiled(mla_decode_reference, use_compile)
+
+    def compiled():
+        return comp(q, cache, table, lens, d_c, scale)
+
+    with torch.no_grad():
+        t_f = timeit(fused, device, repeats)
+        t_e = timeit(eager, device, repeats)
+        t_n = timeit(naive, device, max(3, repeats // 2))
+        t_c, c_err = _measure_compiled(compiled if comp else None, device, repeats)
+    esize = cache.element_size()
+    nbytes = esize * (B * S * D + B * H * D + B * H * d_c)
+    flops = 2 * B * H * S * (D + d_c)
+    return dict(
+        op="mla_decode",
+        shape=dict(B=B, seqlen=S, H=H, d_c=d_c, d_rope=d_rope, s_q=1),
+        dtype=str(dtype).replace("torch.", ""),
+        backend=backend,
+        median_ms=t_f * 1e3,
+        eager_ms=t_e * 1e3,
+        compile_ms=None if t_c is None else t_c * 1e3,
+        compile_error=c_err,
+        naive_decompress_ms=t_n * 1e3,
+        gbps=nbytes / t_f / 1e9,
+        tflops=flops / t_f / 1e12,
+        vs_eager=t_e / t_f,
+        vs_compile=None if t_c is None else t_c / t_f,
+        vs_naive_decompress=t_n / t_f,
+    )
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def print_table(rows):
+    head = f"{'op':<11} {'shape':<44} {'dtype':<9} {'backend':<8} {'ms':>9} {'GB/s':>7} {'TFLOP/s':>8} " \
+           f"{'xEager':>7} {'xCompile':>8} {'xNaive':>7}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        shape = ",".join(f"{k}={v}" for k, v in r["shape"].items() if k != "threshold")
+        print(f"{r['op']:<11} {shape:<44} {r['dtype']:<9} {r['backend']:<8} {r['median_ms']:>9.2f} "
+              f"{r['gbps']:>7.2f} {r['tflops']:>8.4f} {_fmt(r['vs_eager']):>7} {_fmt(r['vs_compile']):>8} "
+              f"{_fmt(r.get('vs_naive_decompress')):>7}")
+        if r["op"] == "lru_act":
+            print(f"{'':<11} mean ponder {r['mean_ponder']}, halting steps 1..{len(r['halting_histogram'])}: "
+                  f"{r['halting_histogram']}")
+        if r.get("compile_error"):
+            print(f"{'':<11} torch.compile: {r['compile_error']}")
+
+
+def run(args: argparse.Namespace) -> int:
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench kernels: --device cuda, but torch.cuda.is_available() is False on this machine")
+        return 2
+    backend = "cuda" if device == "cuda" else ("cpu" if "cpu" in ops.available_backends() else "reference")
+    repeats = args.repeats or (3 if args.quick else 7)
+    use_compile = not args.no_compile
+    if args.quick:
+        lru_shapes = [(512, 128, 8)]
+        mla_shapes = [(2, 512, 16, 128, 32)]
+    else:
+        lru_shapes = [(4096, 512, 8), (1024, 256, 8)]
+        mla_shapes = [(4, 4096, 16, 512, 64), (1, 4096, 16, 512, 64)] if device == "cpu" else \
+            [(64, 4096, 16, 512, 64), (4, 4096, 16, 512, 64)]
+    mla_dtypes = [torch.float32, torch.bfloat16]
+    rows = []
+    for n, d, M in lru_shapes:
+        print(f"[bench] lru_act tokens={n} d={d} max_iterations={M} ...", flush=True)
+        rows.append(bench_lru(n, d, M, torch.float32, device, repeats, use_compile, backend))
+    for B, S, H, d_c, d_rope in mla_shapes:
+        for dt in mla_dtypes:
+            print(f"[bench] mla_decode B={B} S={S} H={H} {dt} ...", flush=True)
+            rows.append(bench_mla(B, S, H, d_c, d_rope, dt, device, repeats, use_compile, backend))
+    print()
+    print_table(rows)
+    result = dict(
+        device=device_name(device),
+        device_type=device,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu_count=os.cpu_count(),
+        loadavg_1m_before=None if load_before is None else round(load_before[0], 2),
+        loadavg_1m_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        quick=bool(args.quick),
+        backends=ops.available_backends(),
+        rows=rows,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"kernels-{device}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
