@@ -94,7 +94,7 @@ class TrainConfig(Section):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 0
-    num_workers: int = Field(0, ge=0)
+    group_by_length: bool = True  # batches of similar length (less padding); order stays random
 
 
 class GenerationConfig(Section):

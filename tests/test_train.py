@@ -189,3 +189,43 @@ def test_eval_metrics_report_and_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     res = run_cli("eval", str(tmp_path / "missing"))
     assert res.returncode == 2 and "no such run directory" in res.stderr
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_stream_epochs_cover_each_example_once_and_resume_by_position(grouped):
+    from metareason.data.tokenize import SFTStream
+
+    tok = build_char_tokenizer()
+    lengths = [5 + (i * 7) % 60 for i in range(200)]
+    examples = [{"prompt": "p", "completion": "x" * n} for n in lengths]
+    enc = encode_examples(tok, [e["prompt"] for e in examples], [e["completion"] for e in examples], 128)
+    a = SFTStream(examples, enc, 8, seed=3, pad_id=tok.pad_token_id, group_by_length=grouped)
+    seen, pad = [], 0
+    for _ in range(a.batches_per_epoch):
+        batch = a.next_batch()
+        seen += [id(e) for e in batch["examples"]]
+        pad += int((batch["attention_mask"] == 0).sum())
+    assert len(seen) == len(set(seen)) == 200  # an epoch is a permutation
+    b = SFTStream(examples, enc, 8, seed=3, pad_id=tok.pad_token_id, group_by_length=grouped)
+    b.position = a.position
+    assert torch.equal(a.next_batch()["input_ids"], b.next_batch()["input_ids"])
+    if grouped:  # sorted chunks: far less padding than random batches
+        ungrouped = SFTStream(examples, enc, 8, seed=3, pad_id=tok.pad_token_id, group_by_length=False)
+        pad_random = sum(int((ungrouped.next_batch()["attention_mask"] == 0).sum()) for _ in range(25))
+        assert pad * 3 < pad_random
+
+
+def test_adamw8bit_is_selectable(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    from metareason.train.optim import build_optimizer
+
+    kernel = Kernel(tiny(tmp_path, "adam8", optimizer="adamw8bit", max_steps=2, save_every=0))
+    model, _ = kernel.load()
+    opt = build_optimizer(model, kernel.config.train)
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    kernel.config.eval.at_end = False
+    kernel.run()
+    rows = [json.loads(l) for l in (kernel.config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["train/loss"] > 0

@@ -1,7 +1,8 @@
 """SFT loop against Hugging Face Trainer: tokens/s and peak memory on the same model and data.
 
 Both sides train the quickstart model architecture (random init, same seed) on the same
-tokenised causal-loop examples with the same batch size, learning rate and schedule. Each side
+tokenised causal-loop examples with the same batch size, learning rate, schedule and
+length grouping (``train.group_by_length``; Trainer's ``group_by_length``). Each side
 runs in its own subprocess (so peak memory is its own) one after the other in this command, and
 times the optimizer steps after a warm-up through a step-end hook (ours) or a
 ``TrainerCallback`` (Trainer). Tokens are non-padding tokens of the batches actually consumed.
@@ -94,11 +95,11 @@ def _side_hf(args, tmp) -> dict:
     examples = load_train_examples(kernel)
     enc = encode_examples(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
                           cfg.data.max_length)
-    dataset = [{"ids": ids, "plen": p} for ids, p in zip(enc.input_ids, enc.prompt_lengths)]
+    dataset = [{"input_ids": ids, "plen": p} for ids, p in zip(enc.input_ids, enc.prompt_lengths)]
     tokens: list[int] = []
 
     def collator(rows):
-        batch = collate([r["ids"] for r in rows], [r["plen"] for r in rows], tokenizer.pad_token_id)
+        batch = collate([r["input_ids"] for r in rows], [r["plen"] for r in rows], tokenizer.pad_token_id)
         tokens.append(int(batch["attention_mask"].sum()))
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "labels": batch["labels"]}
@@ -116,7 +117,7 @@ def _side_hf(args, tmp) -> dict:
         adam_beta1=tc.betas[0], adam_beta2=tc.betas[1], lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
         max_grad_norm=tc.max_grad_norm or 0.0, logging_steps=10_000, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, seed=tc.seed,
+        remove_unused_columns=False, seed=tc.seed, group_by_length=tc.group_by_length,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
                       callbacks=[Timer()])

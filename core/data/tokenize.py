@@ -62,32 +62,52 @@ def collate(rows: list[list[int]], prompt_lengths: list[int], pad_id: int) -> di
 class SFTStream:
     """Batches of a fixed-size dataset, reshuffled each epoch by ``seed + epoch``.
 
-    ``position`` counts examples consumed; it is saved in checkpoints and restored on resume.
+    With ``group_by_length`` the epoch's permutation is cut into mega-chunks of
+    ``GROUP_CHUNK`` batches; each chunk is sorted by length, split into batches, and the batches
+    are shuffled again: batches hold examples of similar length (little padding), their order
+    stays random. An epoch is ``len // batch_size`` full batches (the remainder waits for the
+    next epoch's permutation). ``position`` counts examples consumed; it is saved in checkpoints
+    and restored on resume, and the batches are a pure function of (seed, position).
     """
 
-    def __init__(self, examples: list[dict], encoded: Encoded, batch_size: int, seed: int, pad_id: int):
-        if not examples:
-            raise ValueError("no training examples")
+    GROUP_CHUNK = 32
+
+    def __init__(self, examples: list[dict], encoded: Encoded, batch_size: int, seed: int, pad_id: int,
+                 group_by_length: bool = False):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples is fewer than one batch of {batch_size}")
         self.examples, self.encoded = examples, encoded
         self.batch_size, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.group_by_length = group_by_length
+        self.batches_per_epoch = len(examples) // batch_size
         self.position = 0
-        self._order_epoch = -1
-        self._order: Optional[torch.Tensor] = None
+        self._epoch = -1
+        self._batches: list[list[int]] = []
 
-    def _order_for(self, epoch: int) -> torch.Tensor:
-        if epoch != self._order_epoch:
+    def _batches_for(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = torch.randperm(len(self.examples), generator=g)
-            self._order_epoch = epoch
-        return self._order  # type: ignore[return-value]
+            order = torch.randperm(len(self.examples), generator=g).tolist()
+            bs = self.batch_size
+            order = order[: self.batches_per_epoch * bs]
+            if not self.group_by_length:
+                batches = [order[i: i + bs] for i in range(0, len(order), bs)]
+            else:
+                batches = []
+                chunk = bs * self.GROUP_CHUNK
+                lengths = self.encoded.input_ids
+                for c in range(0, len(order), chunk):
+                    part = sorted(order[c: c + chunk], key=lambda i: len(lengths[i]))
+                    group = [part[i: i + bs] for i in range(0, len(part), bs)]
+                    perm = torch.randperm(len(group), generator=g).tolist()
+                    batches.extend(group[p] for p in perm)
+            self._batches, self._epoch = batches, epoch
+        return self._batches
 
     def next_batch(self) -> dict:
-        n = len(self.examples)
-        idx = []
-        for _ in range(self.batch_size):
-            epoch, offset = divmod(self.position, n)
-            idx.append(int(self._order_for(epoch)[offset]))
-            self.position += 1
+        epoch, b = divmod(self.position // self.batch_size, self.batches_per_epoch)
+        idx = self._batches_for(epoch)[b]
+        self.position += self.batch_size
         rows = [self.encoded.input_ids[i] for i in idx]
         batch = collate(rows, [self.encoded.prompt_lengths[i] for i in idx], self.pad_id)
         batch["examples"] = [self.examples[i] for i in idx]
@@ -95,7 +115,7 @@ class SFTStream:
 
     @property
     def epoch(self) -> float:
-        return self.position / len(self.examples)
+        return self.position / (self.batches_per_epoch * self.batch_size)
 
 
 def build_prompts(examples: list[dict], transform: Callable[[str, dict], str]) -> list[str]:

@@ -114,7 +114,10 @@ def train_sft(kernel, resume: bool = False) -> dict:
     if encoded.truncated:
         print(f"[metareason] {encoded.truncated} of {len(examples)} training examples truncated to "
               f"data.max_length={cfg.data.max_length}", file=sys.stderr)
-    stream = SFTStream(examples, encoded, tc.batch_size, tc.seed, tokenizer.pad_token_id)
+    try:
+        stream = SFTStream(examples, encoded, tc.batch_size, tc.seed, tokenizer.pad_token_id, tc.group_by_length)
+    except ValueError as exc:
+        raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
