@@ -117,7 +117,7 @@ def _side_hf(args, tmp) -> dict:
         adam_beta1=tc.betas[0], adam_beta2=tc.betas[1], lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
         max_grad_norm=tc.max_grad_norm or 0.0, logging_steps=10_000, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, seed=tc.seed, group_by_length=tc.group_by_length,
+        remove_unused_columns=False, seed=tc.seed, **_grouping_kwargs(TrainingArguments, tc.group_by_length),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
                       callbacks=[Timer()])
@@ -126,6 +126,17 @@ def _side_hf(args, tmp) -> dict:
     # the dataloader may prefetch one batch ahead; count only the batches of timed steps
     return {"tokens_per_s": sum(tokens[w: w + args.steps]) / (stamps[-1] - stamps[w - 1]),
             "peak_mb": _peak_mb(), "steps": len(stamps)}
+
+
+def _grouping_kwargs(training_args_cls, grouped: bool) -> dict:
+    """Trainer's length grouping: ``group_by_length`` before transformers 5,
+    ``train_sampling_strategy="group_by_length"`` from 5 on."""
+    import inspect
+
+    params = inspect.signature(training_args_cls.__init__).parameters
+    if "train_sampling_strategy" in params:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
 
 
 def _child(args) -> int:

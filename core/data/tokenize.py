@@ -70,7 +70,7 @@ class SFTStream:
     and restored on resume, and the batches are a pure function of (seed, position).
     """
 
-    GROUP_CHUNK = 32
+    GROUP_CHUNK = 50
 
     def __init__(self, examples: list[dict], encoded: Encoded, batch_size: int, seed: int, pad_id: int,
                  group_by_length: bool = False):

@@ -78,11 +78,14 @@ def autocast_context(mode: str, device: torch.device):
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over positions whose label is not -100."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    n = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+    """Mean next-token cross-entropy over positions whose label is not -100.
+
+    Labels are shifted left (not the logits), so the logits are used in place, without a copy.
+    """
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    n = int((shifted != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / max(n, 1), n
 
