@@ -36,7 +36,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 cuda-check:
-	cmake -S . -B build/cmake -DMETAREASON_CUDA=ON -DCMAKE_BUILD_TYPE=Release >/dev/null
+	cmake -S . -B build/cmake -DMETAREASON_CUDA=ON -DMETAREASON_TORCH=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
 	cmake --build build/cmake -j2
 
 clean:
