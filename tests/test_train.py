@@ -1,7 +1,6 @@
 """SFT loop: exact resume, crash during a checkpoint write, NaN stop, label masks, extra loss
 terms, evaluation metrics and the report."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

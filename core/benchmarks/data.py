@@ -26,6 +26,8 @@ import tempfile
 import time
 from typing import Callable
 
+from metareason.benchmarks import cpu_name
+
 SEED_CLAIM = 150_000
 
 
@@ -59,15 +61,6 @@ def _shard(job: tuple) -> int:
     return len(examples)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(args) -> int:
@@ -127,7 +120,7 @@ def run(args) -> int:
         "num_samples": n,
         "repeats": args.repeats,
         "seed_claim_samples_per_s": SEED_CLAIM,
-        "device": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "device": {"cpu": cpu_name(), "cores": os.cpu_count(),
                    "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None},
         "python": platform.python_version(),
         "numpy": np.__version__,

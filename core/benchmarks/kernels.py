@@ -17,7 +17,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -45,14 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from metareason.benchmarks import cpu_name
+
+    return cpu_name()
 
 
 def timeit(fn: Callable[[], object], device: str, repeats: int, budget_s: float = 30.0) -> float:

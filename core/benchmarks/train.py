@@ -21,6 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from metareason.benchmarks import cpu_name
+
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
@@ -165,7 +167,7 @@ def run(args) -> int:
         results[side] = json.loads(lines[-1][len("RESULT "):])
     ratio_speed = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
     ratio_mem = results["ours"]["peak_mb"] / results["hf"]["peak_mb"]
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
     print(f"{'':10s} {'tokens/s':>10s} {'peak MB':>10s}")
     for side, name in (("ours", "metareason"), ("hf", "HF Trainer")):
         print(f"{name:10s} {results[side]['tokens_per_s']:10.0f} {results[side]['peak_mb']:10.0f}")
@@ -184,13 +186,3 @@ def run(args) -> int:
     tmp.replace(out)
     print(f"wrote {out}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"

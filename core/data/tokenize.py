@@ -8,7 +8,7 @@ sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 

@@ -11,7 +11,6 @@ fit the model) is a ``ModelLoadError`` with one line naming the path.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
