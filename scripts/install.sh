@@ -22,7 +22,8 @@ if "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] keeping torch $("$PY" -W ignore -c "import torch; print(torch.__version__)" 2>/dev/null)"
 else
   echo "[install] installing $TORCH_SPEC"
-  "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+  # unquoted on purpose: TORCH_SPEC may carry pip options (--index-url ...)
+  "$PY" -m pip install -q --disable-pip-version-check $TORCH_SPEC
 fi
 constraints="$VENV/torch-constraint.txt"
 "$PY" -W ignore -c "import torch; print('torch==' + torch.__version__)" > "$constraints" 2>/dev/null

@@ -32,6 +32,17 @@ class Task(Sequence):
         return len(self.examples)
 
     def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        return self.example(i)
+
+    def example(self, i: int) -> dict:
+        """Example ``i`` (``0 <= i < len``). Lazy tasks override this to build it on access."""
         return self.examples[i]
 
     def __iter__(self) -> Iterator[dict]:

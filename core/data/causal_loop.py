@@ -733,14 +733,7 @@ class CausalLoopTask(Task):
     def __len__(self) -> int:
         return len(self.columns["prompt"])
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+    def example(self, i: int) -> dict:
         col = self.columns
         level = int(col["level"][i])
         ex = {"id": f"causal_loop/{self.seed}/{i}", "prompt": col["prompt"][i],

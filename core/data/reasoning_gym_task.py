@@ -65,14 +65,7 @@ class ReasoningGymTask(Task):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(i)
+    def example(self, i: int) -> dict:
         ex = self._cache.get(i)
         if ex is None:
             entry = self.dataset[i]
