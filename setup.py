@@ -60,6 +60,8 @@ ext_modules, cmdclass = extensions()
 # kernel loads them through exactly the same path.
 BUILTIN_PLUGINS = [
     "builtin = metareason.builtin",
+    "lru = metareason.plugins.lru.plugin",
+    "cspo = metareason.plugins.cspo.plugin",
 ]
 
 setup(

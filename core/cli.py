@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from metareason.config import ConfigError
     from metareason.data.base import TaskError
     from metareason.errors import UserError
-    from metareason.plugins import PluginError
+    from metareason.plugin_manager import PluginError
 
     return (ConfigError, UserError, PluginError, TaskError)
 
@@ -66,7 +66,7 @@ def _print_summary(metrics: dict, run_dir) -> None:
 
 
 def cmd_plugins(args) -> int:
-    from metareason.plugins import build_plugin_manager, enabled_from_env
+    from metareason.plugin_manager import build_plugin_manager, enabled_from_env
 
     pm = build_plugin_manager(enabled_from_env())
     rows = [(i.name, i.version, i.source, ", ".join(h.replace("metareason_", "") for h in i.hooks))
@@ -151,7 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     errors = _user_errors()
     try:
-        from metareason.plugins import build_plugin_manager, enabled_from_env
+        from metareason.plugin_manager import build_plugin_manager, enabled_from_env
 
         pm = build_plugin_manager(enabled_from_env())
         parser = build_parser(pm)

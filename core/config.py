@@ -233,7 +233,7 @@ def validate_config(data: dict, sections: dict[str, type[BaseModel]], source: st
 
 
 def resolve_plugins(data: dict) -> Optional[list[str]]:
-    from metareason.plugins import enabled_from_env
+    from metareason.plugin_manager import enabled_from_env
 
     env = enabled_from_env()
     if env is not None:
@@ -251,7 +251,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     The plugin manager is built from the config's ``plugins`` list (or ``METAREASON_PLUGINS``)
     because plugin sections are part of validation.
     """
-    from metareason.plugins import PluginError, build_plugin_manager
+    from metareason.plugin_manager import PluginError, build_plugin_manager
 
     source = source or (str(path) if path is not None else "config")
     raw = read_yaml(path) if path is not None else copy.deepcopy(data or {})

@@ -17,7 +17,7 @@ Conventions
 * "Chained" hooks (prompt transform, SFT labels, model preparation) run one plugin after the
   other; each receives what the previous one returned (return ``None`` to keep it unchanged).
 * Masks returned by ``metareason_rl_loss_mask`` are AND-ed with the kernel's own mask.
-* An exception raised inside a hook is re-raised as ``metareason.plugins.PluginError`` naming
+* An exception raised inside a hook is re-raised as ``metareason.plugin_manager.PluginError`` naming
   the plugin and the hook.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from metareason.config import ConfigError, KernelConfig, load_config, validate_config
-from metareason.plugins import PluginError
+from metareason.plugin_manager import PluginError
 from metareason.registry import Registry
 
 

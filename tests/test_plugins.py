@@ -4,7 +4,7 @@ import pytest
 
 from metareason import Kernel, hookimpl
 from metareason.config import ConfigError
-from metareason.plugins import PluginError, build_plugin_manager, discover
+from metareason.plugin_manager import PluginError, build_plugin_manager, discover
 from tests.conftest import run_cli
 
 

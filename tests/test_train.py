@@ -14,7 +14,7 @@ from metareason import Kernel, hookimpl
 from metareason.checkpoint import latest_checkpoint, list_checkpoints
 from metareason.data.tokenize import IGNORE_INDEX, collate, encode_examples
 from metareason.models import build_char_tokenizer
-from metareason.plugins import PluginError
+from metareason.plugin_manager import PluginError
 from metareason.train.sft import TrainingDiverged, token_loss
 from tests.conftest import REPO, TINY_LLAMA, run_cli
 

@@ -1,0 +1,1 @@
+"""MERA meta-cognitive control: control segments, takeover data, CSPO."""

@@ -1,0 +1,1 @@
+"""Hook implementations of the cspo plugin (filled in by its issue)."""

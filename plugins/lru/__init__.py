@@ -1,0 +1,1 @@
+"""ZeroModel: MLA attention with a Latent Reasoning Unit (LRU) and ACT halting."""
