@@ -15,7 +15,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -77,8 +77,12 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, trainer_state: dict,
-                    keep_last: int) -> Path:
-    """Write ``checkpoints/step-<step>`` atomically; prune to the newest ``keep_last``."""
+                    keep_last: int, write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write ``checkpoints/step-<step>`` atomically; prune to the newest ``keep_last``.
+
+    ``write_extra(directory)`` may add files of its own (e.g. the RL loop's rollout buffer);
+    they are part of the same atomic rename.
+    """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -89,6 +93,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         torch.save(scheduler.state_dict(), tmp / SCHED_STATE)
         torch.save(rng_state(), tmp / RNG_STATE)
         (tmp / TRAINER_STATE).write_text(json.dumps(dict(trainer_state, step=step), indent=2))
+        if write_extra is not None:
+            write_extra(tmp)
         _fsync_tree(tmp)
         if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace whole
             old = root / f".old-{final.name}-{os.getpid()}"

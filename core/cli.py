@@ -5,7 +5,7 @@
     metareason plugins
     metareason config show CONFIG [KEY=VALUE ...]
     metareason data generate TASK ...
-    metareason bench kernels|data|train ...
+    metareason bench kernels|data|train|grpo ...
     metareason <plugin subcommands>
 
 User errors (bad config, missing path, unknown plugin) print one line and exit 2; ``--debug``
@@ -25,6 +25,7 @@ BENCHMARKS = {
     "kernels": ("metareason.benchmarks.kernels", "fused ops against eager and torch.compile references"),
     "data": ("metareason.benchmarks.data", "causal-loop data generation speed"),
     "train": ("metareason.benchmarks.train", "SFT loop against Hugging Face Trainer"),
+    "grpo": ("metareason.benchmarks.grpo", "GRPO loop against TRL's GRPOTrainer (step time, peak memory)"),
 }
 
 

@@ -76,7 +76,7 @@ class DataConfig(Section):
 
 
 class TrainConfig(Section):
-    algorithm: Literal["sft"] = "sft"
+    algorithm: Literal["sft", "grpo"] = "sft"
     max_steps: int = Field(100, gt=0)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
@@ -95,6 +95,30 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     group_by_length: bool = True  # batches of similar length (less padding); order stays random
+
+
+class RLConfig(Section):
+    """Group-rollout RL (``train.algorithm: grpo``); names and defaults follow TRL's GRPOConfig.
+
+    Per optimizer step ``train.batch_size`` prompts x ``num_generations`` completions; see
+    docs/grpo.md for the semantics and the differences from TRL.
+    """
+
+    num_generations: int = Field(4, ge=2)
+    rewards: dict[str, float] = {}  # registered reward name -> weight
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, ge=0)
+    epsilon_high: Optional[float] = Field(None, ge=0)  # None: epsilon
+    beta: float = Field(0.0, ge=0)  # KL weight; 0: no reference model is loaded
+    kl_bias_correction: bool = True  # TRL's use_bias_correction_kl: KL term times the ratio
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = False
+    max_completion_length: int = Field(64, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    generation_kwargs: dict[str, Any] = {}  # extra model.generate arguments (e.g. min_new_tokens, top_k)
+    share_prompt_forward: bool = True  # a group's prompt runs once (prefill, log-prob forwards); checked
 
 
 class GenerationConfig(Section):
@@ -121,6 +145,7 @@ class KernelConfig(Section):
     train: TrainConfig = TrainConfig()
     generation: GenerationConfig = GenerationConfig()
     eval: EvalConfig = EvalConfig()
+    rl: RLConfig = RLConfig()
 
     @field_validator("name")
     @classmethod

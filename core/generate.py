@@ -81,13 +81,42 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Ten
 
 
 @torch.no_grad()
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """A ``DynamicCache`` of all but the last prompt token of every row, each distinct prompt
+    (consecutive identical rows) computed once and gathered out to its rows; ``None`` when no
+    prompt repeats. ``generate`` given this cache runs only the last prompt token per row."""
+    from transformers import DynamicCache
+
+    if input_ids.shape[1] < 2:
+        return None
+    key = torch.cat([input_ids, attention_mask.long()], dim=1)
+    unique, inverse = torch.unique_consecutive(key, dim=0, return_inverse=True)
+    if unique.shape[0] == input_ids.shape[0]:
+        return None
+    width = input_ids.shape[1]
+    ids, mask = unique[:, : width - 1], unique[:, width:-1]
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cache = DynamicCache(config=config)
+    kwargs = {}
+    if not bool(mask.all()):
+        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    cache.batch_select_indices(inverse)
+    return cache
+
+
+@torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool,
                    temperature: float, top_p: float, stop: list[str], triggers: tuple[str, ...] = (),
-                   return_logprobs: bool = False, device: Optional[torch.device] = None) -> list[Generation]:
+                   return_logprobs: bool = False, device: Optional[torch.device] = None,
+                   generate_kwargs: Optional[dict[str, Any]] = None, share_prompts: bool = False) -> list[Generation]:
     """One call of the model's ``generate`` over a left-padded batch.
 
     Text is cut before the first stop string, or after the first trigger (kept, so the hand-over
-    sees it), whichever comes first.
+    sees it), whichever comes first. ``generate_kwargs`` go to ``model.generate`` last (e.g.
+    ``top_k``, ``min_new_tokens``, ``cache_implementation``). With ``share_prompts``, runs of
+    identical consecutive prompts (a group of samples) are prefilled once into a KV cache that
+    ``generate`` continues from (see :func:`shared_prefill`).
     """
     triggers = tuple(triggers)
     device = device or next(model.parameters()).device
@@ -104,9 +133,14 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
         kwargs.update(temperature=None, top_p=None, top_k=None)
     if stop or triggers:
         kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, list(stop) + list(triggers), plen)])
+    kwargs.update(generate_kwargs or {})
     was_training = model.training
     model.eval()
     try:
+        if share_prompts and "past_key_values" not in kwargs:
+            cache = shared_prefill(model, enc["input_ids"], enc["attention_mask"])
+            if cache is not None:
+                kwargs["past_key_values"] = cache
         out = model.generate(**enc, **kwargs)
     finally:
         model.train(was_training)

@@ -8,4 +8,8 @@ def run_training(kernel, resume: bool = False) -> dict:
         from metareason.train.sft import train_sft
 
         return train_sft(kernel, resume=resume)
+    if algorithm == "grpo":
+        from metareason.train.grpo import train_grpo
+
+        return train_grpo(kernel, resume=resume)
     raise ValueError(f"train.algorithm: {algorithm!r} is not implemented")

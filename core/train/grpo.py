@@ -1,0 +1,546 @@
+"""The kernel's group-rollout RL loop (GRPO family), method-neutral.
+
+One *generation* takes ``train.batch_size`` prompts from ``data.train`` and samples
+``rl.num_generations`` completions for each (``core/generate.py``: the model's own ``generate``
+with its KV cache). Registered reward functions (``rl.rewards``, name -> weight) score them;
+advantages are group-relative (``grpo_loss.group_advantages``). The token loss mask is the
+completion mask (real tokens up to and including EOS), minus truncated completions when
+``rl.mask_truncated_completions``, AND-ed with every ``metareason_rl_loss_mask`` result.
+A generation is used for ``rl.num_iterations`` optimizer steps; each step runs
+``train.grad_accum`` micro-batches over its completions. With ``num_iterations > 1`` the
+sampling-time log-probs are computed once per generation; with 1 they are the current ones,
+detached (TRL's shortcut: the ratio is exactly 1 and only its gradient acts). A reference model
+exists only when ``rl.beta > 0`` (a frozen copy, or the PEFT base with adapters disabled).
+A group's prompt is computed once, in the rollout's prefill and in the log-prob forwards
+(``rl.share_prompt_forward``; checked against the plain forward at the start of a run).
+
+Checkpoints, exact resume, the NaN stop, evaluation, events and logging work as in the SFT
+loop; a checkpoint written in the middle of a generation's iterations also holds the rollout
+(``rollout.safetensors``), so a resumed run equals an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from metareason.checkpoint import latest_checkpoint, load_training_state, load_weights_into, save_checkpoint
+from metareason.config import ConfigError
+from metareason.metrics import MetricsLogger, progress, read_metrics, truncate_after
+from metareason.plugin_manager import PluginError
+from metareason.train.grpo_loss import (completion_logps, group_advantages, group_std, grpo_loss, nanstd,
+                                        shared_prompt_logps)
+from metareason.train.optim import build_optimizer, build_scheduler
+from metareason.train.sft import (TrainingDiverged, _evaluate, autocast_context, load_train_examples,
+                                  prepare_run_dir, seed_everything)
+
+ROLLOUT_FILE = "rollout.safetensors"
+REWARD_EXTRAS = ("completion_ids", "completion_lengths", "truncated", "tokenizer", "prompts")
+
+
+# ------------------------------------------------------------------------------------------ data
+class PromptStream:
+    """Batches of examples, reshuffled each epoch by ``seed + epoch``; ``position`` (examples
+    consumed) is saved in checkpoints, and the batches are a pure function of (seed, position)."""
+
+    def __init__(self, examples: list[dict], batch_size: int, seed: int):
+        if len(examples) < batch_size:
+            raise ValueError(f"{len(examples)} training examples is fewer than one batch of {batch_size}")
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.batches_per_epoch = len(examples) // batch_size
+        self.position = 0
+        self._epoch, self._order = -1, []
+
+    def next_batch(self) -> list[dict]:
+        epoch, b = divmod(self.position // self.batch_size, self.batches_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order, self._epoch = torch.randperm(len(self.examples), generator=g).tolist(), epoch
+        self.position += self.batch_size
+        return [self.examples[i] for i in self._order[b * self.batch_size: (b + 1) * self.batch_size]]
+
+    @property
+    def epoch(self) -> float:
+        return self.position / (self.batches_per_epoch * self.batch_size)
+
+
+# --------------------------------------------------------------------------------------- rollout
+@dataclass
+class Rollout:
+    """One generation: ``N = prompts x num_generations`` rows, completions of a prompt adjacent."""
+
+    input_ids: torch.Tensor  # [N, P + C] left-padded prompt + right-padded completion
+    attention_mask: torch.Tensor  # [N, P + C]
+    completion_mask: torch.Tensor  # [N, C] bool: real completion tokens (EOS included)
+    loss_mask: torch.Tensor  # [N, C] bool
+    advantages: torch.Tensor  # [N]
+    old_logps: Optional[torch.Tensor] = None  # [N, C] when num_iterations > 1
+    ref_logps: Optional[torch.Tensor] = None  # [N, C] when beta > 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_mask.shape[1]
+
+    @property
+    def num_items(self) -> int:
+        return int(self.loss_mask.sum())
+
+    def micro_batch(self, rows: slice) -> dict[str, Any]:
+        """Rows of one micro-batch, cut after their longest completion (less work, same loss)."""
+        cmask = self.completion_mask[rows]
+        width = max(1, int(cmask.any(0).nonzero().max()) + 1) if bool(cmask.any()) else 1
+        cut = self.input_ids.shape[1] - self.completion_len + width
+        out = {"input_ids": self.input_ids[rows, :cut], "attention_mask": self.attention_mask[rows, :cut],
+               "loss_mask": self.loss_mask[rows, :width], "advantages": self.advantages[rows], "width": width}
+        for name in ("old_logps", "ref_logps"):
+            value = getattr(self, name)
+            out[name] = None if value is None else value[rows, :width]
+        return out
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f.name: getattr(self, f.name).contiguous().cpu() for f in fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        save_file(tensors, str(Path(directory) / ROLLOUT_FILE))
+
+    @classmethod
+    def load(cls, directory: Path, stats: dict, device: torch.device) -> "Rollout":
+        from safetensors.torch import load_file
+
+        tensors = {k: v.to(device) for k, v in load_file(str(Path(directory) / ROLLOUT_FILE)).items()}
+        return cls(stats=dict(stats), **tensors)
+
+
+def micro_batch_rows(n: int, grad_accum: int) -> list[slice]:
+    size = n // grad_accum
+    return [slice(i * size, (i + 1) * size) for i in range(grad_accum)]
+
+
+# --------------------------------------------------------------------------------------- rewards
+def _accepted_extras(fn) -> Optional[set[str]]:
+    """Names of REWARD_EXTRAS that ``fn`` accepts (``None``: all, it takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return {n for n in REWARD_EXTRAS if n in params}
+
+
+def compute_rewards(kernel, completions: list[str], examples: list[dict], extras: dict[str, Any]) -> torch.Tensor:
+    """``[N, F]`` float32 rewards of the functions in ``rl.rewards`` (NaN where one returned None)."""
+    names = list(kernel.config.rl.rewards)
+    out = torch.empty(len(completions), len(names), dtype=torch.float32)
+    for j, name in enumerate(names):
+        fn = kernel.rewards.get(name)
+        accepted = _accepted_extras(fn)
+        kwargs = dict(extras) if accepted is None else {k: v for k, v in extras.items() if k in accepted}
+        owner = kernel.rewards.owner(name)
+        try:
+            values = fn(completions, examples, **kwargs)
+        except Exception as exc:
+            raise PluginError(f"plugin '{owner}' reward {name!r} failed: {type(exc).__name__}: {exc}",
+                              plugin=owner) from exc
+        values = list(values) if values is not None else []
+        if len(values) != len(completions):
+            raise PluginError(f"plugin '{owner}' reward {name!r} returned {len(values)} values for "
+                              f"{len(completions)} completions", plugin=owner)
+        try:
+            out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values], dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise PluginError(f"plugin '{owner}' reward {name!r} returned a value that is not a number",
+                              plugin=owner) from None
+    return out
+
+
+def total_reward(per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum per completion, NaN-skipping; NaN where every function returned None."""
+    total = (per_func * weights.unsqueeze(0)).nansum(dim=1)
+    total[torch.isnan(per_func).all(dim=1)] = math.nan
+    return total
+
+
+# ------------------------------------------------------------------------------------- loss mask
+def rl_loss_mask(kernel, completion_ids: torch.Tensor, completion_mask: torch.Tensor, tokenizer: Any,
+                 truncated: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Completion mask, minus ``truncated`` rows when given, AND every plugin's mask."""
+    mask = completion_mask.bool().clone()
+    if truncated is not None:
+        mask &= ~truncated.bool().unsqueeze(1)
+    caller = kernel.hook.metareason_rl_loss_mask
+    for impl in caller.get_hookimpls():
+        args = {"completion_ids": completion_ids, "completion_mask": completion_mask.bool(), "tokenizer": tokenizer,
+                "config": kernel.config}
+        got = impl.function(*[args[a] for a in impl.argnames])
+        if got is None:
+            continue
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(mask.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise PluginError(f"plugin '{impl.plugin_name}' hook 'metareason_rl_loss_mask' returned {shape}, "
+                              f"expected a [B, T] = {tuple(mask.shape)} mask", plugin=impl.plugin_name)
+        mask &= got.to(mask.device).bool()
+    return mask
+
+
+# ------------------------------------------------------------------------------------ generation
+def _completion_ids(gen, tokenizer) -> list[int]:
+    """Generated ids with the EOS that ended them (``generate_batch`` cuts it off)."""
+    ids = list(gen.token_ids)
+    if gen.stop_reason == "eos" and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def sampling_defaults(tokenizer) -> dict[str, Any]:
+    """Plain sampling from the policy (as TRL): no top-k cut (``generate`` defaults to 50). A pad
+    token that is not EOS is never sampled: a sampled pad could not be told from padding."""
+    out: dict[str, Any] = {"top_k": 0}
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        out["suppress_tokens"] = [tokenizer.pad_token_id]
+    return out
+
+
+class LogProbs:
+    """The log-prob forward of the run, and whether rollouts prefill each group's prompt once.
+
+    With ``rl.share_prompt_forward`` (and no gradient checkpointing, which disables the KV
+    cache in training) :func:`shared_prompt_logps` and ``generate_batch(share_prompts=True)`` are
+    used if :func:`shared_prompt_logps` reproduces :func:`completion_logps` on a probe batch
+    (checked once, in eval mode; a model whose forward cannot continue from a cache fails it);
+    otherwise the plain forward and a plain prefill.
+    """
+
+    def __init__(self, kernel, model):
+        rl = kernel.config.rl
+        self.temperature, self.autocast = rl.temperature, kernel.config.train.autocast
+        checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        self.fn = None if rl.share_prompt_forward and not checkpointing else completion_logps
+
+    @property
+    def shared(self) -> bool:
+        return self.fn is shared_prompt_logps
+
+    def decide(self, model, tokenizer, prompts: list[str], device) -> None:
+        """Choose the forward on a probe: two prompts, each twice, with a 3-token completion."""
+        if self.fn is not None:
+            return
+        from metareason.generate import encode_prompts
+
+        rows = [p for p in (prompts[:2] * 2)[:2] for _ in range(2)]
+        enc = encode_prompts(tokenizer, rows, device)
+        comp = enc["input_ids"][:1, -3:].expand(len(rows), -1)
+        mb = {"input_ids": torch.cat([enc["input_ids"], comp], 1),
+              "attention_mask": torch.cat([enc["attention_mask"], torch.ones_like(comp)], 1), "width": 3}
+        self.fn = self._choose(model, mb)
+
+    def __call__(self, model, mb: dict, device) -> torch.Tensor:
+        if self.fn is None:
+            self.fn = self._choose(model, mb)
+        with autocast_context(self.autocast, device):
+            return self.fn(model, mb["input_ids"], mb["attention_mask"], mb["width"], temperature=self.temperature)
+
+    @torch.no_grad()
+    def no_grad(self, model, mb: dict, device) -> torch.Tensor:
+        return self(model, mb, device).float()
+
+    @torch.no_grad()
+    def _choose(self, model, mb: dict):
+        device = mb["input_ids"].device
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast_context(self.autocast, device):
+                args = (model, mb["input_ids"], mb["attention_mask"], mb["width"])
+                plain = completion_logps(*args, temperature=self.temperature).float()
+                try:
+                    shared = shared_prompt_logps(*args, temperature=self.temperature).float()
+                except Exception as exc:  # a model whose forward cannot continue from a cache this way
+                    shared, why = None, f"{type(exc).__name__}: {exc}"
+        finally:
+            model.train(was_training)
+        full_precision = all(p.dtype == torch.float32 for p in model.parameters()) and self.autocast != "bf16"
+        tol = 1e-3 if full_precision else 5e-2
+        if shared is not None:
+            diff = float((plain - shared).abs().max()) if plain.numel() else 0.0
+            if diff <= tol:
+                return shared_prompt_logps
+            why = f"max |delta log p| = {diff:.2e}"
+        print(f"[metareason] rl.share_prompt_forward: the shared-prompt forward does not reproduce the plain one "
+              f"for this model ({why}); using the plain forward", file=sys.stderr)
+        return completion_logps
+
+
+def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=None,
+                     logprobs: Optional[LogProbs] = None) -> Rollout:
+    """Sample, score and prepare one generation of ``len(examples) * num_generations`` completions."""
+    from metareason.generate import encode_prompts, generate_batch
+
+    cfg, rl, tc = kernel.config, kernel.config.rl, kernel.config.train
+    device = next(model.parameters()).device
+    G = rl.num_generations
+    t0 = time.perf_counter()
+    prompts = [kernel.chain("metareason_transform_prompt", "prompt", e["prompt"], example=e, config=cfg)
+               for e in examples]
+    row_prompts = [p for p in prompts for _ in range(G)]
+    row_examples = [e for e in examples for _ in range(G)]
+    gen_kwargs = dict(sampling_defaults(tokenizer), **rl.generation_kwargs)
+    gens = []
+    for start in range(0, len(row_prompts), cfg.generation.batch_size):
+        gens += generate_batch(model, tokenizer, row_prompts[start: start + cfg.generation.batch_size],
+                               max_new_tokens=rl.max_completion_length, do_sample=True,
+                               temperature=rl.temperature, top_p=rl.top_p, stop=list(cfg.generation.stop),
+                               device=device, generate_kwargs=gen_kwargs,
+                               share_prompts=logprobs is not None and logprobs.shared)
+    t_gen = time.perf_counter() - t0
+
+    ids = [_completion_ids(g, tokenizer) for g in gens]
+    n, width = len(ids), max(1, max(len(r) for r in ids))
+    completion_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, r in enumerate(ids):
+        completion_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        completion_mask[i, : len(r)] = True
+    truncated = torch.tensor([g.stop_reason == "length" for g in gens], dtype=torch.bool)
+    enc = encode_prompts(tokenizer, row_prompts, torch.device("cpu"))
+    input_ids = torch.cat([enc["input_ids"], completion_ids], dim=1).to(device)
+    attention_mask = torch.cat([enc["attention_mask"], completion_mask.long()], dim=1).to(device)
+    loss_mask = rl_loss_mask(kernel, completion_ids, completion_mask, tokenizer,
+                             truncated if rl.mask_truncated_completions else None)
+
+    lengths = completion_mask.sum(1)
+    extras = {"completion_ids": ids, "completion_lengths": lengths.tolist(), "truncated": truncated.tolist(),
+              "tokenizer": tokenizer, "prompts": row_prompts}
+    per_func = compute_rewards(kernel, [g.text for g in gens], row_examples, extras)
+    weights = torch.tensor(list(rl.rewards.values()), dtype=torch.float32)
+    rewards = total_reward(per_func, weights)
+    advantages = group_advantages(rewards, G, rl.scale_rewards)
+
+    rollout = Rollout(input_ids, attention_mask, completion_mask.to(device), loss_mask.to(device),
+                      advantages.to(device))
+    if rl.num_iterations > 1 or rl.beta > 0:
+        logprobs = logprobs or LogProbs(kernel, model)
+        olds, refs = [], []
+        for rows in micro_batch_rows(n, tc.grad_accum):
+            mb = rollout.micro_batch(rows)
+            pad = width - mb["width"]
+            if rl.num_iterations > 1:
+                olds.append(torch.nn.functional.pad(logprobs.no_grad(model, mb, device), (0, pad)))
+            if rl.beta > 0:
+                refs.append(torch.nn.functional.pad(_reference_logps(logprobs, model, ref_model, mb, device),
+                                                    (0, pad)))
+        rollout.old_logps = torch.cat(olds) if olds else None
+        rollout.ref_logps = torch.cat(refs) if refs else None
+
+    names = list(rl.rewards)
+    std = group_std(rewards, G, rl.scale_rewards)
+    stats = {"rl/reward/mean": _f(torch.nanmean(rewards)), "rl/reward/std": _f(nanstd(rewards)),
+             "rl/frac_reward_zero_std": _f(torch.isclose(std, torch.zeros_like(std)).float().mean())}
+    for j, name in enumerate(names):
+        stats[f"rl/reward/{name}/mean"] = _f(torch.nanmean(per_func[:, j]))
+        stats[f"rl/reward/{name}/std"] = _f(nanstd(per_func[:, j]))
+    stats.update({"rl/advantage/mean": _f(advantages.mean()), "rl/advantage/std": _f(advantages.std()),
+                  "rl/advantage/min": _f(advantages.min()), "rl/advantage/max": _f(advantages.max()),
+                  "rl/completion_length/mean": _f(lengths.float().mean()),
+                  "rl/completion_length/min": int(lengths.min()), "rl/completion_length/max": int(lengths.max()),
+                  "rl/truncated_frac": _f(truncated.float().mean()),
+                  "rl/loss_tokens": _f(loss_mask.sum(1).float().mean()),
+                  "rl/time/generate_s": t_gen, "rl/time/rollout_s": time.perf_counter() - t0})
+    rollout.stats = stats
+    return rollout
+
+
+def _reference_logps(logprobs: LogProbs, model, ref_model, mb: dict, device) -> torch.Tensor:
+    if ref_model is not None:
+        return logprobs.no_grad(ref_model, mb, device)
+    with model.disable_adapter():  # PEFT: the base model is the reference
+        return logprobs.no_grad(model, mb, device)
+
+
+def _f(x: torch.Tensor) -> float:
+    return float(x.detach().float())
+
+
+# ------------------------------------------------------------------------------------------ setup
+def check_rl_config(kernel) -> None:
+    """One-line ConfigErrors for what pydantic cannot check (registry names, divisibility)."""
+    cfg, src = kernel.config, kernel._source
+    rl, tc = cfg.rl, cfg.train
+    if not rl.rewards:
+        raise ConfigError(f"{src}: rl.rewards: no reward functions configured for train.algorithm: grpo "
+                          f"(e.g. rl.rewards: {{causal_loop_exact: 1.0}}; registered: {', '.join(kernel.rewards.names())})")
+    for name in rl.rewards:
+        if name not in kernel.rewards:
+            raise ConfigError(f"{src}: rl.rewards.{name}: unknown reward (registered: "
+                              f"{', '.join(kernel.rewards.names()) or 'none'})")
+    n = tc.batch_size * rl.num_generations
+    if n % tc.grad_accum:
+        raise ConfigError(f"{src}: train.grad_accum: {tc.grad_accum} does not divide the {n} completions of a step "
+                          f"(train.batch_size {tc.batch_size} x rl.num_generations {rl.num_generations})")
+
+
+def build_reference(model) -> Optional[torch.nn.Module]:
+    """A frozen copy of the starting policy (``None`` for a PEFT model: its base is the reference)."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return None
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# ------------------------------------------------------------------------------------------- loop
+def train_grpo(kernel, resume: bool = False) -> dict:
+    cfg = kernel.config
+    tc, rl = cfg.train, cfg.rl
+    check_rl_config(kernel)
+    examples = load_train_examples(kernel)
+    run_dir = prepare_run_dir(kernel, resume)
+    seed_everything(tc.seed)
+    model, tokenizer = kernel.load()
+    device = next(model.parameters()).device
+    ref_model = build_reference(model) if rl.beta > 0 else None
+    try:
+        stream = PromptStream(examples, tc.batch_size, tc.seed)
+    except ValueError as exc:
+        raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)
+    logprobs = LogProbs(kernel, model)
+    logprobs.decide(model, tokenizer, [e["prompt"] for e in examples[:2]], device)
+
+    step = 0
+    state: dict[str, Any] = {"tokens_seen": 0}
+    rollout: Optional[Rollout] = None
+    last_ckpt: Optional[Path] = None
+    if resume:
+        last_ckpt = latest_checkpoint(run_dir)
+        load_weights_into(model, last_ckpt)
+        state = load_training_state(last_ckpt, optimizer, scheduler)
+        step = int(state["step"])
+        stream.position = int(state["data_position"])
+        if step % rl.num_iterations:
+            rollout = Rollout.load(last_ckpt, state.get("rollout_stats", {}), device)
+        truncate_after(run_dir, step)
+        print(f"[metareason] resumed from {last_ckpt} (step {step})", file=sys.stderr)
+
+    logger = MetricsLogger(run_dir, append=resume)
+    kernel.pm.hook.metareason_on_run_start(kernel=kernel, run_dir=str(run_dir))
+    quiet = cfg.quiet or not sys.stderr.isatty()
+    bar = progress(total=tc.max_steps, initial=step, desc="grpo", quiet=quiet)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    eval_metrics: dict = {}
+    t_window, tok_window = time.perf_counter(), 0
+    saved_at = -1
+    try:
+        while step < tc.max_steps:
+            model.train()
+            if step % rl.num_iterations == 0:
+                rollout = generate_rollout(kernel, model, tokenizer, stream.next_batch(), ref_model, logprobs)
+            assert rollout is not None
+            t_train = time.perf_counter()
+            step_metrics = _optimizer_step(kernel, model, rollout, logprobs, trainable, optimizer, scheduler, step,
+                                           last_ckpt, device)
+            step += 1
+            n_tokens = int(rollout.attention_mask.sum())
+            state["tokens_seen"] = state.get("tokens_seen", 0) + n_tokens
+            tok_window += n_tokens
+
+            metrics = dict(rollout.stats)
+            metrics.update(step_metrics)
+            metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": stream.epoch,
+                            "rl/time/train_s": time.perf_counter() - t_train})
+            kernel.pm.hook.metareason_on_step_end(kernel=kernel, step=step, metrics=metrics)
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                elapsed = time.perf_counter() - t_window
+                metrics["train/tokens_per_s"] = tok_window / max(elapsed, 1e-9)
+                t_window, tok_window = time.perf_counter(), 0
+                logger.log(step, metrics)
+                bar.set_postfix(reward=f"{metrics['rl/reward/mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
+                if quiet:
+                    print(f"[grpo] step {step}/{tc.max_steps} reward {metrics['rl/reward/mean']:.4f} "
+                          f"loss {metrics['train/loss']:.4f} len {metrics['rl/completion_length/mean']:.1f} "
+                          f"tok/s {metrics['train/tokens_per_s']:.0f}", file=sys.stderr, flush=True)
+            if tc.save_every and step % tc.save_every == 0:
+                last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state,
+                                  rollout)
+                saved_at = step
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and cfg.data.eval:
+                eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
+    finally:
+        bar.close()
+    if saved_at != step:
+        last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, rollout)
+    if cfg.eval.at_end and cfg.data.eval:
+        eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
+    logger.close()
+    from metareason.report import write_report
+
+    write_report(run_dir, cfg, read_metrics(run_dir))
+    kernel.pm.hook.metareason_on_run_end(kernel=kernel, metrics=eval_metrics)
+    kernel.last_model, kernel.last_tokenizer = model, tokenizer
+    return eval_metrics
+
+
+def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainable, optimizer, scheduler,
+                    step: int, last_ckpt: Optional[Path], device) -> dict[str, float]:
+    """``grad_accum`` micro-batches over the rollout, clip, optimizer and scheduler step."""
+    tc, rl = kernel.config.train, kernel.config.rl
+    total_loss = 0.0
+    sums: dict[str, float] = {}
+    num_items = rollout.num_items
+    for rows in micro_batch_rows(rollout.input_ids.shape[0], tc.grad_accum):
+        mb = rollout.micro_batch(rows)
+        logps = logprobs(model, mb, device)
+        loss, stats = grpo_loss(logps.float(), mb["old_logps"], mb["ref_logps"], mb["advantages"], mb["loss_mask"],
+                                epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, beta=rl.beta,
+                                loss_type=rl.loss_type, max_completion_length=rl.max_completion_length,
+                                num_items=num_items, grad_accum=tc.grad_accum,
+                                kl_bias_correction=rl.kl_bias_correction)
+        if not torch.isfinite(loss):
+            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"step {step + 1}: training loss is {float(loss.detach())}; the run stopped before the "
+                f"optimizer step ({where}). Lower train.lr or set train.max_grad_norm.")
+        loss.backward()
+        total_loss += float(loss.detach())
+        tokens = float(stats["tokens"])
+        for name, value in stats.items():
+            if name.startswith("clip_ratio/") or name == "kl":
+                sums[name] = sums.get(name, 0.0) + float(value) * tokens
+        sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
+    grad_norm = None
+    if tc.max_grad_norm:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = max(sums.pop("_tokens"), 1.0)
+    metrics = {"train/loss": total_loss, "rl/iteration": step % rl.num_iterations}
+    metrics.update({f"rl/{k}": v / tokens for k, v in sums.items()})
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = grad_norm
+    return metrics
+
+
+def _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state,
+          rollout: Optional[Rollout]) -> Path:
+    trainer_state = dict(state, data_position=stream.position)
+    mid_generation = rollout is not None and step % kernel.config.rl.num_iterations != 0
+    if mid_generation:
+        trainer_state["rollout_stats"] = rollout.stats
+    path = save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, trainer_state,
+                           kernel.config.train.keep_last, write_extra=rollout.save if mid_generation else None)
+    kernel.pm.hook.metareason_on_checkpoint(kernel=kernel, step=step, path=str(path))
+    return path

@@ -1,0 +1,213 @@
+"""The group-rollout RL objective (GRPO family) as pure tensor functions.
+
+Semantics follow TRL 1.16's ``GRPOTrainer`` (``_generate_and_score_completions`` and
+``_compute_loss``) for the options the kernel exposes; ``tests/test_grpo_loss.py`` checks them
+against hand-written formulas and against TRL itself.
+
+* :func:`group_advantages` — ``A = r - mean_group(r)``, divided by ``std + 1e-4`` (unbiased std
+  of the group, of the whole batch, or not at all); NaN rewards (a completion no reward
+  function scored) are left out of the statistics and get advantage 0.
+* :func:`grpo_loss` — clipped token objective ``-min(ρA, clip(ρ, 1-ε, 1+ε_high)A)`` with
+  ``ρ = exp(logp - old_logp)``, plus ``β·k3`` KL to a reference (times ρ, TRL's
+  ``use_bias_correction_kl``), aggregated by ``loss_type``.
+* :func:`completion_logps` — per-token log-probabilities of the sampled tokens from one
+  forward that keeps only the completion's logits.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+STD_EPS = 1e-4  # TRL: advantages / (std + 1e-4)
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def nanstd(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Unbiased standard deviation ignoring NaNs (NaN where fewer than two values)."""
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim)
+    count = (~torch.isnan(x)).sum(dim=dim).to(x.dtype)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(var, float("nan")))
+    return torch.sqrt(var * correction)
+
+
+def group_std(rewards: torch.Tensor, num_generations: int, scale_rewards: str) -> torch.Tensor:
+    """Per-completion std used by :func:`group_advantages` (group std for ``none`` as well)."""
+    if scale_rewards in ("group", "none"):
+        return nanstd(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
+    if scale_rewards == "batch":
+        return nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    raise ValueError(f"scale_rewards: {scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+
+
+def group_advantages(rewards: torch.Tensor, num_generations: int, scale_rewards: str = "group") -> torch.Tensor:
+    """Group-relative advantages of ``rewards`` ``[B*G]`` (completions of a prompt are adjacent)."""
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards: expected [B*{num_generations}] values, got shape {tuple(rewards.shape)}")
+    std = group_std(rewards, num_generations, scale_rewards)
+    mean = torch.nanmean(rewards.view(-1, num_generations), dim=1).repeat_interleave(num_generations)
+    advantages = rewards - mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + STD_EPS)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps: Optional[torch.Tensor],
+              advantages: torch.Tensor, loss_mask: torch.Tensor, *, epsilon: float,
+              epsilon_high: Optional[float], beta: float, loss_type: str, max_completion_length: int,
+              num_items: Optional[float] = None, grad_accum: int = 1,
+              kl_bias_correction: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one micro-batch, scaled so that summing the micro-batches of a step gives TRL's loss.
+
+    ``logps``/``old_logps``/``ref_logps`` ``[B, T]``: log-probs of the sampled tokens under the
+    current, sampling-time and reference policy. ``old_logps=None`` means "sampled by the current
+    weights" (``logps.detach()``, TRL's path when ``num_iterations == 1``). ``ref_logps`` is
+    only read when ``beta > 0``. ``advantages`` ``[B]``; ``loss_mask`` ``[B, T]``.
+
+    Aggregation (``grad_accum`` micro-batches per optimizer step):
+
+    * ``grpo``: mean over sequences of each sequence's token mean, ``/ grad_accum``;
+    * ``dr_grpo``: token sum ``/ (B * max_completion_length) / grad_accum``;
+    * ``dapo``: token sum ``/ num_items`` — the loss tokens of the *whole* step (all
+      micro-batches), so the step's loss is the token mean over the step; defaults to this
+      micro-batch's count.
+
+    Returns ``(loss, stats)``; ``stats`` are detached: ``clip_ratio/low_mean``,
+    ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (masked token means), ``kl`` (masked
+    token mean, when ``beta > 0``), ``tokens`` (loss tokens here) and ``policy_loss`` (unscaled).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: {loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if logps.shape != loss_mask.shape:
+        raise ValueError(f"loss_mask: shape {tuple(loss_mask.shape)} does not match logps {tuple(logps.shape)}")
+    mask = loss_mask.to(logps.dtype)
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    if old_logps is None:
+        old_logps = logps.detach()
+    adv = advantages.to(logps.dtype).unsqueeze(1) if advantages.dim() == 1 else advantages.to(logps.dtype)
+
+    coef_1 = torch.exp(logps - old_logps)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    per_token_kl = None
+    if beta != 0.0:
+        if ref_logps is None:
+            raise ValueError("ref_logps: required when beta > 0")
+        diff = ref_logps - logps
+        per_token_kl = torch.exp(diff) - diff - 1
+        if kl_bias_correction:
+            per_token_kl = per_token_kl * coef_1
+        per_token_loss = per_token_loss + beta * per_token_kl
+
+    masked = per_token_loss * mask
+    if loss_type == "grpo":
+        policy_loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = policy_loss / grad_accum
+    elif loss_type == "dr_grpo":
+        policy_loss = masked.sum() / (logps.shape[0] * max_completion_length)
+        loss = policy_loss / grad_accum
+    else:  # dapo
+        normalizer = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype, device=logps.device)
+        policy_loss = masked.sum() / normalizer.clamp(min=1.0)
+        loss = policy_loss
+
+    with torch.no_grad():
+        tokens = mask.sum()
+
+        def masked_mean(x: torch.Tensor) -> torch.Tensor:
+            return (x * mask).sum() / tokens.clamp(min=1.0)
+
+        low = (coef_1 < 1 - eps_low) & (adv < 0)
+        high = (coef_1 > 1 + eps_high) & (adv > 0)
+        stats = {"clip_ratio/low_mean": masked_mean(low.to(mask.dtype)),
+                 "clip_ratio/high_mean": masked_mean(high.to(mask.dtype)),
+                 "clip_ratio/region_mean": masked_mean((low | high).to(mask.dtype)),
+                 "tokens": tokens, "policy_loss": policy_loss.detach()}
+        if per_token_kl is not None:
+            stats["kl"] = masked_mean(per_token_kl.detach())
+    return loss, stats
+
+
+def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                     logits_to_keep: int, temperature: float = 1.0, chunk_tokens: int = 8192,
+                     return_outputs: bool = False):
+    """Log-probs ``[B, logits_to_keep]`` of the last ``logits_to_keep`` tokens of ``input_ids``.
+
+    One forward that computes logits only for the positions that predict those tokens
+    (``logits_to_keep + 1`` kept, the last dropped). Logits are divided by ``temperature``
+    (the sampling distribution, as TRL does). Prompts may be left-padded: with padding in
+    ``attention_mask`` the position ids are the mask's cumulative sum (as ``generate`` numbers
+    them); without, the mask is not passed at all (a right-padded tail cannot be attended by
+    causal attention), which keeps the fast causal attention path.
+    """
+    kwargs = {}
+    if attention_mask is not None:
+        prompt_part = attention_mask[:, : input_ids.shape[1] - logits_to_keep]
+        if not bool(prompt_part.all()):
+            kwargs["attention_mask"] = attention_mask
+            kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    outputs = model(input_ids=input_ids, logits_to_keep=logits_to_keep + 1, use_cache=False, **kwargs)
+    logps = token_logps(outputs.logits[:, :-1], input_ids[:, -logits_to_keep:], temperature, chunk_tokens)
+    return (logps, outputs) if return_outputs else logps
+
+
+def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                        logits_to_keep: int, temperature: float = 1.0, chunk_tokens: int = 8192) -> torch.Tensor:
+    """:func:`completion_logps` computing each distinct prompt once (rows of a group share it).
+
+    Consecutive rows with the same prompt (tokens and mask) form a group: the prompts run once,
+    with a KV cache, the cache is indexed out to every row (a differentiable gather, so each
+    prompt's gradient is the sum over its completions), and the completions run on top. Same
+    values as :func:`completion_logps` up to rounding, with ``(G-1)/G`` of the prompt work saved.
+    Needs a model whose forward fills a ``DynamicCache`` (no gradient checkpointing).
+    """
+    from transformers import DynamicCache
+
+    width = input_ids.shape[1] - logits_to_keep
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    key = torch.cat([input_ids[:, :width], attention_mask[:, :width].long()], dim=1)
+    unique, inverse = torch.unique_consecutive(key, dim=0, return_inverse=True)
+    prompts, prompt_mask = unique[:, :width], unique[:, width:]
+    padded = not bool(prompt_mask.all())
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    cache = DynamicCache(config=config)
+    kwargs = {}
+    if padded:
+        kwargs = {"attention_mask": prompt_mask, "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0)}
+    first = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+    cache.batch_select_indices(inverse)
+    logits = first[inverse].unsqueeze(1)
+    if logits_to_keep > 1:
+        rest = input_ids[:, width:-1]
+        kwargs = {}
+        if padded:
+            kwargs = {"attention_mask": attention_mask[:, :-1],
+                      "position_ids": prompt_mask.sum(-1)[inverse].unsqueeze(1)
+                      + torch.arange(rest.shape[1], device=rest.device)}
+        out = model(input_ids=rest, past_key_values=cache, use_cache=True, **kwargs)
+        logits = torch.cat([logits, out.logits], dim=1)
+    return token_logps(logits, input_ids[:, width:], temperature, chunk_tokens)
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                chunk_tokens: int = 8192) -> torch.Tensor:
+    """``log softmax(logits / T)[target]`` as ``logit[target] - logsumexp(logits)``, in row chunks:
+    no full-vocabulary log-softmax copy is kept for backward."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1, 1)
+    parts = []
+    for start in range(0, flat.shape[0], chunk_tokens):
+        chunk = flat[start: start + chunk_tokens]
+        if chunk.dtype in (torch.float16, torch.bfloat16):
+            chunk = chunk.float()
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        picked = chunk.gather(-1, flat_targets[start: start + chunk_tokens]).squeeze(-1)
+        parts.append(picked - torch.logsumexp(chunk, dim=-1))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).view(targets.shape)
