@@ -25,7 +25,8 @@ def _plot_loss(rows: list[dict], path: Path) -> bool:
     ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
-    ax.set_yscale("log")
+    if all(p[1] > 0 for p in pts):  # RL policy losses can be zero or negative
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
