@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name
+from metareason.benchmarks import cpu_name, peak_mb
 from metareason.hookspecs import hookimpl
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -60,14 +59,6 @@ def _step_times(stamps: list[tuple[float, float]], warmup: int, steps: int) -> d
     """Wall and process-CPU seconds per timed step (CPU time is steadier on a shared machine)."""
     (w0, c0), (w1, c1) = stamps[warmup - 1], stamps[-1]
     return {"step_s": (w1 - w0) / steps, "step_cpu_s": (c1 - c0) / steps}
-
-
-def _peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _kernel(args, tmp):
@@ -111,7 +102,7 @@ def _side_ours(args, tmp) -> dict:
     kernel.run()
     w = args.warmup
     timed = parts[w:]
-    return {**_step_times(stamps, w, args.steps), "peak_mb": _peak_mb(), "steps": len(stamps),
+    return {**_step_times(stamps, w, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
             "generate_s": sum(p["rl/time/generate_s"] for p in timed) / len(timed),
             "rollout_s": sum(p["rl/time/rollout_s"] for p in timed) / len(timed),
             "train_s": sum(p["rl/time/train_s"] for p in timed) / len(timed),
@@ -162,7 +153,7 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
                           processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     w = args.warmup
-    return {**_step_times(stamps, w, args.steps), "peak_mb": _peak_mb(), "steps": len(stamps),
+    return {**_step_times(stamps, w, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
             "completion_tokens": sum(lengths[w:]) / len(lengths[w:])}
 
 

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name
+from metareason.benchmarks import cpu_name, peak_mb
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
@@ -33,14 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="bench/results/train-cpu.json")
     parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # child process
-
-
-def _peak_mb() -> float:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _kernel(args, tmp):
@@ -79,7 +70,7 @@ def _side_ours(args, tmp) -> dict:
     tk.SFTStream.next_batch = counting
     kernel.run()
     w = args.warmup
-    return {"tokens_per_s": sum(tokens[w:]) / (stamps[-1] - stamps[w - 1]), "peak_mb": _peak_mb(),
+    return {"tokens_per_s": sum(tokens[w:]) / (stamps[-1] - stamps[w - 1]), "peak_mb": peak_mb(),
             "steps": len(stamps)}
 
 
@@ -127,7 +118,7 @@ def _side_hf(args, tmp) -> dict:
     w = args.warmup
     # the dataloader may prefetch one batch ahead; count only the batches of timed steps
     return {"tokens_per_s": sum(tokens[w: w + args.steps]) / (stamps[-1] - stamps[w - 1]),
-            "peak_mb": _peak_mb(), "steps": len(stamps)}
+            "peak_mb": peak_mb(), "steps": len(stamps)}
 
 
 def _grouping_kwargs(training_args_cls, grouped: bool) -> dict:
