@@ -26,6 +26,38 @@ def run_cli(*args, env=None, cwd=None, timeout=600):
                           env=full_env, cwd=cwd or REPO, timeout=timeout)
 
 
+def save_bigram_llama(path, chain: dict, extra_tokens: tuple = ()):
+    """A Llama with no layers whose embeddings and head encode ``chain`` (greedy: after token ``a``
+    it writes ``chain[a]``; anything else -> pad at a lower logit, i.e. the sequence ends), with
+    the char tokenizer plus ``extra_tokens``; saved with save_pretrained. Exact outputs by design."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metareason.models import build_char_tokenizer
+    from metareason.models.special_tokens import add_special_tokens
+
+    tok = build_char_tokenizer()
+    if extra_tokens:
+        add_special_tokens(tok, None, list(extra_tokens))
+    v = len(tok)
+    h = v + (v % 2)  # RoPE needs an even head size
+    cfg = AutoConfig.for_model("llama", vocab_size=v, hidden_size=h, intermediate_size=8, num_hidden_layers=0,
+                               num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.eye(v, h))
+        head = torch.zeros(v, h)
+        head[tok.pad_token_id, :] = 0.5
+        for a, b in chain.items():
+            head[tok.convert_tokens_to_ids(b), tok.convert_tokens_to_ids(a)] = 20.0
+        model.get_output_embeddings().weight.copy_(head)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def ext_plugin():
     """pip-install the external test plugin for the session, uninstall it afterwards."""

@@ -5,8 +5,6 @@ control labels)."""
 import json
 
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from metareason.generate import HandoverState
 from metareason.models import build_char_tokenizer
@@ -15,32 +13,12 @@ from metareason.plugins.cspo.alter import ControlRequest, ProgrammaticAlter, dec
 from metareason.plugins.cspo.config import CSPOSection
 from metareason.plugins.cspo.handover import HandoverController, trigger_strings
 from metareason.plugins.cspo.takeover import end_after_conclusion
-from tests.conftest import run_cli
+from tests.conftest import run_cli, save_bigram_llama
 
 
 def save_bigram(path, chain: dict, control_tokens: bool = True):
-    """A Llama with no layers whose embeddings and head encode ``chain`` (after ``a`` it writes
-    ``chain[a]``; anything else -> pad, i.e. the sequence ends), saved with save_pretrained."""
-    tok = build_char_tokenizer()
-    if control_tokens:
-        add_special_tokens(tok, None, ["<control>", "</control>"])
-    v = len(tok)
-    h = v + (v % 2)  # RoPE needs an even head size
-    cfg = AutoConfig.for_model("llama", vocab_size=v, hidden_size=h, intermediate_size=8, num_hidden_layers=0,
-                               num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(torch.eye(v, h))
-        head = torch.zeros(v, h)
-        head[tok.pad_token_id, :] = 0.5
-        for a, b in chain.items():
-            head[tok.convert_tokens_to_ids(b), tok.convert_tokens_to_ids(a)] = 20.0
-        model.get_output_embeddings().weight.copy_(head)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    """The bigram Llama of tests/conftest.py, with the control tags as tokens."""
+    return save_bigram_llama(path, chain, ("<control>", "</control>") if control_tokens else ())
 
 
 EXAMPLE = {"id": "x", "prompt": "A=3;B=A+2;C=B*2;D=C-1;D=?", "completion": "B=3+2=5;C=5*2=10;D=10-1=9;answer:9",

@@ -1,11 +1,9 @@
 """Generation: a deterministic bigram model (a Llama with no layers whose embeddings and output
 head encode a successor table) makes stop strings, hand-over and log-probs checkable exactly."""
 import pytest
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from metareason import Kernel, hookimpl
-from metareason.models import build_char_tokenizer
+from tests.conftest import save_bigram_llama
 
 CHAIN = {"x": "1", "1": "2", "2": "3", "3": ";", ";": "4", "4": "5", "5": "</s>", "]": "9", "9": "</s>"}
 
@@ -13,24 +11,7 @@ CHAIN = {"x": "1", "1": "2", "2": "3", "3": ";", ";": "4", "4": "5", "5": "</s>"
 @pytest.fixture(scope="module")
 def bigram_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("bigram")
-    tok = build_char_tokenizer()
-    v = len(tok)
-    h = v + (v % 2)  # RoPE needs an even head size
-    cfg = AutoConfig.for_model("llama", vocab_size=v, hidden_size=h, intermediate_size=8, num_hidden_layers=0,
-                               num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.copy_(torch.eye(v, h))
-        head = torch.zeros(v, h)
-        head[tok.pad_token_id, :] = 0.5  # anything not in CHAIN -> pad, at a lower logit
-        for a, b in CHAIN.items():
-            head[tok.convert_tokens_to_ids(b), tok.convert_tokens_to_ids(a)] = 20.0
-        model.get_output_embeddings().weight.copy_(head)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_bigram_llama(path, CHAIN)
 
 
 def kernel_for(path, **gen):

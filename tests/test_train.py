@@ -15,7 +15,8 @@ from metareason.checkpoint import latest_checkpoint, list_checkpoints
 from metareason.data.tokenize import IGNORE_INDEX, collate, encode_examples
 from metareason.models import build_char_tokenizer
 from metareason.plugin_manager import PluginError
-from metareason.train.sft import TrainingDiverged, token_loss
+from metareason.train.loop import TrainingDiverged
+from metareason.train.sft import token_loss
 from tests.conftest import REPO, TINY_LLAMA, run_cli
 
 

@@ -116,7 +116,7 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from metareason.train.grpo import load_train_examples
-    from metareason.train.sft import seed_everything
+    from metareason.train.loop import seed_everything
 
     kernel = _kernel(args, tmp)
     cfg = kernel.config

@@ -79,7 +79,7 @@ def _side_hf(args, tmp) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from metareason.data.tokenize import collate, encode_examples
-    from metareason.train.sft import load_train_examples, seed_everything
+    from metareason.train.loop import load_train_examples, seed_everything
 
     kernel = _kernel(args, tmp)
     cfg = kernel.config

@@ -31,15 +31,14 @@ from typing import Any, Optional
 
 import torch
 
-from metareason.checkpoint import latest_checkpoint, load_training_state, load_weights_into, save_checkpoint
+from metareason.checkpoint import save_checkpoint
 from metareason.config import ConfigError
-from metareason.metrics import MetricsLogger, progress, read_metrics, truncate_after
 from metareason.plugin_manager import PluginError
 from metareason.train.grpo_loss import (completion_logps, group_advantages, group_std, grpo_loss, nanstd,
                                         shared_prompt_logps)
+from metareason.train.loop import RunDriver, check_finite, load_train_examples, prepare_run_dir, seed_everything
 from metareason.train.optim import build_optimizer, build_scheduler
-from metareason.train.sft import (TrainingDiverged, _evaluate, autocast_context, load_train_examples,
-                                  prepare_run_dir, seed_everything)
+from metareason.train.sft import autocast_context
 
 ROLLOUT_FILE = "rollout.safetensors"
 REWARD_EXTRAS = ("completion_ids", "completion_lengths", "truncated", "tokenizer", "prompts")
@@ -419,78 +418,44 @@ def train_grpo(kernel, resume: bool = False) -> dict:
     logprobs = LogProbs(kernel, model)
     logprobs.decide(model, tokenizer, [e["prompt"] for e in examples[:2]], device)
 
-    step = 0
-    state: dict[str, Any] = {"tokens_seen": 0}
     rollout: Optional[Rollout] = None
-    last_ckpt: Optional[Path] = None
-    if resume:
-        last_ckpt = latest_checkpoint(run_dir)
-        load_weights_into(model, last_ckpt)
-        state = load_training_state(last_ckpt, optimizer, scheduler)
-        step = int(state["step"])
-        stream.position = int(state["data_position"])
-        if step % rl.num_iterations:
-            rollout = Rollout.load(last_ckpt, state.get("rollout_stats", {}), device)
-        truncate_after(run_dir, step)
-        print(f"[metareason] resumed from {last_ckpt} (step {step})", file=sys.stderr)
 
-    logger = MetricsLogger(run_dir, append=resume)
-    kernel.pm.hook.metareason_on_run_start(kernel=kernel, run_dir=str(run_dir))
-    quiet = cfg.quiet or not sys.stderr.isatty()
-    bar = progress(total=tc.max_steps, initial=step, desc="grpo", quiet=quiet)
+    def save(step: int) -> Path:
+        return _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, run.state, rollout)
+
+    run = RunDriver(kernel, run_dir, model, tokenizer, "grpo", save)
+    if resume:
+        state = run.resume(optimizer, scheduler)
+        stream.position = int(state["data_position"])
+        if run.step % rl.num_iterations:
+            rollout = Rollout.load(run.last_ckpt, state.get("rollout_stats", {}), device)
+    run.start(resume)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    eval_metrics: dict = {}
-    t_window, tok_window = time.perf_counter(), 0
-    saved_at = -1
     try:
-        while step < tc.max_steps:
+        while run.step < tc.max_steps:
+            step = run.step
             model.train()
             if step % rl.num_iterations == 0:
                 rollout = generate_rollout(kernel, model, tokenizer, stream.next_batch(), ref_model, logprobs)
             assert rollout is not None
             t_train = time.perf_counter()
             step_metrics = _optimizer_step(kernel, model, rollout, logprobs, trainable, optimizer, scheduler, step,
-                                           last_ckpt, device)
-            step += 1
-            n_tokens = int(rollout.attention_mask.sum())
-            state["tokens_seen"] = state.get("tokens_seen", 0) + n_tokens
-            tok_window += n_tokens
-
+                                           run.last_ckpt, device)
             metrics = dict(rollout.stats)
             metrics.update(step_metrics)
             metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/epoch": stream.epoch,
                             "rl/time/train_s": time.perf_counter() - t_train})
-            kernel.pm.hook.metareason_on_step_end(kernel=kernel, step=step, metrics=metrics)
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = time.perf_counter() - t_window
-                metrics["train/tokens_per_s"] = tok_window / max(elapsed, 1e-9)
-                t_window, tok_window = time.perf_counter(), 0
-                logger.log(step, metrics)
-                bar.set_postfix(reward=f"{metrics['rl/reward/mean']:.3f}", loss=f"{metrics['train/loss']:.4f}")
-                if quiet:
-                    print(f"[grpo] step {step}/{tc.max_steps} reward {metrics['rl/reward/mean']:.4f} "
-                          f"loss {metrics['train/loss']:.4f} len {metrics['rl/completion_length/mean']:.1f} "
-                          f"tok/s {metrics['train/tokens_per_s']:.0f}", file=sys.stderr, flush=True)
-            if tc.save_every and step % tc.save_every == 0:
-                last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state,
-                                  rollout)
-                saved_at = step
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and cfg.data.eval:
-                eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
+            run.step_done(int(rollout.attention_mask.sum()), metrics, _describe)
+            run.after_step()
     finally:
-        bar.close()
-    if saved_at != step:
-        last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state, rollout)
-    if cfg.eval.at_end and cfg.data.eval:
-        eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
-    logger.close()
-    from metareason.report import write_report
+        run.close_bar()
+    return run.finish()
 
-    write_report(run_dir, cfg, read_metrics(run_dir))
-    kernel.pm.hook.metareason_on_run_end(kernel=kernel, metrics=eval_metrics)
-    kernel.last_model, kernel.last_tokenizer = model, tokenizer
-    return eval_metrics
+
+def _describe(m: dict) -> tuple[dict, str]:
+    line = (f"reward {m['rl/reward/mean']:.4f} loss {m['train/loss']:.4f} "
+            f"len {m['rl/completion_length/mean']:.1f} tok/s {m['train/tokens_per_s']:.0f}")
+    return {"reward": f"{m['rl/reward/mean']:.3f}", "loss": f"{m['train/loss']:.4f}"}, line
 
 
 def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainable, optimizer, scheduler,
@@ -508,11 +473,7 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
                                 loss_type=rl.loss_type, max_completion_length=rl.max_completion_length,
                                 num_items=num_items, grad_accum=tc.grad_accum,
                                 kl_bias_correction=rl.kl_bias_correction)
-        if not torch.isfinite(loss):
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"step {step + 1}: training loss is {float(loss.detach())}; the run stopped before the "
-                f"optimizer step ({where}). Lower train.lr or set train.max_grad_norm.")
+        check_finite(loss, step, last_ckpt)
         loss.backward()
         total_loss += float(loss.detach())
         tokens = float(stats["tokens"])

@@ -9,66 +9,19 @@ good one. Checkpoints carry everything needed for an exact resume.
 from __future__ import annotations
 
 import contextlib
-import math
-import random
-import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metareason.checkpoint import (clean_partial, latest_checkpoint, load_training_state, load_weights_into,
-                                   save_checkpoint)
-from metareason.config import ConfigError, dump_config
+from metareason.checkpoint import save_checkpoint
+from metareason.config import ConfigError
 from metareason.data.tokenize import IGNORE_INDEX, SFTStream, encode_examples
 from metareason.errors import UserError
-from metareason.metrics import MetricsLogger, progress, read_metrics, truncate_after
+from metareason.train.loop import (RunDriver, check_finite, load_train_examples, prepare_run_dir,
+                                   seed_everything)
 from metareason.train.optim import build_optimizer, build_scheduler
-
-
-class TrainingDiverged(UserError):
-    """The loss became NaN or infinite."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def prepare_run_dir(kernel, resume: bool) -> Path:
-    run_dir = kernel.config.run_dir
-    if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-        clean_partial(run_dir)
-    elif run_dir.exists():
-        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report.md", "plots", "eval_samples.jsonl"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(kernel.config), encoding="utf-8")
-    tmp.replace(run_dir / "config.yaml")
-    return run_dir
-
-
-def load_train_examples(kernel) -> list[dict]:
-    specs = kernel.config.data.train
-    if not specs:
-        raise ConfigError(f"{kernel._source}: data.train: no training tasks configured")
-    examples: list[dict] = []
-    for i, spec in enumerate(specs):
-        task = kernel.build_task(spec, field=f"data.train[{i}]")
-        examples.extend(task[j] for j in range(len(task)))
-    return examples
 
 
 def autocast_context(mode: str, device: torch.device):
@@ -124,28 +77,17 @@ def train_sft(kernel, resume: bool = False) -> dict:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
-    step = 0
-    state: dict[str, Any] = {"tokens_seen": 0}
-    last_ckpt: Optional[Path] = None
-    if resume:
-        last_ckpt = latest_checkpoint(run_dir)
-        load_weights_into(model, last_ckpt)
-        state = load_training_state(last_ckpt, optimizer, scheduler)
-        step = int(state["step"])
-        stream.position = int(state["data_position"])
-        truncate_after(run_dir, step)
-        print(f"[metareason] resumed from {last_ckpt} (step {step})", file=sys.stderr)
+    def save(step: int) -> Path:
+        return _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, run.state)
 
-    logger = MetricsLogger(run_dir, append=resume)
-    kernel.pm.hook.metareason_on_run_start(kernel=kernel, run_dir=str(run_dir))
-    quiet = cfg.quiet or not sys.stderr.isatty()
-    bar = progress(total=tc.max_steps, initial=step, desc="train", quiet=quiet)
+    run = RunDriver(kernel, run_dir, model, tokenizer, "train", save)
+    if resume:
+        stream.position = int(run.resume(optimizer, scheduler)["data_position"])
+    run.start(resume)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    eval_metrics: dict = {}
-    t_window, tok_window = time.perf_counter(), 0
-    saved_at = -1
     try:
-        while step < tc.max_steps:
+        while run.step < tc.max_steps:
+            step = run.step
             model.train()
             total_loss, lm_loss_sum, term_sums, n_tokens = 0.0, 0.0, {}, 0
             for _ in range(tc.grad_accum):
@@ -165,11 +107,7 @@ def train_sft(kernel, resume: bool = False) -> dict:
                 for name, (weight, term) in collect_extra_losses(kernel, model, batch, outputs, step).items():
                     loss = loss + weight * term
                     term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) / tc.grad_accum
-                if not torch.isfinite(loss):
-                    where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                    raise TrainingDiverged(
-                        f"step {step + 1}: training loss is {float(loss.detach())}; the run stopped before the "
-                        f"optimizer step ({where}). Lower train.lr or set train.max_grad_norm.")
+                check_finite(loss, step, run.last_ckpt)
                 (loss / tc.grad_accum).backward()
                 total_loss += float(loss.detach()) / tc.grad_accum
                 lm_loss_sum += float(lm_loss.detach()) / tc.grad_accum
@@ -180,9 +118,6 @@ def train_sft(kernel, resume: bool = False) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state["tokens_seen"] = state.get("tokens_seen", 0) + n_tokens
-            tok_window += n_tokens
 
             metrics = {"train/loss": total_loss, "train/lm_loss": lm_loss_sum,
                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": stream.epoch}
@@ -190,36 +125,16 @@ def train_sft(kernel, resume: bool = False) -> dict:
                 metrics["train/grad_norm"] = grad_norm
             for name, value in term_sums.items():
                 metrics[f"train/{name}"] = value
-            kernel.pm.hook.metareason_on_step_end(kernel=kernel, step=step, metrics=metrics)
-            bar.update(1)
-            if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = time.perf_counter() - t_window
-                metrics["train/tokens_per_s"] = tok_window / max(elapsed, 1e-9)
-                t_window, tok_window = time.perf_counter(), 0
-                logger.log(step, metrics)
-                bar.set_postfix(loss=f"{total_loss:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}")
-                if quiet:  # no bar (quiet mode or not a terminal): a log line instead
-                    print(f"[train] step {step}/{tc.max_steps} loss {total_loss:.4f} "
-                          f"lr {metrics['train/lr']:.2e} tok/s {metrics['train/tokens_per_s']:.0f}",
-                          file=sys.stderr, flush=True)
-            if tc.save_every and step % tc.save_every == 0:
-                last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state)
-                saved_at = step
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and cfg.data.eval:
-                eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
+            run.step_done(n_tokens, metrics, _describe)
+            run.after_step()
     finally:
-        bar.close()
-    if saved_at != step:
-        last_ckpt = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state)
-    if cfg.eval.at_end and cfg.data.eval:
-        eval_metrics = _evaluate(kernel, model, tokenizer, step, logger, run_dir)
-    logger.close()
-    from metareason.report import write_report
+        run.close_bar()
+    return run.finish()
 
-    write_report(run_dir, cfg, read_metrics(run_dir))
-    kernel.pm.hook.metareason_on_run_end(kernel=kernel, metrics=eval_metrics)
-    kernel.last_model, kernel.last_tokenizer = model, tokenizer
-    return eval_metrics
+
+def _describe(m: dict) -> tuple[dict, str]:
+    line = f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} tok/s {m['train/tokens_per_s']:.0f}"
+    return {"loss": f"{m['train/loss']:.4f}", "tok_s": f"{m['train/tokens_per_s']:.0f}"}, line
 
 
 def _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, state) -> Path:
@@ -228,14 +143,3 @@ def _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream,
                            kernel.config.train.keep_last)
     kernel.pm.hook.metareason_on_checkpoint(kernel=kernel, step=step, path=str(path))
     return path
-
-
-def _evaluate(kernel, model, tokenizer, step, logger, run_dir) -> dict:
-    from metareason.evaluate import evaluate
-
-    metrics = evaluate(kernel, model, tokenizer, step=step, write_samples=Path(run_dir) / "eval_samples.jsonl")
-    logger.log(step, metrics)
-    acc = metrics.get("eval/accuracy", math.nan)
-    print(f"[eval] step {step}: accuracy {acc:.4f}, mean generated tokens {metrics.get('eval/gen_tokens', 0):.1f}",
-          file=sys.stderr, flush=True)
-    return metrics
