@@ -80,25 +80,31 @@ setup(
         # torch is installed first by the Makefile (see README): a bare "torch" here would let
         # pip replace a CPU build with the multi-GB CUDA one.
         "torch>=2.4,<2.14",
-        "transformers>=4.46",
+        "transformers>=5.4,<6",  # 5.4: the oldest release the suite passes on (make test-lowest)
         "tokenizers>=0.20",
         "safetensors>=0.4",
         "accelerate>=1.0",
-        "peft>=0.13",
+        "peft>=0.18",  # transformers 5.4 loads adapters with peft >= 0.18
         "pluggy>=1.5",
         "pydantic>=2.6",
         "PyYAML>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        # generator backends and `metareason serve`
+        "openai>=1.40",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "tasks": ["reasoning-gym>=0.1.19"],
         "ray": ["ray>=2.40"],
-        "rl": ["trl>=0.20"],
+        "rl": ["trl>=1.16"],
         "tb": ["tensorboard>=2.15"],
         "triton": ["triton>=3.0"],
+        # the test runner alone: the lowest-versions job (make test-lowest) installs base + this
+        "dev": ["pytest>=8", "pytest-timeout>=2.3"],
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
@@ -106,7 +112,7 @@ setup(
             "reasoning-gym>=0.1.19",
             "tensorboard>=2.15",
             "ray>=2.40",
-            "trl>=0.20",
+            "trl>=1.16",
             "triton>=3.0",
         ],
     },

@@ -2,6 +2,7 @@
 
     metareason run CONFIG [KEY=VALUE ...] [--resume]
     metareason eval CONFIG|RUN_DIR [KEY=VALUE ...]
+    metareason export RUN_DIR --out DIR [--checkpoint DIR] [--merge]
     metareason plugins
     metareason config show CONFIG [KEY=VALUE ...]
     metareason data generate TASK ...
@@ -131,6 +132,10 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     s.add_argument("config")
     s.add_argument("overrides", nargs="*")
     s.set_defaults(func=cmd_config_show)
+
+    _lazy(sub, "export", "metareason.model_export",
+          "write a run's checkpoint as a Hugging Face model directory (LoRA: merged, or base + adapter)",
+          "metareason export")
 
     p = sub.add_parser("data", help="generate task data")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -69,32 +69,24 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
 def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str] = None,
                     quiet: bool = False):
     """``metareason eval``: a run directory (its config + latest checkpoint) or a config file."""
-    from metareason.checkpoint import latest_checkpoint, load_weights_into
     from metareason.errors import UserError
     from metareason.kernel import Kernel
     from metareason.metrics import MetricsLogger, read_metrics
     from metareason.report import write_report
+    from metareason.trained import load_trained
 
     path = Path(target)
     if not path.exists():
         raise UserError(f"{target}: no such run directory or config file")
     overrides = overrides + (["quiet=true"] if quiet else [])
     if path.is_dir():
-        cfg_file = path / "config.yaml"
-        if not cfg_file.exists():
-            raise UserError(f"{target}: not a run directory (no config.yaml)")
-        kernel = Kernel(cfg_file, overrides=overrides)
-        ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(path)
-        if ckpt is None or not ckpt.is_dir():
-            raise UserError(f"{target}: no checkpoint to evaluate (train first, or pass --checkpoint)")
-        model, tokenizer = kernel.load()
-        load_weights_into(model, ckpt)
-        step = json.loads((ckpt / "trainer_state.json").read_text()).get("step", 0)
-        metrics = evaluate(kernel, model, tokenizer, step=step, write_samples=path / "eval_samples.jsonl")
+        trained = load_trained(path, checkpoint, overrides)
+        metrics = evaluate(trained.kernel, trained.model, trained.tokenizer, step=trained.step,
+                           write_samples=path / "eval_samples.jsonl")
         logger = MetricsLogger(path, append=True, tensorboard=False)
-        logger.log(step, metrics)
+        logger.log(trained.step, metrics)
         logger.close()
-        write_report(path, kernel.config, read_metrics(path))
+        write_report(path, trained.kernel.config, read_metrics(path))
         return metrics, path
     kernel = Kernel(path, overrides=overrides)
     model, tokenizer = kernel.load()

@@ -15,6 +15,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from metareason.metrics import progress
+from metareason.models.compat import CACHE_KWARG
 
 
 @dataclass
@@ -100,7 +101,7 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     kwargs = {}
     if not bool(mask.all()):
         kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, **kwargs)
     cache.batch_select_indices(inverse)
     return cache
 
@@ -137,10 +138,10 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     was_training = model.training
     model.eval()
     try:
-        if share_prompts and "past_key_values" not in kwargs:
+        if share_prompts and CACHE_KWARG not in kwargs and "past_key_values" not in kwargs:
             cache = shared_prefill(model, enc["input_ids"], enc["attention_mask"])
             if cache is not None:
-                kwargs["past_key_values"] = cache
+                kwargs[CACHE_KWARG] = cache
         out = model.generate(**enc, **kwargs)
     finally:
         model.train(was_training)

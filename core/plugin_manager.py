@@ -88,6 +88,19 @@ def _named_errors(fn, plugin_name: str, hook_name: str):
     return wrapped
 
 
+_loading_entry_points = False
+
+
+def loading_entry_points() -> bool:
+    """True while the kernel imports plugin entry-point modules.
+
+    A plugin package whose import does heavy work for users (e.g. registering a model class with
+    transformers' Auto classes) can skip it then: plugin discovery runs on every CLI call and must
+    stay cheap, and the kernel does such work through hooks when a run needs it.
+    """
+    return _loading_entry_points
+
+
 def discover() -> list[md.EntryPoint]:
     """All entry points of the ``metareason`` group, one per name (first wins)."""
     seen: dict[str, md.EntryPoint] = {}
@@ -121,6 +134,8 @@ def build_plugin_manager(enabled: Optional[Iterable[str]] = None) -> MetareasonP
     for ep in available:
         if wanted is not None and ep.name not in wanted and ep.name not in ALWAYS_ENABLED:
             continue
+        global _loading_entry_points
+        _loading_entry_points = True
         try:
             obj = ep.load()
         except Exception as exc:
@@ -128,6 +143,8 @@ def build_plugin_manager(enabled: Optional[Iterable[str]] = None) -> MetareasonP
                 f"plugin '{ep.name}' could not be imported ({ep.value}): {type(exc).__name__}: {exc}",
                 plugin=ep.name,
             ) from exc
+        finally:
+            _loading_entry_points = False
         dist = getattr(ep, "dist", None)
         dist_name = dist.metadata["Name"] if dist is not None else "?"
         version = dist.version if dist is not None else "?"

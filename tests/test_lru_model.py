@@ -283,3 +283,46 @@ def test_cached_generation_with_lora_on_the_up_projections():
         with torch.no_grad():
             full = model(input_ids=out.sequences[:, :5 + t], use_cache=False).logits[:, -1]
         torch.testing.assert_close(step_logits, full, atol=2e-5, rtol=1e-5)
+
+
+def _fresh_python(code: str, *args: str) -> str:
+    """Run ``code`` in a new interpreter (no Kernel, no registration left over from this one)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_hugging_face_convention_loading_in_a_fresh_interpreter(tmp_path):
+    """``import metareason.plugins.lru`` is all a user needs for the Auto classes (no Kernel)."""
+    save = (
+        "import sys, torch\n"
+        "from metareason.plugins.lru import DeepSeekMLAConfig, DeepSeekMLAForCausalLM\n"
+        f"torch.manual_seed(0)\n"
+        f"model = DeepSeekMLAForCausalLM(DeepSeekMLAConfig(**{TINY!r})).eval()\n"
+        "model.save_pretrained(sys.argv[1])\n"
+        "ids = torch.arange(3, 12)[None]\n"
+        "torch.save(model(ids).logits, sys.argv[1] + '/logits.pt')\n"
+    )
+    load = (
+        "import sys, torch\n"
+        "import metareason.plugins.lru\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "config = AutoConfig.from_pretrained(sys.argv[1])\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "ids = torch.arange(3, 12)[None]\n"
+        "expected = torch.load(sys.argv[1] + '/logits.pt', weights_only=True)\n"
+        "print(type(config).__name__, type(model).__name__, bool(torch.equal(model(ids).logits, expected)))\n"
+    )
+    _fresh_python(save, str(tmp_path / "saved"))
+    assert _fresh_python(load, str(tmp_path / "saved")).split() == [
+        "DeepSeekMLAConfig", "DeepSeekMLAForCausalLM", "True"]
+
+
+def test_plugin_discovery_does_not_import_torch():
+    """The CLI loads every plugin's entry point on each call: that must stay cheap."""
+    out = _fresh_python("import sys\nfrom metareason.plugin_manager import build_plugin_manager\n"
+                        "build_plugin_manager()\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
+    assert out.split() == ["False", "False"]

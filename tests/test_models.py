@@ -12,7 +12,7 @@ from metareason.config import ModelConfig
 from metareason.errors import ModelLoadError
 from metareason.models import SpecialToken, add_special_tokens, build_char_tokenizer
 from metareason.models.loader import load_model, load_tokenizer
-from tests.conftest import TINY_LLAMA
+from tests.conftest import TINY_LLAMA, run_cli
 
 
 def test_char_tokenizer_round_trip(tmp_path):
@@ -111,6 +111,30 @@ def test_load_errors(tmp_path, tiny_model_dir):
         load_model(ModelConfig(arch={"hidden_size": 8}), build_char_tokenizer())
     with pytest.raises(ModelLoadError, match="cannot load tokenizer"):
         load_tokenizer(ModelConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("arch, expected", [
+    (dict(TINY_LLAMA, hidden_size="big"), r"^model\.arch\.hidden_size: Field 'hidden_size' expected int"),
+    ({"model_type": "deepseek_mla", "hidden_size": "big"}, r"^model\.arch\.hidden_size: expected an int >= 1"),
+    ({"model_type": "no_such_arch"}, r"^model\.arch\.model_type: 'no_such_arch': "),
+])
+def test_wrongly_typed_arch_field_is_one_line_naming_it(arch, expected):
+    Kernel({"model": {"arch": {"model_type": "llama"}}}).registries  # registers deepseek_mla
+    with pytest.raises(ModelLoadError, match=expected) as info:
+        load_model(ModelConfig(arch=arch, tokenizer={"type": "char"}), build_char_tokenizer())
+    assert "\n" not in str(info.value)
+
+
+def test_wrongly_typed_arch_field_through_the_cli(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  arch: {model_type: llama, hidden_size: big}\n  tokenizer: {type: char}\n"
+                   "data:\n  train: [{task: causal_loop, num_samples: 8}]\ntrain: {max_steps: 1}\n"
+                   f"output_dir: {tmp_path}\n")
+    proc = run_cli("run", str(cfg))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: model.arch.hidden_size: "), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_qlora_on_cpu(tiny_model_dir):

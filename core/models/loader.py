@@ -11,6 +11,7 @@ fit the model) is a ``ModelLoadError`` with one line naming the path.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -99,6 +100,27 @@ def _quantization_config(cfg: ModelConfig):
     )
 
 
+def _arch_error(exc: Exception, arch: dict, model_type: str, building: bool = False) -> str:
+    """One line naming the ``model.arch`` field a config class rejected.
+
+    transformers' config classes are huggingface_hub strict dataclasses ("Validation error for
+    field 'x':" + the cause on the next line); ours raise ``ValueError("x: ...")``.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    m = re.match(r"Validation error for field '([^']+)'", lines[0])
+    if m:
+        detail = re.sub(r"^[A-Za-z]*Error: ", "", lines[1]) if len(lines) > 1 else lines[0]
+        return f"model.arch.{m.group(1)}: {detail}"
+    m = re.match(r"([A-Za-z_]\w*): (.+)", lines[0])
+    if m and m.group(1) in arch:
+        return f"model.arch.{m.group(1)}: {m.group(2)}"
+    if building:
+        return f"model.arch: cannot build {model_type!r}: {lines[0]}"
+    if isinstance(exc, TypeError):
+        return f"model.arch: {lines[0]}"
+    return f"model.arch.model_type: {model_type!r}: {lines[0]}"
+
+
 def build_model(cfg: ModelConfig, tokenizer: Any, device: torch.device) -> torch.nn.Module:
     """Instantiate the model (no special tokens, no PEFT yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -131,15 +153,13 @@ def build_model(cfg: ModelConfig, tokenizer: Any, device: torch.device) -> torch
                 arch.setdefault(name, value)
         try:
             config = AutoConfig.for_model(model_type, **arch)
-        except ValueError as exc:
-            raise ModelLoadError(f"model.arch.model_type: {model_type!r}: {str(exc).splitlines()[0]}") from None
-        except TypeError as exc:
-            raise ModelLoadError(f"model.arch: {exc}") from None
+        except Exception as exc:  # unknown type, or a field the config class rejects (strict dataclasses)
+            raise ModelLoadError(_arch_error(exc, arch, model_type)) from None
         try:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code)
         except Exception as exc:
-            raise ModelLoadError(f"model.arch: cannot build {model_type!r}: {str(exc).splitlines()[0]}") from None
+            raise ModelLoadError(_arch_error(exc, arch, model_type, building=True)) from None
     else:
         raise ModelLoadError("model: set model.path (a local Hugging Face model) or model.arch (random init)")
 

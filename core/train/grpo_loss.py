@@ -168,6 +168,8 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     """
     from transformers import DynamicCache
 
+    from metareason.models.compat import CACHE_KWARG
+
     width = input_ids.shape[1] - logits_to_keep
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -180,7 +182,7 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attenti
     kwargs = {}
     if padded:
         kwargs = {"attention_mask": prompt_mask, "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0)}
-    first = model(input_ids=prompts, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
+    first = model(input_ids=prompts, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, **kwargs).logits[:, -1]
     cache.batch_select_indices(inverse)
     logits = first[inverse].unsqueeze(1)
     if logits_to_keep > 1:
@@ -190,7 +192,7 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attenti
             kwargs = {"attention_mask": attention_mask[:, :-1],
                       "position_ids": prompt_mask.sum(-1)[inverse].unsqueeze(1)
                       + torch.arange(rest.shape[1], device=rest.device)}
-        out = model(input_ids=rest, past_key_values=cache, use_cache=True, **kwargs)
+        out = model(input_ids=rest, **{CACHE_KWARG: cache}, use_cache=True, **kwargs)
         logits = torch.cat([logits, out.logits], dim=1)
     return token_logps(logits, input_ids[:, width:], temperature, chunk_tokens)
 

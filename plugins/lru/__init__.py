@@ -3,8 +3,12 @@
     from metareason.plugins.lru import (MLAConfig, MLAAttention, LRUConfig, LatentReasoningUnit,
                                         DeepSeekMLAConfig, DeepSeekMLAForCausalLM)
 
-Names resolve lazily, so loading the plugin (``metareason.plugins.lru.plugin``) does not import
-torch or transformers. User documentation: ``docs/lru.md``.
+Importing this package registers ``deepseek_mla`` with transformers' ``AutoConfig`` and
+``AutoModelForCausalLM`` (the Hugging Face convention for a custom architecture), so a saved model
+loads with ``AutoModelForCausalLM.from_pretrained(d)`` and no Kernel. The one exception is the
+kernel's plugin discovery (``metareason.plugins.lru.plugin`` as an entry point), which must not
+import torch; the kernel registers the architecture itself through ``metareason_register_models``.
+Other names resolve lazily. User documentation: ``docs/lru.md``.
 """
 from __future__ import annotations
 
@@ -33,6 +37,18 @@ def __getattr__(name: str):
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _register_unless_discovering_plugins() -> None:
+    from metareason.plugin_manager import loading_entry_points
+
+    if not loading_entry_points():
+        from metareason.plugins.lru.modeling import register
+
+        register()
+
+
+_register_unless_discovering_plugins()
 
 
 def __dir__():

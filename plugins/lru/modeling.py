@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from metareason.models.compat import CACHE_KWARG, cache_from_kwargs
 from metareason.plugins.lru.config import DeepSeekMLAConfig
 from metareason.plugins.lru.losses import lru_loss_terms, weighted_total
 from metareason.plugins.lru.lru import LatentReasoningUnit
@@ -105,7 +106,9 @@ class DeepSeekMLAModel(DeepSeekMLAPreTrainedModel):
                 position_ids: Optional[torch.LongTensor] = None, past_key_values: Any = None,
                 inputs_embeds: Optional[torch.Tensor] = None, use_cache: Optional[bool] = None,
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
-                **kwargs: Any) -> DeepSeekMLAModelOutput:
+                cache: Any = None, **kwargs: Any) -> DeepSeekMLAModelOutput:
+        # generate() passes the cache as `cache` (transformers >= 5.24) or `past_key_values`
+        past_key_values = cache_from_kwargs(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -145,7 +148,7 @@ class DeepSeekMLAModel(DeepSeekMLAPreTrainedModel):
         hidden = self.norm(hidden)
         if output_hidden_states:
             all_hidden[-1] = hidden
-        return DeepSeekMLAModelOutput(last_hidden_state=hidden, past_key_values=past_key_values,
+        return DeepSeekMLAModelOutput(last_hidden_state=hidden, **{CACHE_KWARG: past_key_values},
                                       hidden_states=tuple(all_hidden) if all_hidden else None,
                                       attentions=tuple(all_weights) if all_weights else None, lru_stats=stats)
 
@@ -176,9 +179,9 @@ class DeepSeekMLAForCausalLM(DeepSeekMLAPreTrainedModel, GenerationMixin):
                 inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, output_attentions: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, logits_to_keep: int = 0,
-                **kwargs: Any) -> DeepSeekMLACausalLMOutput:
+                cache: Any = None, **kwargs: Any) -> DeepSeekMLACausalLMOutput:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         past_key_values=cache_from_kwargs(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_attentions=output_attentions, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         if logits_to_keep:
@@ -191,7 +194,7 @@ class DeepSeekMLAForCausalLM(DeepSeekMLAPreTrainedModel, GenerationMixin):
             aux = lru_loss_terms(out.lru_stats)
             extra = weighted_total(aux, self.config.lru_loss_weights)
             loss = lm_loss if extra is None else lm_loss + extra
-        return DeepSeekMLACausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return DeepSeekMLACausalLMOutput(loss=loss, logits=logits, **{CACHE_KWARG: getattr(out, CACHE_KWARG)},
                                          hidden_states=out.hidden_states, attentions=out.attentions,
                                          lm_loss=lm_loss, aux_losses=aux, lru_stats=out.lru_stats)
 
