@@ -1,4 +1,4 @@
-"""The kernel's own plugin: built-in tasks and rewards.
+"""The kernel's own plugin: built-in tasks, rewards and generator backends.
 
 Registered through the same entry-point group as every other plugin (see ``setup.py``), so
 third-party plugins see no difference between what ships with the kernel and what they add.
@@ -43,3 +43,19 @@ def _causal_loop_exact(completions, examples):
 @hookimpl
 def metareason_register_rewards(register):
     register("causal_loop_exact", _causal_loop_exact)
+
+
+def _generator_backend(module: str, config_cls: str, generator_cls: str):
+    """(ConfigModel, factory) of a built-in backend, importing its module only when used."""
+    import importlib
+
+    mod = importlib.import_module(f"metareason.generators.{module}")
+    cls = getattr(mod, generator_cls)
+    return getattr(mod, config_cls), lambda cfg, name: cls.from_config(cfg, name)
+
+
+@hookimpl
+def metareason_register_generator_backends(register):
+    register("local", *_generator_backend("local", "LocalGeneratorConfig", "LocalGenerator"))
+    register("openai", *_generator_backend("openai_backend", "OpenAIGeneratorConfig", "OpenAIGenerator"))
+    register("python", *_generator_backend("python_backend", "PythonGeneratorConfig", "PythonGenerator"))

@@ -3,6 +3,7 @@
     metareason run CONFIG [KEY=VALUE ...] [--resume]
     metareason eval CONFIG|RUN_DIR [KEY=VALUE ...]
     metareason export RUN_DIR --out DIR [--checkpoint DIR] [--merge]
+    metareason serve RUN_DIR|MODEL_DIR [--host 127.0.0.1] [--port 8000]
     metareason plugins
     metareason config show CONFIG [KEY=VALUE ...]
     metareason data generate TASK ...
@@ -136,6 +137,10 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     _lazy(sub, "export", "metareason.model_export",
           "write a run's checkpoint as a Hugging Face model directory (LoRA: merged, or base + adapter)",
           "metareason export")
+
+    _lazy(sub, "serve", "metareason.serve",
+          "serve a run or model directory as an OpenAI-compatible HTTP API (127.0.0.1 by default)",
+          "metareason serve")
 
     p = sub.add_parser("data", help="generate task data")
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)

@@ -135,6 +135,14 @@ class EvalConfig(Section):
     max_samples: Optional[int] = Field(None, gt=0)
 
 
+class GeneratorSpec(BaseModel):
+    """One entry of ``generators:``; the fields besides ``type`` are the backend's own (checked
+    by its config model when the generator is built; see metareason.generators)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
 class KernelConfig(Section):
     name: str = "run"
     output_dir: str = "runs"
@@ -146,6 +154,7 @@ class KernelConfig(Section):
     generation: GenerationConfig = GenerationConfig()
     eval: EvalConfig = EvalConfig()
     rl: RLConfig = RLConfig()
+    generators: dict[str, GeneratorSpec] = {}  # name -> {type: local|openai|python|<plugin type>, ...}
 
     @field_validator("name")
     @classmethod
@@ -222,10 +231,13 @@ def _format_loc(loc: tuple) -> str:
     return out or "<root>"
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
+    """``source: field.path: message``; ``prefix`` is the path of the validated model in the config."""
     errors = err.errors()
     first = errors[0]
     loc = _format_loc(tuple(first.get("loc", ())))
+    if prefix:
+        loc = prefix if loc == "<root>" else f"{prefix}.{loc}"
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
     elif first.get("type") == "missing":

@@ -74,6 +74,16 @@ def metareason_register_models(register: Callable[[str, type, type], None]) -> N
 
 
 @hookspec
+def metareason_register_generator_backends(register: Callable[[str, type, Callable[..., Any]], None]) -> None:
+    """Provide generator backend types (what a ``generators:`` entry's ``type`` names).
+
+    ``register(type_name, ConfigModel, factory)``: ``ConfigModel`` is a pydantic model of the
+    entry's fields (it must accept ``type``); ``factory(config, name) -> metareason.generators.Generator``
+    is called when a plugin asks ``kernel.generator(name)``. Built-in: ``local``, ``openai``, ``python``.
+    """
+
+
+@hookspec
 def metareason_config_sections() -> dict[str, type["BaseModel"]]:
     """Contribute top-level config sections: ``{"section_name": PydanticModel}``.
 

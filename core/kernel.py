@@ -32,6 +32,7 @@ class Kernel:
         config, self.pm = load_config(data=self._raw, source=source)
         self.config = config
         self._registries: Optional[dict[str, Registry]] = None
+        self._generators: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ plugins
     @property
@@ -76,6 +77,7 @@ class Kernel:
                 "task": self._fill("metareason_register_tasks", Registry("task")),
                 "reward": self._fill("metareason_register_rewards", Registry("reward")),
                 "model": self._fill("metareason_register_models", Registry("model architecture")),
+                "generator": self._fill("metareason_register_generator_backends", Registry("generator backend")),
             }
             register_architectures(self._registries["model"])
         return self._registries
@@ -87,6 +89,14 @@ class Kernel:
     @property
     def rewards(self) -> Registry:
         return self.registries["reward"]
+
+    def generator(self, name: str):
+        """The generator named ``name`` in the ``generators:`` section (built once, then reused)."""
+        from metareason.generators.registry import build_generator
+
+        if name not in self._generators:
+            self._generators[name] = build_generator(self, name)
+        return self._generators[name]
 
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs) -> Any:
         """Run a chained hook: each plugin gets the previous plugin's value (``None`` keeps it)."""
