@@ -6,7 +6,7 @@ from metareason import Kernel, hookimpl
 from metareason.config import ConfigError
 from metareason.generate import generate_batch
 from metareason.generators import Completion, Generator, GeneratorError
-from metareason.generators.local import LocalGenerator, render_prompt
+from metareason.generators.local import render_prompt
 from metareason.generators.python_backend import PythonGenerator
 from tests.conftest import save_bigram_llama
 

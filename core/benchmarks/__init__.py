@@ -23,3 +23,17 @@ def peak_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_record(out, record: dict, markdown: str) -> None:
+    """``out`` (JSON) and ``out`` with ``.md`` (the table), each written to a temp file and renamed."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((out, json.dumps(record, indent=2) + "\n"), (out.with_suffix(".md"), markdown)):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    print(f"wrote {out} and {out.with_suffix('.md')}")

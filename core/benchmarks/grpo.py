@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, peak_mb
+from metareason.benchmarks import cpu_name, peak_mb, write_record
 from metareason.hookspecs import hookimpl
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -249,12 +249,7 @@ def run(args) -> int:
               "speedup": speedup, "cpu_time_speedup": cpu_speedup, "peak_memory_ratio": mem_ratio, **extra,
               "command": _command(args)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(record, indent=2) + "\n"), (out.with_suffix(".md"), _markdown(record))):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    write_record(out, record, _markdown(record))
     return 0
 
 

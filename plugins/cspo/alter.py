@@ -6,9 +6,13 @@
   segment -> ``revise``; a complete correct computation anywhere in the text -> ``conclude``
   followed by ``answer:<gold>`` (with probability ``cspo.alter_conclude_prob``, else
   ``continue``); otherwise ``continue``.
-* :class:`HFAlter` (``alter_model_name: /path/to/model``) is any local Hugging Face causal LM:
-  it reads ``cspo.alter_prompt`` filled with the problem and the reasoning so far and writes the
-  segment's content up to ``</control>`` (greedy, at most ``cspo.alter_max_tokens`` tokens).
+* :class:`GeneratorAlter` (``alter_generator: NAME``) is any generator of the run config's
+  ``generators:`` section (an OpenAI-compatible endpoint such as a 70B instruct model behind
+  vLLM, a local model, a program): it reads ``cspo.alter_prompt`` filled with the problem and the
+  reasoning so far and writes the segment's content up to ``</control>`` (greedy, at most
+  ``cspo.alter_max_tokens`` tokens).
+* :class:`HFAlter` (``alter_model_name: /path/to/model``) is the same with a local Hugging Face
+  causal LM loaded in the alter's process (the kernel's ``local`` generator).
 
 Both return the text appended at the trigger: ``<control>content</control>`` (without the
 opening tag when the target already wrote it), plus the answer after a programmatic ``conclude``.
@@ -104,22 +108,11 @@ class ProgrammaticAlter:
         return steps
 
 
-class HFAlter:
-    """Any local Hugging Face causal LM as the alter (see the module docstring)."""
+class GeneratorAlter:
+    """A generator writes the control segment (see the module docstring)."""
 
-    def __init__(self, path: str, prompt_template: str, max_tokens: int, device: str = "auto",
-                 dtype: str = "float32", trust_remote_code: bool = False):
-        from metareason.config import ModelConfig
-        from metareason.models.loader import build_model, load_tokenizer, resolve_device
-
-        cfg = ModelConfig(path=path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        try:
-            self.tokenizer = load_tokenizer(cfg)
-            self.model = build_model(cfg, self.tokenizer, resolve_device(device))
-        except UserError as exc:
-            raise UserError(f"cspo.alter_model_name: {exc}") from None
-        self.model.eval()
-        self.name, self.template, self.max_tokens = path, prompt_template, max_tokens
+    def __init__(self, generator: Any, prompt_template: str, max_tokens: int, name: str):
+        self.generator, self.template, self.max_tokens, self.name = generator, prompt_template, max_tokens, name
 
     def prompt_for(self, req: ControlRequest) -> str:
         text = req.text
@@ -129,18 +122,43 @@ class HFAlter:
         return self.template.replace("{prompt}", req.prompt).replace("{text}", text)
 
     def control(self, req: ControlRequest) -> str:
-        from metareason.generate import generate_batch
-
-        (gen,) = generate_batch(self.model, self.tokenizer, [self.prompt_for(req)], max_new_tokens=self.max_tokens,
-                                do_sample=False, temperature=1.0, top_p=1.0, stop=[CONTROL_CLOSE])
+        (gen,) = self.generator.generate([self.prompt_for(req)], max_new_tokens=self.max_tokens, temperature=0.0,
+                                         stop=[CONTROL_CLOSE])
         content = gen.text.replace(CONTROL_OPEN, "").replace(CONTROL_CLOSE, "")
         return _segment(content, req.opened)
 
 
-def build_alter(name: str, cfg: Any, device: str = "auto", dtype: str = "float32") -> Any:
-    """The alter ``cspo.alter_model_name`` names; ``cfg`` is the ``cspo`` section."""
+class HFAlter(GeneratorAlter):
+    """Any local Hugging Face causal LM as the alter, through the kernel's ``local`` generator."""
+
+    def __init__(self, path: str, prompt_template: str, max_tokens: int, device: str = "auto",
+                 dtype: str = "float32", trust_remote_code: bool = False):
+        from metareason.config import ModelConfig
+        from metareason.generators.local import LocalGenerator
+        from metareason.models.loader import build_model, load_tokenizer, resolve_device
+
+        cfg = ModelConfig(path=path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = load_tokenizer(cfg)
+            model = build_model(cfg, tokenizer, resolve_device(device))
+        except UserError as exc:
+            raise UserError(f"cspo.alter_model_name: {exc}") from None
+        super().__init__(LocalGenerator(model, tokenizer, name=path), prompt_template, max_tokens, path)
+        self.model, self.tokenizer = model, tokenizer
+
+
+def build_alter(name: str, cfg: Any, device: str = "auto", dtype: str = "float32",
+                generators: Optional[dict] = None, plugins: Optional[list] = None) -> Any:
+    """The alter ``cspo.alter_generator`` or ``cspo.alter_model_name`` names; ``cfg`` is the
+    ``cspo`` section, ``generators`` the run config's ``generators:`` section."""
     from metareason.plugins.cspo.config import PROGRAMMATIC
 
+    if cfg.alter_generator:
+        from metareason.kernel import Kernel
+
+        kernel = Kernel({"plugins": plugins, "quiet": True, "generators": generators or {}})
+        generator = kernel.generator(cfg.alter_generator)
+        return GeneratorAlter(generator, cfg.alter_prompt, cfg.alter_max_tokens, cfg.alter_generator)
     if name == PROGRAMMATIC:
         return ProgrammaticAlter(cfg.alter_conclude_prob)
     return HFAlter(name, cfg.alter_prompt, cfg.alter_max_tokens, device=device, dtype=dtype)

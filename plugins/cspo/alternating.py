@@ -65,6 +65,12 @@ def resolve_target(config: Any) -> tuple[dict, Optional[str]]:
 def check_alter(config: Any) -> None:
     from metareason.plugins.cspo.config import PROGRAMMATIC
 
+    if config.cspo.alter_generator:
+        if config.cspo.alter_generator not in config.generators:
+            known = ", ".join(sorted(config.generators)) or "none configured"
+            raise UserError(f"cspo.alter_generator: no generator named {config.cspo.alter_generator!r} "
+                            f"in generators: ({known})")
+        return
     name = config.cspo.alter_model_name
     if name != PROGRAMMATIC and not (Path(name).expanduser() / "config.json").is_file():
         raise UserError(f"cspo.alter_model_name: {name}: not 'programmatic' and not a local Hugging Face "
@@ -124,7 +130,8 @@ class TargetRunner:
 class AlterRunner:
     """The alter (programmatic or a local HF model); a Ray actor class or a plain object."""
 
-    def __init__(self, name: str, cspo: dict, device: str, dtype: str, threads: Optional[int] = None):
+    def __init__(self, name: str, cspo: dict, device: str, dtype: str, generators: Optional[dict] = None,
+                 plugins: Optional[list] = None, threads: Optional[int] = None):
         from metareason.plugins.cspo.alter import build_alter
         from metareason.plugins.cspo.config import CSPOSection
 
@@ -132,7 +139,8 @@ class AlterRunner:
             import torch
 
             torch.set_num_threads(threads)
-        self.alter = build_alter(name, CSPOSection.model_validate(cspo), device=device, dtype=dtype)
+        self.alter = build_alter(name, CSPOSection.model_validate(cspo), device=device, dtype=dtype,
+                                 generators=generators, plugins=plugins)
 
     def control(self, request) -> str:
         return self.alter.control(request)
@@ -161,11 +169,13 @@ class AlternatingPair:
         cs = config.cspo
         raw, ckpt = resolve_target(config)
         alter_name = cs.alter_model_name
-        if alter_name != "programmatic":
+        if alter_name != "programmatic" and not cs.alter_generator:
             alter_name = str(Path(alter_name).expanduser().resolve())
         cpus = os.cpu_count() or 1
         threads = max(1, cpus // 2) if cs.ray else None
-        args = (alter_name, cs.model_dump(mode="json"), config.model.device, config.model.dtype)
+        generators = {k: v.model_dump(mode="json") for k, v in config.generators.items()}
+        args = (alter_name, cs.model_dump(mode="json"), config.model.device, config.model.dtype, generators,
+                config.plugins)
         self._ray_started = False
         if not cs.ray:
             self.alter = AlterRunner(*args)

@@ -33,6 +33,7 @@ class CSPOSection(Section):
     # --- alternating control / takeover (the seed's keys) ---------------------------------
     target_model_name: Optional[str] = None  # local HF dir or run dir; default: the run's model
     alter_model_name: str = PROGRAMMATIC  # "programmatic" (causal-loop tasks) or a local HF dir
+    alter_generator: Optional[str] = None  # a `generators:` entry writes the segments (overrides alter_model_name)
     target_model_gpu: int = Field(0, ge=0)  # GPUs of the target's Ray actor (0 when none exist)
     alter_model_gpu: int = Field(0, ge=0)
     max_target_tokens: int = Field(64, ge=0)  # target tokens since the last control before a takeover
@@ -42,8 +43,8 @@ class CSPOSection(Section):
     # --- how the hand-over runs -------------------------------------------------------------
     ray: bool = True  # target and alter each in their own Ray actor (False: one process)
     max_handovers: int = Field(16, gt=0)  # trigger rounds per sequence
-    alter_max_tokens: int = Field(48, gt=0)  # budget of an HF alter's control segment
-    alter_prompt: str = DEFAULT_ALTER_PROMPT  # HF alter; {prompt} and {text} are filled in
+    alter_max_tokens: int = Field(48, gt=0)  # budget of an HF / generator alter's control segment
+    alter_prompt: str = DEFAULT_ALTER_PROMPT  # HF / generator alter; {prompt} and {text} are filled in
     alter_conclude_prob: float = Field(1.0, ge=0.0, le=1.0)  # programmatic alter: conclude when done, with this p
     hide_from_target: list[Literal["continue", "revise"]] = []  # decisions written to the transcript only
     output: Optional[str] = None  # takeover / infer output JSONL (default: runs/<name>/...)
