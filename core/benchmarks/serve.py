@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
         "requests": args.requests, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
         "batch_window_ms": args.batch_window_ms,
         "greedy_texts_differing_from_local": mismatches, "rows": rows,
-        "command": "metareason bench serve " + " ".join(sys.argv[3:]) if sys.argv[1:3] == ["bench", "serve"]
-        else "metareason bench serve",
+        "command": " ".join(["metareason bench serve"] + (sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else [])),
     }
     write_record(out, record, _markdown(record))
     return 0
