@@ -10,12 +10,13 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-lowest install install-test cuda-check clean help lock
+.PHONY: demo test test-lowest mutants install install-test cuda-check clean help lock
 
 help:
 	@echo "make demo        install into $(VENV) and run configs/quickstart.yaml (report in runs/quickstart/)"
 	@echo "make test        install with test extras into $(VENV) and run the whole test suite"
 	@echo "make cuda-check  compile the CUDA sources with nvcc (no GPU needed)"
+	@echo "make mutants     break each defining mechanism in a scratch copy and check a test notices (slow)"
 	@echo "make test-lowest the model, generation and export tests on the lowest versions setup.py admits"
 	@echo "make lock        re-resolve both locks (newest and lowest releases); then run make test test-lowest"
 
@@ -40,6 +41,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Mutation audit of the defining mechanisms (scripts/mutants.yaml); not part of `make test`.
+MUTANTS_ARGS ?=
+mutants: $(VENV)/.installed-test
+	$(PY) scripts/mutants.py $(MUTANTS_ARGS)
 
 $(LOWEST_VENV)/.installed-lowest: $(INSTALL_INPUTS) requirements/lock-lowest.txt
 	PYTHON=$(PYTHON) LOCK=requirements/lock-lowest.txt bash scripts/install.sh $(LOWEST_VENV) "dev"

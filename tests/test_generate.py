@@ -68,16 +68,23 @@ def test_no_handover_lets_model_continue(bigram_dir):
     assert g.text == "123;45" and not g.handovers
 
 
-def test_prompt_transform_applies_in_eval(tmp_path):
-    from metareason.evaluate import build_eval_examples
+def test_prompt_transform_applies_in_eval(tmp_path, tiny_model_dir):
+    """``evaluate`` itself sends the transformed prompt to the model (eval_samples.jsonl shows it)."""
+    import json
+
+    from metareason.evaluate import evaluate
 
     class Prefix:
         @hookimpl
         def metareason_transform_prompt(self, prompt):
             return "Q:" + prompt
 
-    k = Kernel({"plugins": [], "data": {"eval": [{"task": "causal_loop", "num_samples": 2}]}})
+    k = Kernel({"plugins": [], "quiet": True, "model": {"path": str(tiny_model_dir)},
+                "generation": {"max_new_tokens": 2},
+                "data": {"eval": [{"task": "causal_loop", "num_samples": 2, "params": {"levels": [1]}}]}})
     k.register(Prefix(), name="prefix")
-    (_, ex), _ = build_eval_examples(k)
-    out = k.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=k.config)
-    assert out == "Q:" + ex["prompt"]
+    model, tok = k.load()
+    evaluate(k, model, tok, write_samples=tmp_path / "samples.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    originals = [k.build_task(spec)[i]["prompt"] for spec in k.config.data.eval for i in range(2)]
+    assert [r["prompt"] for r in rows] == ["Q:" + p for p in originals]

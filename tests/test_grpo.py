@@ -238,3 +238,47 @@ def test_bench_grpo_runs_both_sides_on_the_same_work(tmp_path):
     assert record["ours"]["completion_tokens"] == record["trl"]["completion_tokens"] == 5.0
     assert record["speedup"] > 0 and record["peak_memory_ratio"] > 0
     assert "| metareason |" in out.with_suffix(".md").read_text()
+
+
+# ------------------------------------------------------------------ the loop passes the config on
+def _logged(tmp_path, name, rl, steps=1, **train):
+    k = kernel(tiny(tmp_path, name, rl=dict({"temperature": 1.0}, **rl), max_steps=steps, seed=3, **train))
+    k.run()
+    return [json.loads(l) for l in (k.config.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_type_from_the_config_reaches_the_loss(tmp_path):
+    """Same seed, same rollout: the three aggregations give three different logged losses."""
+    losses = {lt: _logged(tmp_path, lt, {"loss_type": lt, "rewards": {"frac_digits": 1.0}})[0]
+              for lt in ("grpo", "dr_grpo", "dapo")}
+    assert len({r["rl/reward/mean"] for r in losses.values()}) == 1  # the same rollout
+    values = [r["train/loss"] for r in losses.values()]
+    assert all(abs(a - b) > 1e-6 for i, a in enumerate(values) for b in values[i + 1:]), losses
+
+
+def test_scale_rewards_from_the_config_reaches_the_advantages(tmp_path):
+    rows = {s: _logged(tmp_path, s, {"scale_rewards": s, "rewards": {"frac_digits": 1.0}})[0]
+            for s in ("group", "batch", "none")}
+    assert len({r["rl/reward/mean"] for r in rows.values()}) == 1
+    stds = [r["rl/advantage/std"] for r in rows.values()]
+    assert all(abs(a - b) > 1e-4 for i, a in enumerate(stds) for b in stds[i + 1:]), stds
+
+
+def test_epsilon_high_from_the_config_reaches_the_clip(tmp_path):
+    """Second iteration on one rollout (the policy moved): a huge upper bound clips nothing above."""
+    rl = {"num_iterations": 2, "epsilon": 1e-3, "rewards": {"frac_digits": 1.0}, "loss_type": "dapo"}
+    same = _logged(tmp_path, "same", dict(rl, epsilon_high=1e-3), steps=2, lr=5e-2)[1]
+    wide = _logged(tmp_path, "wide", dict(rl, epsilon_high=100.0), steps=2, lr=5e-2)[1]
+    assert same["rl/iteration"] == wide["rl/iteration"] == 1
+    assert same["rl/clip_ratio/high_mean"] > 0 and wide["rl/clip_ratio/high_mean"] == 0
+    assert wide["rl/clip_ratio/low_mean"] == pytest.approx(same["rl/clip_ratio/low_mean"], abs=1e-9)
+
+
+def test_the_step_is_normalised_by_all_its_tokens_not_each_micro_batch(tmp_path):
+    """dapo: one step over the same rollout logs the same loss in 1 or 2 micro-batches."""
+    rl = {"loss_type": "dapo", "rewards": {"frac_digits": 1.0}}
+    one = _logged(tmp_path, "one", rl, grad_accum=1)[0]
+    two = _logged(tmp_path, "two", rl, grad_accum=2)[0]
+    assert one["rl/reward/mean"] == two["rl/reward/mean"]
+    assert two["rl/completion_length/min"] != two["rl/completion_length/max"]  # uneven micro-batches
+    assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5, abs=1e-7)

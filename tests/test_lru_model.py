@@ -326,3 +326,18 @@ def test_plugin_discovery_does_not_import_torch():
     out = _fresh_python("import sys\nfrom metareason.plugin_manager import build_plugin_manager\n"
                         "build_plugin_manager()\nprint('torch' in sys.modules, 'transformers' in sys.modules)")
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_left_padded_row_equals_the_same_row_unpadded(mode):
+    """Padding keys are masked: real tokens of a left-padded row see exactly what they see unpadded."""
+    model = tiny_model(**MODES[mode])
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    pad = 2
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        plain = model(input_ids=ids, use_cache=False).logits
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        left = model(input_ids=padded, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(left[:, pad:], plain, atol=2e-5, rtol=1e-5)

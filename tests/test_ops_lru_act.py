@@ -224,3 +224,23 @@ def test_bad_inputs():
         args = dict(x=x, params=p, max_iterations=3, halt_threshold=0.9) | override
         with pytest.raises(ValueError, match=name):
             lru_act(**args)
+
+
+@needs_ext
+def test_default_dispatch_runs_the_compiled_cpu_kernel(monkeypatch):
+    """Without METAREASON_OPS or backend=, CPU tensors go to the C++ kernel, not the reference."""
+    monkeypatch.delenv("METAREASON_OPS", raising=False)
+    calls = []
+    real = EXT.lru_act_forward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(EXT, "lru_act_forward", spy)
+    x, p = make(10, 8)
+    lru_act(x, p, 4, 0.9)
+    assert calls == [1]
+    monkeypatch.setenv("METAREASON_OPS", "reference")
+    lru_act(x, p, 4, 0.9)
+    assert calls == [1]  # forced to the reference: the kernel is not called

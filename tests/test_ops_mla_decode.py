@@ -170,3 +170,20 @@ def test_bad_inputs():
             EXT.mla_decode(q, cache, table, torch.tensor([129, 20], dtype=torch.int32), 16, 1.0, False, 0)
         with pytest.raises(ValueError, match="block_table"):
             EXT.mla_decode(q, cache, bad_table, lens, 16, 1.0, False, 0)
+
+
+@pytest.mark.skipif(EXT is None, reason="metareason._C is not built (METAREASON_NO_EXT=1 install)")
+def test_default_dispatch_runs_the_compiled_cpu_kernel(monkeypatch):
+    """Without METAREASON_OPS or backend=, CPU tensors go to the C++ kernel, not the reference."""
+    monkeypatch.delenv("METAREASON_OPS", raising=False)
+    calls = []
+    real = EXT.mla_decode
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(EXT, "mla_decode", spy)
+    q, cache, table, lens = paged([5, 70], 32, 16)
+    mla_decode(q, cache, table, lens, 32)
+    assert calls == [1]

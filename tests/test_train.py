@@ -163,6 +163,13 @@ def test_label_hook_and_extra_loss_terms(tmp_path):
     rows = [json.loads(l) for l in (kernel.config.run_dir / "metrics.jsonl").read_text().splitlines()]
     r = rows[-1]
     assert r["train/loss"] == pytest.approx(r["train/lm_loss"] + 1e-4 * r["train/l2"], rel=1e-5)
+    # the hook's labels are the ones the loss uses: the same first step without it has another loss
+    plain = Kernel(tiny(tmp_path, "plain", max_steps=1, save_every=0, grad_accum=1))
+    plain.config.eval.at_end = False
+    plain.run()
+    first_plain = json.loads((plain.config.run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows[0]["step"] == first_plain["step"] == 1
+    assert abs(rows[0]["train/lm_loss"] - first_plain["train/lm_loss"]) > 1e-3
 
 
 def test_eval_metrics_report_and_cli(tmp_path):
