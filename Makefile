@@ -17,12 +17,12 @@ help:
 	@echo "make test        install with test extras into $(VENV) and run the whole test suite"
 	@echo "make cuda-check  compile the CUDA sources with nvcc (no GPU needed)"
 	@echo "make mutants     break each defining mechanism in a scratch copy and check a test notices (slow)"
-	@echo "make test-lowest the model, generation and export tests on the lowest versions setup.py admits"
+	@echo "make test-lowest the model, generation, export and serving tests on the lowest versions setup.py admits"
 	@echo "make lock        re-resolve both locks (newest and lowest releases); then run make test test-lowest"
 
 # The lowest versions setup.py admits (requirements/lock-lowest.txt), for `make test-lowest`.
 LOWEST_VENV ?= .venv-lowest
-LOWEST_TESTS ?= tests/test_lru_model.py tests/test_generate.py tests/test_models.py tests/test_export.py tests/test_config.py
+LOWEST_TESTS ?= tests/test_lru_model.py tests/test_generate.py tests/test_models.py tests/test_export.py tests/test_config.py tests/test_generators.py tests/test_serve.py
 
 $(VENV)/.installed: $(INSTALL_INPUTS) requirements/lock.txt
 	PYTHON=$(PYTHON) bash scripts/install.sh $(VENV) ""

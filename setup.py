@@ -92,7 +92,7 @@ setup(
         "matplotlib>=3.8",
         "numpy>=1.26",
         # generator backends and `metareason serve`
-        "openai>=1.40",
+        "openai>=1.55.3",  # older clients pass `proxies` to httpx, which httpx 0.28 removed
         "fastapi>=0.110",
         "uvicorn>=0.29",
     ],
