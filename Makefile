@@ -74,6 +74,7 @@ lock:
 	  --python-version 3.11 --no-emit-package torch --no-header --quiet -o requirements/lock-lowest.txt
 	sed -i '1i # Tested lock for Python 3.11 on Linux x86_64; refresh with `make lock` (see README, Install).' requirements/lock.txt
 	sed -i '1i # The lowest direct dependencies setup.py admits (make test-lowest); refresh with `make lock`.' requirements/lock-lowest.txt
+	rm -rf metareason.egg-info  # left by the resolver; it would shadow the installed entry points
 
 clean:
 	rm -rf build $(VENV) $(LOWEST_VENV) core/_C*.so *.egg-info

