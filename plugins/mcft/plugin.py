@@ -1,0 +1,136 @@
+"""Hook implementations of the mcft plugin (masked critique fine-tuning).
+
+Registered always: the ``mcft`` config section, the task ``mcft`` (critique data from CSV or
+JSONL), the rewards ``mcft_correct`` / ``mcft_format`` and the ``metareason mcft`` commands.
+Active only with ``mcft.enabled: true``: the eight format tags as special tokens, critique
+masking of SFT labels (``mcft.threshold``), the format term (``mcft.bf_beta``) in the SFT and RL
+loops, and ``eval/mcft_format`` (share of well-formed completions) in evaluations.
+"""
+from __future__ import annotations
+
+from metareason.hookspecs import hookimpl
+
+# id(config) -> (config, tag ids): the token ids of the tags of a loaded run (set when the model
+# is prepared; the loss hook has no tokenizer). The config is kept so the id stays unique.
+_TAG_IDS: dict[int, tuple[object, list[int]]] = {}
+_EVAL_FORMAT: dict[int, float] = {}
+
+
+def _section(config):
+    sec = getattr(config, "mcft", None)
+    return sec if sec is not None and sec.enabled else None
+
+
+def tag_ids(tokenizer) -> list[int]:
+    from metareason.plugins.mcft.format import TAGS
+
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in TAGS]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if any(i is None or i == unk for i in ids):
+        raise ValueError("mcft: the format tags are not in the tokenizer's vocabulary (is mcft.enabled set "
+                         "when the model is loaded?)")
+    return ids
+
+
+@hookimpl
+def metareason_config_sections():
+    from metareason.plugins.mcft.config import MCFTSection
+
+    return {"mcft": MCFTSection}
+
+
+@hookimpl
+def metareason_special_tokens(config):
+    if _section(config) is None:
+        return None
+    from metareason.models import SpecialToken
+    from metareason.plugins.mcft.format import TAGS
+
+    return [SpecialToken(t) for t in TAGS]
+
+
+@hookimpl
+def metareason_prepare_model(model, tokenizer, config):
+    if _section(config) is not None:
+        _TAG_IDS[id(config)] = (config, tag_ids(tokenizer))
+    return None
+
+
+def _make_task(params, seed, num_samples):
+    from metareason.plugins.mcft.data import make_task
+
+    return make_task(params, seed, num_samples)
+
+
+@hookimpl
+def metareason_register_tasks(register):
+    register("mcft", _make_task)
+
+
+@hookimpl
+def metareason_register_rewards(register):
+    from metareason.plugins.mcft.answers import correct_reward
+    from metareason.plugins.mcft.format import format_reward
+
+    register("mcft_correct", correct_reward)
+    register("mcft_format", format_reward)
+
+
+@hookimpl
+def metareason_sft_labels(labels, batch, tokenizer, config):
+    """Critique masking: drop label tokens inside <think> with probability ``mcft.threshold``."""
+    sec = _section(config)
+    if sec is None or sec.threshold <= 0:
+        return None
+    from metareason.plugins.mcft.format import THINK, THINK_END
+    from metareason.plugins.mcft.masking import critique_mask
+
+    new, _ = critique_mask(batch["input_ids"], labels, batch["prompt_lengths"], batch.get("examples") or [],
+                           int(batch.get("epoch", 0)), think_id=tokenizer.convert_tokens_to_ids(THINK),
+                           think_end_id=tokenizer.convert_tokens_to_ids(THINK_END), threshold=sec.threshold,
+                           offset=sec.mask_offset, seed=config.train.seed)
+    return new
+
+
+@hookimpl
+def metareason_extra_losses(batch, outputs, config):
+    """``mcft_format``: ``(bf_beta, 1 - mean p(tag))``; absent when ``bf_beta == 0``."""
+    sec = _section(config)
+    if sec is None or sec.bf_beta <= 0:
+        return None
+    got = _TAG_IDS.get(id(config))
+    if got is None:
+        raise ValueError("mcft: no tag ids for this run (the model was not loaded through the kernel)")
+    ids = got[1]
+    from metareason.plugins.mcft.format_loss import rl_format_term, sft_format_term
+
+    if batch.get("rl"):
+        width = batch["width"]
+        term = rl_format_term(outputs.logps, batch["completion_ids"], batch["attention_mask"][:, -width:], ids)
+    else:
+        term = sft_format_term(outputs.logits, batch["input_ids"], batch["prompt_lengths"],
+                               batch["attention_mask"], ids)
+    return None if term is None else {"mcft_format": (sec.bf_beta, term)}
+
+
+@hookimpl
+def metareason_on_eval_samples(kernel, samples):
+    if _section(kernel.config) is None or not samples:
+        return
+    from metareason.plugins.mcft.format import is_well_formed
+
+    _EVAL_FORMAT[id(kernel)] = sum(is_well_formed(s["completion"]) for s in samples) / len(samples)
+
+
+@hookimpl
+def metareason_on_eval(kernel, metrics):
+    value = _EVAL_FORMAT.pop(id(kernel), None)
+    if value is not None:
+        metrics["eval/mcft_format"] = value
+
+
+@hookimpl
+def metareason_cli_commands(subparsers):
+    from metareason.plugins.mcft.cli import add_commands
+
+    add_commands(subparsers)
