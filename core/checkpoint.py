@@ -116,9 +116,20 @@ def write_weights(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    model.save_pretrained(str(path), safe_serialization=True)
+    kwargs = {}
+    if _uses_trainable_tokens(model):
+        # the trained rows are in the adapter (peft TrainableTokens): never the whole resized matrix
+        kwargs["save_embedding_layers"] = False
+    model.save_pretrained(str(path), safe_serialization=True, **kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
+
+
+def _uses_trainable_tokens(model: torch.nn.Module) -> bool:
+    for cfg in (getattr(model, "peft_config", None) or {}).values():
+        if str(getattr(cfg, "peft_type", "")).endswith("TRAINABLE_TOKENS") or getattr(cfg, "trainable_token_indices", None):
+            return True
+    return False
 
 
 def clean_partial(run_dir: Path) -> None:

@@ -23,7 +23,8 @@ def build_eval_examples(kernel) -> list[tuple[object, dict]]:
         task = kernel.build_task(spec, field=f"data.eval[{i}]")
         n = len(task) if kernel.config.eval.max_samples is None else min(len(task), kernel.config.eval.max_samples)
         for j in range(n):
-            ex = dict(task[j])
+            ex = kernel.chain("metareason_transform_example", "example", dict(task[j]), config=kernel.config,
+                              split="eval")
             group = str(ex.get("group", "all"))
             ex["_group"] = f"{spec.task}/{group}" if multi else group
             pairs.append((task, ex))
@@ -62,6 +63,9 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
         tmp = write_samples.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(write_samples)
+    kernel.pm.hook.metareason_on_eval_samples(
+        kernel=kernel, step=step, samples=[dict(r, example=ex) for r, (_, ex) in zip(rows, pairs)],
+        model=model, tokenizer=tokenizer)
     kernel.pm.hook.metareason_on_eval(kernel=kernel, step=step, metrics=metrics)
     return metrics
 

@@ -129,14 +129,26 @@ def metareason_transform_prompt(prompt: str, example: dict, config: "RunConfig")
 
 
 @hookspec
+def metareason_transform_example(example: dict, config: "RunConfig", split: str) -> Optional[dict]:
+    """Rewrite a data example when a task's examples are loaded, before any prompt transform.
+
+    ``split`` is ``"train"`` (the SFT / RL training data) or ``"eval"``. The example is a copy
+    of the task's dict (``prompt``, ``completion``, ``answer``, task fields); return a new dict
+    (e.g. with the completion re-formatted) or ``None`` to keep it. Chained.
+    """
+
+
+@hookspec
 def metareason_sft_labels(labels: "torch.Tensor", batch: dict, tokenizer: Any,
                           config: "RunConfig") -> Optional["torch.Tensor"]:
     """Change the labels of an SFT batch (``-100`` = not in the loss).
 
     ``labels`` ``[B, T]`` are the current labels (prompt and padding already -100, and any
     change by an earlier plugin applied). ``batch`` has ``input_ids``, ``attention_mask``,
-    ``prompt_lengths`` and ``examples`` (the source dicts). Chained; return new labels or
-    ``None``. Called every micro-batch, so random masking is re-drawn each time.
+    ``prompt_lengths``, ``examples`` (the source dicts) and ``epoch`` (int, the data epoch of
+    the batch: seed random masking by example and epoch to make it reproducible). Chained;
+    return new labels or ``None``. Called every micro-batch, so random masking is re-drawn
+    each time.
     """
 
 
@@ -159,7 +171,18 @@ def metareason_extra_losses(model: "torch.nn.Module", batch: dict, outputs: Any,
 
     Return ``{name: tensor}`` (weight 1) or ``{name: (weight, tensor)}``; the kernel adds
     ``weight * tensor`` to the loss and logs each unweighted term as ``train/<name>``.
-    ``outputs`` is the model's forward output (logits, and whatever the model attached).
+
+    SFT loop (every micro-batch): ``batch`` is the SFT batch (``input_ids``, ``attention_mask``,
+    ``labels`` after ``metareason_sft_labels``, ``prompt_lengths``, ``examples``, ``epoch``) and
+    ``outputs`` the model's forward output (logits, and whatever the model attached).
+
+    RL loop (every micro-batch of every optimizer step): ``batch`` has ``rl: True``,
+    ``input_ids`` / ``attention_mask`` ``[B, P + W]`` (left-padded prompt + sampled completion),
+    ``completion_ids`` ``[B, W]`` (the last ``W = width`` columns), ``loss_mask`` ``[B, W]``,
+    ``advantages`` ``[B]``, ``width``, ``old_logps`` / ``ref_logps`` (or ``None``); ``outputs``
+    has ``logps`` ``[B, W]``: the current policy's log-probs of the completion tokens (with
+    gradient, temperature-scaled) and ``logits = None`` (the loop keeps no full logits). The
+    term is added as ``weight * tensor / grad_accum`` to the micro-batch's policy loss.
     """
 
 
@@ -197,6 +220,20 @@ def metareason_on_step_end(kernel: "Kernel", step: int, metrics: dict) -> None:
 @hookspec
 def metareason_on_eval(kernel: "Kernel", step: int, metrics: dict) -> None:
     """An evaluation finished; ``metrics`` holds ``eval/...`` keys and may be extended."""
+
+
+@hookspec
+def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict], model: Any = None,
+                               tokenizer: Any = None) -> None:
+    """The scored generations of an evaluation, before ``metareason_on_eval``.
+
+    ``model`` and ``tokenizer`` are the ones that generated them (e.g. to inspect attention).
+
+    One dict per eval example: ``id``, ``group``, ``prompt`` (after every prompt transform),
+    ``completion``, ``answer``, ``score``, ``gen_tokens`` and ``example`` (the source dict).
+    Lets a plugin see what the model wrote per example (e.g. count what a completion refers
+    to, split by correctness); treat the dicts as read-only.
+    """
 
 
 @hookspec

@@ -57,6 +57,21 @@ def _plot_groups(last: dict, prefix: str, ylabel: str, path: Path) -> bool:
     return True
 
 
+SECTIONS_DIR = "report_sections"
+
+
+def plugin_sections(run_dir: Path) -> list[str]:
+    """Markdown that plugins left in ``run_dir/report_sections/*.md`` (name order), appended to the
+    report; images they reference are paths relative to the run directory."""
+    folder = Path(run_dir) / SECTIONS_DIR
+    if not folder.is_dir():
+        return []
+    lines: list[str] = []
+    for part in sorted(folder.glob("*.md")):
+        lines += [part.read_text(encoding="utf-8").rstrip("\n"), ""]
+    return lines
+
+
 def write_report(run_dir: Path, config: Any, rows: list[dict]) -> Path:
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
@@ -100,6 +115,7 @@ def write_report(run_dir: Path, config: Any, rows: list[dict]) -> Path:
             lines += ["![accuracy per group](plots/accuracy.png)", ""]
         if _plot_groups(last, "eval/gen_tokens/", "mean generated tokens", plots / "tokens.png"):
             lines += ["![tokens per group](plots/tokens.png)", ""]
+    lines += plugin_sections(run_dir)
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text("\n".join(lines), encoding="utf-8")

@@ -111,6 +111,7 @@ class SFTStream:
         rows = [self.encoded.input_ids[i] for i in idx]
         batch = collate(rows, [self.encoded.prompt_lengths[i] for i in idx], self.pad_id)
         batch["examples"] = [self.examples[i] for i in idx]
+        batch["epoch"] = epoch  # int: lets label hooks re-draw per epoch, reproducibly
         return batch
 
     @property

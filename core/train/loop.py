@@ -39,7 +39,8 @@ def prepare_run_dir(kernel, resume: bool) -> Path:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
         clean_partial(run_dir)
     elif run_dir.exists():
-        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report.md", "plots", "eval_samples.jsonl"):
+        for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report.md", "plots", "eval_samples.jsonl",
+                     "report_sections"):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -59,7 +60,8 @@ def load_train_examples(kernel) -> list[dict]:
     examples: list[dict] = []
     for i, spec in enumerate(specs):
         task = kernel.build_task(spec, field=f"data.train[{i}]")
-        examples.extend(task[j] for j in range(len(task)))
+        examples.extend(kernel.chain("metareason_transform_example", "example", dict(task[j]), config=kernel.config,
+                                     split="train") for j in range(len(task)))
     return examples
 
 
