@@ -1,6 +1,7 @@
 """The ``metareason`` command line.
 
-    metareason run CONFIG [KEY=VALUE ...] [--resume]
+    metareason run CONFIG [KEY=VALUE ...] [--resume] [--ray [ADDRESS|local]]
+    metareason sweep CONFIG --grid KEY=V1,V2 ... [--ray ADDRESS] [--out DIR] [--resume]
     metareason eval CONFIG|RUN_DIR [KEY=VALUE ...]
     metareason export RUN_DIR --out DIR [--checkpoint DIR] [--merge]
     metareason serve RUN_DIR|MODEL_DIR [--host 127.0.0.1] [--port 8000]
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "train": ("metareason.benchmarks.train", "SFT loop against Hugging Face Trainer"),
     "grpo": ("metareason.benchmarks.grpo", "GRPO loop against TRL's GRPOTrainer (step time, peak memory)"),
     "serve": ("metareason.benchmarks.serve", "metareason serve at concurrency 1/8/32 against sequential local generation"),
+    "scale": ("metareason.benchmarks.scale", "GRPO rollout throughput with 1, 2 Ray rollout actors vs the single-process loop"),
 }
 
 
@@ -46,8 +48,16 @@ def cmd_run(args) -> int:
     from metareason.kernel import Kernel
 
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
+    if args.ray is not None and "=" in args.ray:  # `--ray train.lr=1e-3`: an override, not an address
+        overrides.append(args.ray)
+        args.ray = "local"
     kernel = Kernel(args.config, overrides=overrides)
-    metrics = kernel.run(resume=args.resume)
+    if args.ray is not None:
+        from metareason.scale.launch import run_on_ray
+
+        metrics = run_on_ray(kernel, args.ray, resume=args.resume)
+    else:
+        metrics = kernel.run(resume=args.resume)
     _print_summary(metrics, kernel.config.run_dir)
     return 0
 
@@ -116,6 +126,9 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|local",
+                   help="run on a Ray cluster (scale: section): an address (HOST:PORT, auto) or 'local' "
+                        "(a new local runtime, the default)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("eval", help="evaluate a run directory (last checkpoint) or a config")
@@ -138,6 +151,10 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     _lazy(sub, "export", "metareason.model_export",
           "write a run's checkpoint as a Hugging Face model directory (LoRA: merged, or base + adapter)",
           "metareason export")
+
+    _lazy(sub, "sweep", "metareason.scale.sweep",
+          "a config grid as Ray Tune trials (--grid KEY=V1,V2 ...), one report (table + plots)",
+          "metareason sweep")
 
     _lazy(sub, "serve", "metareason.serve",
           "serve a run or model directory as an OpenAI-compatible HTTP API (127.0.0.1 by default)",

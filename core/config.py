@@ -135,6 +135,23 @@ class EvalConfig(Section):
     max_samples: Optional[int] = Field(None, gt=0)
 
 
+class ScaleConfig(Section):
+    """Scale-out on a Ray cluster (``metareason run CONFIG --ray [ADDRESS|local]``; docs/scale.md).
+
+    SFT: ``num_workers`` data-parallel Ray Train workers. GRPO: ``num_workers`` rollout actors
+    (the learner stays in the driver). Sweeps: ``resources_per_worker`` is each trial's share.
+    """
+
+    num_workers: int = Field(1, gt=0)
+    use_gpu: bool = False  # SFT workers and rollout actors get one GPU each (nccl instead of gloo)
+    resources_per_worker: dict[str, float] = {}  # e.g. {CPU: 2}; default: 1 CPU (+1 GPU with use_gpu)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=0)  # SFT: worker-group restarts from the last checkpoint
+    max_restarts: int = Field(1, ge=0)  # GRPO: restarts of a dead rollout actor (it re-fetches the weights)
+    get_timeout_s: float = Field(600.0, gt=0)  # every ray.get of a rollout shard / weights
+    storage_path: Optional[str] = None  # Ray Train storage; default: RUN_DIR/ray
+
+
 class GeneratorSpec(BaseModel):
     """One entry of ``generators:``; the fields besides ``type`` are the backend's own (checked
     by its config model when the generator is built; see metareason.generators)."""
@@ -155,6 +172,7 @@ class KernelConfig(Section):
     eval: EvalConfig = EvalConfig()
     rl: RLConfig = RLConfig()
     generators: dict[str, GeneratorSpec] = {}  # name -> {type: local|openai|python|<plugin type>, ...}
+    scale: ScaleConfig = ScaleConfig()
 
     @field_validator("name")
     @classmethod

@@ -7,7 +7,9 @@ advantages are group-relative (``grpo_loss.group_advantages``). The token loss m
 completion mask (real tokens up to and including EOS), minus truncated completions when
 ``rl.mask_truncated_completions``, AND-ed with every ``metareason_rl_loss_mask`` result.
 A generation is used for ``rl.num_iterations`` optimizer steps; each step runs
-``train.grad_accum`` micro-batches over its completions. With ``num_iterations > 1`` the
+``train.grad_accum`` micro-batches over its completions. Each micro-batch's loss also gets the
+weighted terms of ``metareason_extra_losses`` (divided by ``grad_accum``; logged as
+``train/<name>``, the micro-batch mean), as in the SFT loop. With ``num_iterations > 1`` the
 sampling-time log-probs are computed once per generation; with 1 they are the current ones,
 detached (TRL's shortcut: the ratio is exactly 1 and only its gradient acts). A reference model
 exists only when ``rl.beta > 0`` (a frozen copy, or the PEFT base with adapters disabled).
@@ -27,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -38,7 +41,7 @@ from metareason.train.grpo_loss import (completion_logps, group_advantages, grou
                                         shared_prompt_logps)
 from metareason.train.loop import RunDriver, check_finite, load_train_examples, prepare_run_dir, seed_everything
 from metareason.train.optim import build_optimizer, build_scheduler
-from metareason.train.sft import autocast_context
+from metareason.train.sft import autocast_context, collect_extra_losses
 
 ROLLOUT_FILE = "rollout.safetensors"
 REWARD_EXTRAS = ("completion_ids", "completion_lengths", "truncated", "tokenizer", "prompts")
@@ -280,8 +283,12 @@ class LogProbs:
 
 
 def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=None,
-                     logprobs: Optional[LogProbs] = None) -> Rollout:
-    """Sample, score and prepare one generation of ``len(examples) * num_generations`` completions."""
+                     logprobs: Optional[LogProbs] = None, sampler=None, version: int = 0) -> Rollout:
+    """Sample, score and prepare one generation of ``len(examples) * num_generations`` completions.
+
+    ``sampler(model, tokenizer, prompts, version=, share_prompts=)``, when given, samples instead
+    of this process (``metareason.scale.rollout``: Ray rollout actors); ``version`` is the step.
+    """
     from metareason.generate import encode_prompts, generate_batch
 
     cfg, rl, tc = kernel.config, kernel.config.rl, kernel.config.train
@@ -293,13 +300,16 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
     row_prompts = [p for p in prompts for _ in range(G)]
     row_examples = [e for e in examples for _ in range(G)]
     gen_kwargs = dict(sampling_defaults(tokenizer), **rl.generation_kwargs)
-    gens = []
-    for start in range(0, len(row_prompts), cfg.generation.batch_size):
-        gens += generate_batch(model, tokenizer, row_prompts[start: start + cfg.generation.batch_size],
-                               max_new_tokens=rl.max_completion_length, do_sample=True,
-                               temperature=rl.temperature, top_p=rl.top_p, stop=list(cfg.generation.stop),
-                               device=device, generate_kwargs=gen_kwargs,
-                               share_prompts=logprobs is not None and logprobs.shared)
+    share = logprobs is not None and logprobs.shared
+    if sampler is not None:
+        gens = sampler(model, tokenizer, prompts, version=version, share_prompts=share)
+    else:
+        gens = []
+        for start in range(0, len(row_prompts), cfg.generation.batch_size):
+            gens += generate_batch(model, tokenizer, row_prompts[start: start + cfg.generation.batch_size],
+                                   max_new_tokens=rl.max_completion_length, do_sample=True,
+                                   temperature=rl.temperature, top_p=rl.top_p, stop=list(cfg.generation.stop),
+                                   device=device, generate_kwargs=gen_kwargs, share_prompts=share)
     t_gen = time.perf_counter() - t0
 
     ids = [_completion_ids(g, tokenizer) for g in gens]
@@ -399,7 +409,8 @@ def build_reference(model) -> Optional[torch.nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------- loop
-def train_grpo(kernel, resume: bool = False) -> dict:
+def train_grpo(kernel, resume: bool = False, sampler=None) -> dict:
+    """``sampler``: who samples the rollouts (see :func:`generate_rollout`); ``None``: this process."""
     cfg = kernel.config
     tc, rl = cfg.train, cfg.rl
     check_rl_config(kernel)
@@ -436,7 +447,8 @@ def train_grpo(kernel, resume: bool = False) -> dict:
             step = run.step
             model.train()
             if step % rl.num_iterations == 0:
-                rollout = generate_rollout(kernel, model, tokenizer, stream.next_batch(), ref_model, logprobs)
+                rollout = generate_rollout(kernel, model, tokenizer, stream.next_batch(), ref_model, logprobs,
+                                           sampler=sampler, version=step)
             assert rollout is not None
             t_train = time.perf_counter()
             step_metrics = _optimizer_step(kernel, model, rollout, logprobs, trainable, optimizer, scheduler, step,
@@ -464,6 +476,7 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
     tc, rl = kernel.config.train, kernel.config.rl
     total_loss = 0.0
     sums: dict[str, float] = {}
+    term_sums: dict[str, float] = {}
     num_items = rollout.num_items
     for rows in micro_batch_rows(rollout.input_ids.shape[0], tc.grad_accum):
         mb = rollout.micro_batch(rows)
@@ -473,6 +486,13 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
                                 loss_type=rl.loss_type, max_completion_length=rl.max_completion_length,
                                 num_items=num_items, grad_accum=tc.grad_accum,
                                 kl_bias_correction=rl.kl_bias_correction)
+        # Plugins' named loss terms, as in the SFT loop; the policy loss above is already scaled
+        # per micro-batch, so each term is too (its step value is the micro-batch mean).
+        outputs = SimpleNamespace(logps=logps, logits=None)
+        hook_batch = dict(mb, completion_ids=mb["input_ids"][:, -mb["width"]:], rl=True)
+        for name, (weight, term) in collect_extra_losses(kernel, model, hook_batch, outputs, step).items():
+            loss = loss + weight * term / tc.grad_accum
+            term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) / tc.grad_accum
         check_finite(loss, step, last_ckpt)
         loss.backward()
         total_loss += float(loss.detach())
@@ -490,6 +510,7 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
     tokens = max(sums.pop("_tokens"), 1.0)
     metrics = {"train/loss": total_loss, "rl/iteration": step % rl.num_iterations}
     metrics.update({f"rl/{k}": v / tokens for k, v in sums.items()})
+    metrics.update({f"train/{k}": v for k, v in term_sums.items()})
     if grad_norm is not None:
         metrics["train/grad_norm"] = grad_norm
     return metrics

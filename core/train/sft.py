@@ -55,12 +55,17 @@ def collect_extra_losses(kernel, model, batch, outputs, step) -> dict[str, tuple
     return terms
 
 
-def train_sft(kernel, resume: bool = False) -> dict:
+def train_sft(kernel, resume: bool = False, dist=None) -> dict:
+    """``dist``: a data-parallel worker (:mod:`metareason.scale.dist`); ``None``: one process."""
+    from metareason.scale.dist import LOCAL
+
+    dist = dist or LOCAL
     cfg = kernel.config
     tc = cfg.train
     run_dir = prepare_run_dir(kernel, resume)
     seed_everything(tc.seed)
     model, tokenizer = kernel.load()
+    dist.broadcast_params(model)
     device = next(model.parameters()).device
 
     examples = load_train_examples(kernel)
@@ -78,7 +83,10 @@ def train_sft(kernel, resume: bool = False) -> dict:
     scheduler = build_scheduler(optimizer, tc)
 
     def save(step: int) -> Path:
-        return _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, run.state)
+        path = _save(kernel, run_dir, step, model, tokenizer, optimizer, scheduler, stream, run.state) \
+            if dist.is_main else None
+        dist.checkpoint_saved(step, path, dict(run.state, step=step))
+        return path
 
     run = RunDriver(kernel, run_dir, model, tokenizer, "train", save)
     if resume:
@@ -91,7 +99,7 @@ def train_sft(kernel, resume: bool = False) -> dict:
             model.train()
             total_loss, lm_loss_sum, term_sums, n_tokens = 0.0, 0.0, {}, 0
             for _ in range(tc.grad_accum):
-                batch = stream.next_batch()
+                batch = dist.shard(stream.next_batch())
                 labels = kernel.chain("metareason_sft_labels", "labels", batch["labels"], batch=batch,
                                       tokenizer=tokenizer, config=cfg)
                 batch["labels"] = labels
@@ -103,21 +111,27 @@ def train_sft(kernel, resume: bool = False) -> dict:
                 with autocast_context(tc.autocast, device):
                     outputs = model(input_ids=ids, use_cache=False)
                 lm_loss, n = token_loss(outputs.logits, labels.to(device))
+                lm_loss = dist.scale_token_mean(lm_loss, n)
                 loss = lm_loss
                 for name, (weight, term) in collect_extra_losses(kernel, model, batch, outputs, step).items():
-                    loss = loss + weight * term
+                    loss = loss + weight * term / dist.world_size
                     term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) / tc.grad_accum
-                check_finite(loss, step, run.last_ckpt)
+                check_finite(dist.global_loss(loss), step, run.last_ckpt)
                 (loss / tc.grad_accum).backward()
                 total_loss += float(loss.detach()) / tc.grad_accum
                 lm_loss_sum += float(lm_loss.detach()) / tc.grad_accum
                 n_tokens += int(mask.sum())
+            dist.all_reduce_grads(trainable)
             grad_norm = None
             if tc.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if dist.world_size > 1:  # the step's numbers over the whole global batch
+                total_loss, lm_loss_sum, n_tokens = (dist.total(total_loss), dist.total(lm_loss_sum),
+                                                     int(dist.total(n_tokens)))
+                term_sums = {k: dist.total(v) / dist.world_size for k, v in sorted(term_sums.items())}
 
             metrics = {"train/loss": total_loss, "train/lm_loss": lm_loss_sum,
                        "train/lr": scheduler.get_last_lr()[0], "train/epoch": stream.epoch}

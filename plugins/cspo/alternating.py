@@ -5,7 +5,8 @@ tokens and generation runs through ``metareason.generate``) with a
 :class:`~metareason.plugins.cspo.handover.HandoverController` registered on it; the controller
 calls the alter at every hand-over. With ``cspo.ray: true`` (the default) target and alter each
 live in their own Ray actor with ``target_model_gpu`` / ``alter_model_gpu`` GPUs (0 when the
-Ray cluster has none), and the hand-over is a call from the target's actor to the alter's.
+Ray cluster has none), placed together by one placement group (PACK: one bundle per actor, on
+one node when it fits), and the hand-over is a call from the target's actor to the alter's.
 """
 from __future__ import annotations
 
@@ -126,6 +127,12 @@ class TargetRunner:
     def pid(self) -> int:
         return os.getpid()
 
+    def placement_group_id(self) -> Optional[str]:
+        import ray
+
+        pg = ray.get_runtime_context().get_placement_group_id()
+        return str(pg) if pg else None
+
 
 class AlterRunner:
     """The alter (programmatic or a local HF model); a Ray actor class or a plain object."""
@@ -148,6 +155,12 @@ class AlterRunner:
     def pid(self) -> int:
         return os.getpid()
 
+    def placement_group_id(self) -> Optional[str]:
+        import ray
+
+        pg = ray.get_runtime_context().get_placement_group_id()
+        return str(pg) if pg else None
+
 
 # ------------------------------------------------------------------------------------ pair
 def _gpus(requested: int, available: float, field: str) -> int:
@@ -158,6 +171,27 @@ def _gpus(requested: int, available: float, field: str) -> int:
     if requested > available:
         raise UserError(f"{field}: {requested} GPUs requested, the Ray cluster has {available:g}")
     return requested
+
+
+PLACEMENT_TIMEOUT_S = 120.0
+
+
+def _pack(cpus: float, alter_gpus: int, target_gpus: int):
+    """A PACK placement group: bundle 0 for the alter, bundle 1 for the target."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    bundles = [{k: v for k, v in (("CPU", cpus), ("GPU", g)) if v} for g in (alter_gpus, target_gpus)]
+    if not all(bundles):
+        raise UserError("cspo.ray: the Ray cluster has no CPU or GPU to place the target and alter actors on")
+    pg = placement_group(bundles, strategy="PACK")
+    try:
+        ray.get(pg.ready(), timeout=PLACEMENT_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise UserError(f"cspo: the placement group {bundles} (PACK) cannot be placed on the Ray cluster "
+                        f"({ray.cluster_resources()}) within {PLACEMENT_TIMEOUT_S:g} s") from None
+    return pg
 
 
 class AlternatingPair:
@@ -177,6 +211,7 @@ class AlternatingPair:
         args = (alter_name, cs.model_dump(mode="json"), config.model.device, config.model.dtype, generators,
                 config.plugins)
         self._ray_started = False
+        self.placement_group = None
         if not cs.ray:
             self.alter = AlterRunner(*args)
             self.target = TargetRunner(raw, ckpt, self.alter, remote=False)
@@ -189,14 +224,22 @@ class AlternatingPair:
             self._ray_started = True
         have_gpus = ray.cluster_resources().get("GPU", 0)
         have_cpus = ray.cluster_resources().get("CPU", 0)
-        per_actor = 1 if have_cpus >= 2 else 0
+        per_actor = 1 if have_cpus >= 2 else have_cpus / 2
         ag = _gpus(cs.alter_model_gpu, have_gpus, "cspo.alter_model_gpu")
         tg = _gpus(cs.target_model_gpu, have_gpus, "cspo.target_model_gpu")
         if ag + tg > have_gpus:
             raise UserError(f"cspo.target_model_gpu + cspo.alter_model_gpu: {tg} + {ag} GPUs requested, "
                             f"the Ray cluster has {have_gpus:g}")
-        self.alter = ray.remote(AlterRunner).options(num_gpus=ag, num_cpus=per_actor).remote(*args, threads=threads)
-        self.target = ray.remote(TargetRunner).options(num_gpus=tg, num_cpus=per_actor).remote(
+        self.placement_group = _pack(per_actor, ag, tg)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        def bundle(i):
+            return PlacementGroupSchedulingStrategy(self.placement_group, placement_group_bundle_index=i)
+
+        self.alter = ray.remote(AlterRunner).options(num_gpus=ag, num_cpus=per_actor, scheduling_strategy=bundle(0)) \
+            .remote(*args, threads=threads)
+        self.target = ray.remote(TargetRunner).options(num_gpus=tg, num_cpus=per_actor,
+                                                       scheduling_strategy=bundle(1)).remote(
             raw, ckpt, self.alter, True, threads)
 
     def _call(self, method: str, *args):
@@ -234,6 +277,8 @@ class AlternatingPair:
 
             for actor in (self.target, self.alter):
                 ray.kill(actor)
+            if self.placement_group is not None:
+                ray.util.remove_placement_group(self.placement_group)
             if self._ray_started:
                 ray.shutdown()
 

@@ -3,8 +3,9 @@
 Each ``*.yaml`` in the directory is one group (label from its ``lru.group``, else the file
 name). Each group runs in its own process: ``metareason run CONFIG`` then ``metareason lru stats
 RUN_DIR`` (per-level LRU statistics and the parameter count). With Ray installed the pair runs as
-a Ray task with ``num_cpus=2`` on a local Ray runtime, so groups run one at a time and their
-timings are comparable; without Ray, as plain subprocesses one after the other. The report
+a Ray Tune trial (``metareason.scale.tune``, the engine of ``metareason sweep``) with 2 CPUs on a
+local Ray runtime, so groups run one at a time and their timings are comparable; without Ray, as
+plain subprocesses one after the other. The report
 (:mod:`.sweep_report`) is written when all groups are done, also when some failed (their error is
 in it, and the command exits 1).
 """
@@ -115,33 +116,36 @@ def ray_available() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def _run_with_ray(specs: list[GroupSpec], env: dict, log) -> list[dict]:
-    import ray
+def _group_trial(payload: tuple[dict, dict]) -> dict:
+    return run_group(*payload)
 
-    started = not ray.is_initialized()
-    if started:
-        # Ray lowers its workers' priority (niceness 15) by default; the training processes they
-        # start would inherit it and lose the CPU to anything else running, unlike the
-        # subprocess launcher. Keep them at the driver's priority unless the user says otherwise.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(include_dashboard=False, object_store_memory=80_000_000, num_cpus=2, log_to_driver=False)
-    refs = []
+
+def _run_with_ray(specs: list[GroupSpec], env: dict, log, storage: str) -> list[dict]:
+    """Each group is a Ray Tune trial (``metareason.scale.tune.run_trials``) with 2 CPUs."""
+    from metareason.scale.runtime import connect
+    from metareason.scale.tune import run_trials
+
+    # Ray lowers its workers' priority (niceness 15) by default; the training processes they
+    # start would inherit it and lose the CPU to anything else running, unlike the subprocess
+    # launcher; connect() keeps them at the driver's priority unless the user says otherwise.
+    # num_cpus=2 per trial on a 2-CPU runtime: one group at a time, each with the whole machine.
+    started = connect(None, num_cpus=2)
     try:
-        # num_cpus=2 on a 2-CPU runtime: one group at a time, each with the whole machine.
-        task = ray.remote(num_cpus=2, max_retries=0)(run_group)
-        refs = [task.remote(asdict(s), env) for s in specs]
-        results = []
-        for spec, ref in zip(specs, refs):
-            results.append(ray.get(ref))
-            log(spec, results[-1])
-        return results
-    except BaseException:
-        for ref in refs:
-            ray.cancel(ref, force=True)  # its training process follows (PR_SET_PDEATHSIG)
-        raise
+        outcomes = run_trials(_group_trial, [(asdict(s), env) for s in specs], {"cpu": 2}, storage, "lru-sweep")
     finally:
         if started:
+            import ray
+
             ray.shutdown()
+    results = []
+    for spec, outcome in zip(specs, outcomes):
+        if outcome.ok:
+            res = {k: outcome.metrics.get(k) for k in ("ok", "train_wall_s", "stats_wall_s", "error")}
+        else:
+            res = {"ok": False, "train_wall_s": 0.0, "stats_wall_s": 0.0, "error": f"Ray trial failed: {outcome.error}"}
+        results.append(res)
+        log(spec, res)
+    return results
 
 
 def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrides: list[str],
@@ -161,9 +165,9 @@ def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrid
               file=sys.stderr, flush=True)
 
     print(f"[lru sweep] {len(specs)} groups ({', '.join(s.group for s in specs)}), "
-          f"{'Ray tasks' if use_ray else 'subprocesses'}", file=sys.stderr, flush=True)
+          f"{'Ray tasks (Ray Tune trials)' if use_ray else 'subprocesses'}", file=sys.stderr, flush=True)
     if use_ray:
-        raw = _run_with_ray(specs, env, log)
+        raw = _run_with_ray(specs, env, log, str(Path(runs_dir) / ".tune"))
     else:
         raw = []
         for spec in specs:
