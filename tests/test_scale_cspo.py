@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 def ray_runtime():
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.init(include_dashboard=False, object_store_memory=80_000_000, num_cpus=2, log_to_driver=False,
+    ray.init(address="local", include_dashboard=False, object_store_memory=80_000_000, num_cpus=2, log_to_driver=False,
              configure_logging=False)
     yield
     ray.shutdown()

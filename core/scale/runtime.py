@@ -28,7 +28,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None) -> bo
     os.environ.setdefault("RAY_worker_niceness", "0")
     kwargs = dict(include_dashboard=False, log_to_driver=True, configure_logging=False)
     if address in (None, "", "local"):
-        ray.init(num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
+        # address="local": always a new private runtime, even when a cluster started by
+        # `ray start` is running on this machine (ray.init() would join it and refuse num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE, **kwargs)
     else:
         _probe(address)
         try:

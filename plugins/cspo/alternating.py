@@ -219,7 +219,8 @@ class AlternatingPair:
         import ray
 
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, object_store_memory=100_000_000, num_cpus=cpus,
+            # a private runtime even when a `ray start` cluster runs on this machine
+            ray.init(address="local", include_dashboard=False, object_store_memory=100_000_000, num_cpus=cpus,
                      log_to_driver=True, configure_logging=False)
             self._ray_started = True
         have_gpus = ray.cluster_resources().get("GPU", 0)
