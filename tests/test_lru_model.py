@@ -10,6 +10,7 @@ from metareason import Kernel
 from metareason.checkpoint import write_weights
 from metareason.errors import ModelLoadError
 from metareason.models import build_char_tokenizer
+from metareason.models.compat import CACHE_KWARG
 from metareason.plugins.lru import (DeepSeekMLAConfig, DeepSeekMLAForCausalLM, LatentReasoningUnit, LRUConfig,
                                     MLAAttention, MLAConfig)
 from metareason.plugins.lru.modeling import register
@@ -168,15 +169,36 @@ def test_absorbed_decoding_equals_expanded_attention():
 
 
 # ------------------------------------------------------------------------------ cached decoding
+def _count_kernel_calls(monkeypatch):
+    """Spy on ``metareason.ops.mla_decode`` (the paged decode path imports it at call time)."""
+    import metareason.ops as ops
+
+    calls, original = [], ops.mla_decode
+
+    def spy(q, kv_cache, block_table, cache_seqlens, *args, **kw):
+        calls.append(cache_seqlens.tolist())
+        return original(q, kv_cache, block_table, cache_seqlens, *args, **kw)
+
+    monkeypatch.setattr(ops, "mla_decode", spy)
+    return calls
+
+
+@pytest.mark.parametrize("decode_cache", ["paged", "dynamic"])
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_cached_generation_equals_full_recomputation(mode):
-    model = tiny_model(**MODES[mode])
+def test_cached_generation_equals_full_recomputation(mode, decode_cache, monkeypatch):
+    calls = _count_kernel_calls(monkeypatch)
+    model = tiny_model(**MODES[mode], decode_cache=decode_cache)
     ids = torch.randint(3, 40, (3, 6))
     mask = torch.ones_like(ids)
     ids[0, :2], mask[0, :2] = 0, 0  # left padding, as in evaluation
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     assert len(out.logits) == 8
+    if decode_cache == "paged":  # 7 decode steps x 2 layers through the kernel; padding never cached
+        assert len(calls) == 7 * 2 and calls[0] == [5, 7, 7] and calls[-1] == [11, 13, 13]
+        assert type(getattr(out, CACHE_KWARG)).__name__ == "PagedLatentCache"
+    else:
+        assert calls == []
     for t, step_logits in enumerate(out.logits):
         seq = out.sequences[:, :6 + t]
         m = torch.cat([mask, torch.ones(3, t, dtype=mask.dtype)], dim=1)
@@ -270,10 +292,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
 
 
-def test_cached_generation_with_lora_on_the_up_projections():
+@pytest.mark.parametrize("decode_cache", ["paged", "dynamic"])
+def test_cached_generation_with_lora_on_the_up_projections(decode_cache, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["W_UK", "W_UV", "W_DKV"],
+    calls = _count_kernel_calls(monkeypatch)
+    model = get_peft_model(tiny_model(decode_cache=decode_cache), LoraConfig(r=4, target_modules=["W_UK", "W_UV", "W_DKV"],
                                                     init_lora_weights=False))  # random B: a real delta
     model.eval()
     ids = torch.randint(3, 40, (2, 5))
@@ -283,6 +307,7 @@ def test_cached_generation_with_lora_on_the_up_projections():
         with torch.no_grad():
             full = model(input_ids=out.sequences[:, :5 + t], use_cache=False).logits[:, -1]
         torch.testing.assert_close(step_logits, full, atol=2e-5, rtol=1e-5)
+    assert len(calls) == (4 * 2 if decode_cache == "paged" else 0)
 
 
 def _fresh_python(code: str, *args: str) -> str:
@@ -341,3 +366,32 @@ def test_left_padded_row_equals_the_same_row_unpadded(mode):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         left = model(input_ids=padded, attention_mask=mask, position_ids=positions, use_cache=False).logits
     torch.testing.assert_close(left[:, pad:], plain, atol=2e-5, rtol=1e-5)
+
+
+def test_paged_cache_across_block_boundaries_equals_recomputation():
+    """Prompts of 60/63 real tokens: decoding crosses the 64-row page edge at different steps."""
+    model = tiny_model()
+    ids = torch.randint(3, 40, (2, 63))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    cache = getattr(out, CACHE_KWARG)
+    assert cache.layers[0].lens == [64, 67] and [len(t) for t in cache.layers[0].tables] == [1, 2]
+    assert cache.get_seq_length() == 67
+    for t, step_logits in enumerate(out.logits):
+        m = torch.cat([mask, torch.ones(2, t, dtype=mask.dtype)], dim=1)
+        with torch.no_grad():
+            full = model(input_ids=out.sequences[:, :63 + t], attention_mask=m, use_cache=False).logits[:, -1]
+        torch.testing.assert_close(step_logits, full, atol=2e-5, rtol=1e-5)
+
+
+def test_paged_cache_rejects_bad_config_and_padded_decode_tokens():
+    with pytest.raises(ValueError, match="decode_cache: expected one of paged, dynamic"):
+        DeepSeekMLAConfig(**dict(TINY, decode_cache="flash"))
+    model = tiny_model()
+    ids = torch.randint(3, 40, (1, 4))
+    with torch.no_grad():
+        past = model(input_ids=ids, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match="new tokens after the prefill must all be real"):
+            model(input_ids=ids[:, :1], attention_mask=torch.tensor([[1, 1, 1, 1, 0]]), past_key_values=past)

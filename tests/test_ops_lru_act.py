@@ -16,6 +16,7 @@ needs_ext = pytest.mark.skipif(EXT is None, reason="metareason._C is not built (
 FUSED = [pytest.param("cpu", marks=needs_ext)]
 if torch.cuda.is_available():  # CI runs on a CPU machine; the GPU session adds these
     FUSED.append(pytest.param("cuda", marks=pytest.mark.skipif(EXT is None or not EXT.has_cuda(), reason="no CUDA ext")))
+    FUSED.append("triton")  # compiled Triton on the GPU; the CPU runs it interpreted in test_ops_triton.py
 
 TOL = {  # (atol, rtol) for out; probs/residuals are fp32 for every low-precision dtype
     torch.float64: (1e-10, 1e-9),
@@ -26,7 +27,7 @@ TOL = {  # (atol, rtol) for out; probs/residuals are fp32 for every low-precisio
 
 
 def device_of(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
 
 
 def make(n, d, *, halt_bias=0.0, gain=1.5, dtype=torch.float32, device="cpu", seed=0):

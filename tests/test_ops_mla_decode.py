@@ -14,6 +14,7 @@ needs_ext = pytest.mark.skipif(EXT is None, reason="metareason._C is not built (
 FUSED = [pytest.param("cpu", marks=needs_ext)]
 if torch.cuda.is_available():  # CI runs on a CPU machine; the GPU session adds these
     FUSED.append(pytest.param("cuda", marks=pytest.mark.skipif(EXT is None or not EXT.has_cuda(), reason="no CUDA ext")))
+    FUSED.append("triton")  # compiled Triton on the GPU; the CPU runs it interpreted in test_ops_triton.py
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
 
@@ -42,6 +43,10 @@ CASES = [  # (seqlens, d_c, d_rope, H)
     ([128, 1, 3], 48, 8, 2),
     ([64], 16, 0, 1),
     ([300, 577], 512, 64, 16),
+    # the CPU kernel's tails: rows (5 or 10 = s_q*H, not a multiple of 4 / 16 lanes), channels
+    # (100 = 64 + 2*16 + 4), keys (70, 130: partial 8-key tiles), more rows than lanes (H=20)
+    ([70, 130], 100, 12, 5),
+    ([65, 9], 520, 8, 20),
 ]
 
 
@@ -62,7 +67,7 @@ def test_fused_matches_reference(backend, dtype, case, s_q, causal):
 
 
 def device_of(backend):
-    return "cuda" if backend == "cuda" else "cpu"
+    return "cuda" if backend in ("cuda", "triton") else "cpu"
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -39,6 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's). On a shared machine use fewer threads "
                              "than free cores: OpenMP barriers with a descheduled thread dominate otherwise")
+    parser.add_argument("--decode", action="store_true",
+                        help="instead of the ops: greedy decoding of the LRU group archs (Llama A, MLA B with the "
+                             "dynamic and the paged mla_decode cache), tokens/s and cache bytes per token; writes "
+                             "kernels-decode-<device>.json")
 
 
 def device_name(device: str) -> str:
@@ -148,6 +152,22 @@ def bench_lru(n, d, M, dtype, device, repeats, use_compile, backend):
     )
 
 
+# ---------------------------------------------------------------- machine limits
+def bench_machine(device: str, repeats: int, mbytes: int = 256) -> dict:
+    """The roofline of this run: copy bandwidth (bytes read + written per second, ``mbytes`` MB
+    buffers, far past the caches) and the GFLOP/s of a large fp32 matmul, measured in the same
+    process as the ops so a loaded machine shows in both."""
+    n = mbytes * 2 ** 20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    t_copy = timeit(lambda: dst.copy_(src), device, repeats)
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    t_mm = timeit(lambda: a @ b, device, repeats)
+    return dict(copy_gbps=2 * n * 4 / t_copy / 1e9, copy_mbytes=mbytes,
+                sgemm_gflops=2 * 2048 ** 3 / t_mm / 1e9, sgemm_shape=[2048, 2048, 2048])
+
+
 # ---------------------------------------------------------------- mla_decode
 def bench_mla(B, S, H, d_c, d_rope, dtype, device, repeats, use_compile, backend, d_nope=128, d_v=128):
     g = torch.Generator().manual_seed(0)
@@ -235,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("bench kernels: --device cuda, but torch.cuda.is_available() is False on this machine")
         return 2
+    if getattr(args, "decode", False):
+        return _run_decode(args, device, load_before)
     backend = "cuda" if device == "cuda" else ("cpu" if "cpu" in ops.available_backends() else "reference")
     repeats = args.repeats or (3 if args.quick else 7)
     use_compile = not args.no_compile
@@ -247,15 +269,34 @@ def run(args: argparse.Namespace) -> int:
             [(64, 4096, 16, 512, 64), (4, 4096, 16, 512, 64)]
     mla_dtypes = [torch.float32, torch.bfloat16]
     rows = []
+    print("[bench] machine: copy bandwidth and sgemm ...", flush=True)
+    machine = bench_machine(device, repeats, 64 if args.quick else 256)
+    fused = [backend]
+    if device == "cuda":  # both GPU implementations, each against the same references
+        from metareason.ops import _dispatch
+
+        fused = [b for b, why in (("cuda", None if "cuda" in ops.available_backends() else "no CUDA ext"),
+                                  ("triton", _dispatch.triton_why_not(torch.device("cuda")))) if why is None]
     for n, d, M in lru_shapes:
-        print(f"[bench] lru_act tokens={n} d={d} max_iterations={M} ...", flush=True)
-        rows.append(bench_lru(n, d, M, torch.float32, device, repeats, use_compile, backend))
+        for be in fused:
+            print(f"[bench] lru_act tokens={n} d={d} max_iterations={M} ({be}) ...", flush=True)
+            rows.append(bench_lru(n, d, M, torch.float32, device, repeats, use_compile, be))
     for B, S, H, d_c, d_rope in mla_shapes:
         for dt in mla_dtypes:
-            print(f"[bench] mla_decode B={B} S={S} H={H} {dt} ...", flush=True)
-            rows.append(bench_mla(B, S, H, d_c, d_rope, dt, device, repeats, use_compile, backend))
+            for be in fused:
+                print(f"[bench] mla_decode B={B} S={S} H={H} {dt} ({be}) ...", flush=True)
+                row = bench_mla(B, S, H, d_c, d_rope, dt, device, repeats, use_compile, be)
+                # the op streams its cache once: copy bandwidth is its physical limit
+                row["frac_copy_bw"] = row["gbps"] / machine["copy_gbps"]
+                row["frac_sgemm"] = row["tflops"] * 1e3 / machine["sgemm_gflops"]
+                rows.append(row)
     print()
     print_table(rows)
+    print(f"\nmachine: copy {machine['copy_gbps']:.1f} GB/s (read + write), sgemm {machine['sgemm_gflops']:.0f} GFLOP/s")
+    for r in rows:
+        if r["op"] == "mla_decode":
+            print(f"mla_decode B={r['shape']['B']} {r['dtype']} {r['backend']}: {r['gbps']:.1f} GB/s = {r['frac_copy_bw']:.2f} of copy, "
+                  f"{r['tflops'] * 1e3:.0f} GFLOP/s = {r['frac_sgemm']:.2f} of sgemm, {r['vs_eager']:.2f}x eager")
     result = dict(
         device=device_name(device),
         device_type=device,
@@ -267,12 +308,45 @@ def run(args: argparse.Namespace) -> int:
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         quick=bool(args.quick),
         backends=ops.available_backends(),
+        machine=machine,
+        command="metareason bench kernels " + " ".join(
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in sorted(vars(args).items())
+            if k in ("device", "quick", "threads", "repeats", "no_compile") and v not in (None, False)),
         rows=rows,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"kernels-{device}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    print(f"\nwrote {path}")
+    return 0
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _run_decode(args, device, load_before) -> int:
+    from metareason.benchmarks.kernels_decode import print_decode, run_decode
+
+    if device != "cpu":
+        print("bench kernels --decode: CPU only for now (the group archs are tiny)")
+        return 2
+    result = run_decode(**(dict(settings=((2, 96, 8),), repeats=1) if args.quick else {}))
+    print_decode(result)
+    result.update(device=device_name(device), torch=torch.__version__,
+                  loadavg_1m_before=None if load_before is None else round(load_before[0], 2),
+                  loadavg_1m_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  command="metareason bench kernels --decode" + (" --quick" if args.quick else "")
+                  + (f" --threads {args.threads}" if args.threads else ""))
+    path = Path(args.out) / f"kernels-decode-{device}{'-quick' if args.quick else ''}.json"
+    _write(path, result)
     print(f"\nwrote {path}")
     return 0
 

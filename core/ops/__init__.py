@@ -23,15 +23,22 @@ def available_backends() -> list[str]:
     """Backends usable on this machine, in dispatch order (reference is always there)."""
     backends = []
     ext = extension()
-    if ext is not None and ext.has_cuda():
-        import torch
+    import torch
 
-        if torch.cuda.is_available():
-            backends.append("cuda")
+    if ext is not None and ext.has_cuda() and torch.cuda.is_available():
+        backends.append("cuda")
+    if torch.cuda.is_available() and _dispatch_triton_ok():
+        backends.append("triton")
     if ext is not None:
         backends.append("cpu")
     backends.append("reference")
     return backends
+
+
+def _dispatch_triton_ok() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 from metareason.ops._dispatch import BACKENDS, BackendUnavailableError  # noqa: E402

@@ -61,3 +61,20 @@ def extension_why_not(device: torch.device, backend: str, symbol: str) -> str | 
     if not hasattr(ext, symbol):
         return f"metareason._C has no {symbol} (rebuild the extension)"
     return None
+
+
+def triton_why_not(device: torch.device, explicit: str | None = None) -> str | None:
+    """Reason the Triton kernels cannot run on ``device`` (None = they can).
+
+    Triton runs on CUDA. On the CPU it runs only under ``TRITON_INTERPRET=1`` (numpy, slow:
+    for tests), and then only when forced, so the interpreter is never picked by default.
+    """
+    if device.type != "cuda":
+        if not (os.environ.get("TRITON_INTERPRET", "0") == "1" and forced_backend(explicit) == "triton"):
+            return (f"inputs are on {device}: Triton kernels run on CUDA (on the CPU only when forced "
+                    "under TRITON_INTERPRET=1)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'metareason[triton]')"
+    return None

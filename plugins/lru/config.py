@@ -15,6 +15,9 @@ from transformers import PreTrainedConfig
 
 MODEL_TYPE = "deepseek_mla"
 DEFAULT_LOSS_WEIGHTS = {"stability": 0.1, "sparsity": 0.01, "ponder": 0.001}
+#: ``paged``: decoding keeps the latents in 64-row pages and attends through ``metareason.ops.mla_decode``
+#: (absorbed queries, as FlashMLA serving does); ``dynamic``: a transformers ``DynamicCache`` and torch attention.
+DECODE_CACHES = ("paged", "dynamic")
 
 
 def _positive_int(name: str, value) -> None:
@@ -107,6 +110,7 @@ class DeepSeekMLAConfig(PreTrainedConfig):
     ``use_lru``). ``lru_loss_weights``: weights of the auxiliary terms that ``forward`` adds to
     ``loss`` when it is given ``labels`` (``stability``, ``sparsity``, ``ponder``); kernel runs
     take them from the run config's ``lru.loss_weights`` instead (the model gets no labels there).
+    ``decode_cache``: ``paged`` (default) or ``dynamic``, see ``DECODE_CACHES``.
     """
 
     model_type = MODEL_TYPE
@@ -142,8 +146,11 @@ class DeepSeekMLAConfig(PreTrainedConfig):
     lru_init_gain: float = 1.0
     lru_layers: Optional[list] = None
     lru_loss_weights: Optional[dict] = None
+    decode_cache: str = "paged"
 
     def __post_init__(self, **kwargs):
+        if self.decode_cache not in DECODE_CACHES:
+            raise ValueError(f"decode_cache: expected one of {', '.join(DECODE_CACHES)}, got {self.decode_cache!r}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "lru_max_iterations"):
             _positive_int(name, getattr(self, name))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metareason.plugins.lru.cache import cache_length, update_latent_cache
+from metareason.plugins.lru.cache import PagedLatentCache, cache_length, update_latent_cache
 from metareason.plugins.lru.config import DeepSeekMLAConfig, MLAConfig
 from metareason.plugins.lru.lru import LatentReasoningUnit, LRUOutput
 from metareason.plugins.lru.rope import apply_rope, rope_cos_sin
@@ -128,6 +128,10 @@ class MLAAttention(nn.Module):
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(self.W_KR(hidden_states)[:, None], cos, sin)[:, 0]  # [B,S,d_r]
 
+        if isinstance(past_key_values, PagedLatentCache):
+            attn = self._paged(past_key_values, past_len, q_nope, q_rope, latent, k_rope, attention_mask)
+            out = self.W_O(attn.transpose(1, 2).reshape(B, S, self.num_heads * c.v_head_dim))
+            return out, None, past_key_values, (latent, lru_out)
         if past_key_values is not None:
             all_latent, all_k_rope = update_latent_cache(past_key_values, self.layer_idx, latent, k_rope)
             past_kv = (all_latent, all_k_rope) if isinstance(past_key_values, tuple) else past_key_values
@@ -147,6 +151,59 @@ class MLAAttention(nn.Module):
             attn, weights = self._expanded(q_nope, q_rope, all_latent, all_k_rope, mask, output_attentions, dropout)
         out = self.W_O(attn.transpose(1, 2).reshape(B, S, self.num_heads * c.v_head_dim))
         return out, weights, past_kv, (latent, lru_out)
+
+    def _paged(self, cache, past_len, q_nope, q_rope, latent, k_rope, attention_mask):
+        """Attention with the paged latent cache: prefill as usual (expanded form, padding masked),
+        then only the real tokens are stored; decode steps run ``metareason.ops.mla_decode``."""
+        S = latent.shape[1]
+        valid = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("attention_mask: the paged decode cache takes a 2D [B, T] padding mask")
+            valid = attention_mask[:, -S:].to(device=latent.device, dtype=torch.bool)
+        if past_len == 0:
+            cache.append(self.layer_idx, latent, k_rope, valid)
+            mask = build_attention_mask(attention_mask, S, 0, latent.device) if attention_mask is not None else None
+            dropout = self.config.attention_dropout if self.training else 0.0
+            return self._expanded(q_nope, q_rope, latent, k_rope, mask, False, dropout)[0]
+        if valid is not None and not bool(valid.all()):
+            raise ValueError("attention_mask: new tokens after the prefill must all be real (mask 1) "
+                             "with the paged decode cache")
+        layer = cache.append(self.layer_idx, latent, k_rope, None)
+        # the up-projection matrices, once per cache (one generate() call): a wrapped layer's
+        # effective matrix costs a d_c-row forward to extract
+        weights = cache.up_weights.get(self.layer_idx) if not torch.is_grad_enabled() else None
+        if weights is None:  # with grad enabled, fresh each step (a graph is not reused)
+            weights = self._up_weights()
+            if not torch.is_grad_enabled():
+                cache.up_weights[self.layer_idx] = weights
+        return self._latent_decode(q_nope, q_rope, *weights, *layer.tensors())
+
+    def _latent_decode(self, q_nope, q_rope, w_uk, w_uv, kv_cache, block_table, seqlens):
+        """``mla_decode`` on absorbed queries ``[q_nope·W_UK_h | q_rope]``, then W_UV per head."""
+        from metareason.ops import mla_decode
+
+        c = self.config
+        q_lat = torch.einsum("bhsn,hnc->bshc", q_nope, w_uk)
+        q = torch.cat([q_lat, q_rope.transpose(1, 2).to(q_lat.dtype)], dim=-1).to(kv_cache.dtype).contiguous()
+        o_lat, _ = mla_decode(q, kv_cache, block_table, seqlens, c.kv_latent_dim, c.softmax_scale, causal=True)
+        return torch.einsum("bshc,hvc->bhsv", o_lat.to(w_uv.dtype), w_uv)
+
+    def _up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK ``[H, d_nope, d_c]`` and W_UV ``[H, d_v, d_c]`` as matrices. A wrapped layer (LoRA,
+        quantised) is linear without bias, so its effective matrix is its output on the identity."""
+        c = self.config
+        H, d_c = self.num_heads, c.kv_latent_dim
+
+        def matrix(module, width):
+            if type(module) is nn.Linear:
+                w = module.weight
+            else:
+                ref = next(p for p in module.parameters() if p.is_floating_point())
+                w = module(torch.eye(d_c, dtype=ref.dtype, device=ref.device)).T
+            return w.reshape(H, width, d_c)
+
+        return matrix(self.W_UK, c.nope_head_dim), matrix(self.W_UV, c.v_head_dim)
 
     def _can_absorb(self) -> bool:
         """The absorbed form reads W_UK / W_UV as matrices: only for plain linear layers (a LoRA

@@ -2,7 +2,8 @@
 
 A transformers ``PreTrainedModel`` + ``GenerationMixin``: ``save_pretrained`` /
 ``AutoModelForCausalLM.from_pretrained`` (once the arch is registered, see ``register()``),
-``generate()`` with a ``DynamicCache`` holding latents (see :mod:`.cache`).
+``generate()`` with a paged latent cache read by ``metareason.ops.mla_decode`` (``decode_cache:
+paged``, the default) or a ``DynamicCache`` holding latents (``decode_cache: dynamic``), see :mod:`.cache`.
 
     config = DeepSeekMLAConfig(vocab_size=32000, hidden_size=2048, num_hidden_layers=24,
                                use_lru=True, lru_max_iterations=8)
@@ -24,6 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from metareason.models.compat import CACHE_KWARG, cache_from_kwargs
+from metareason.plugins.lru.cache import PagedLatentCache
 from metareason.plugins.lru.config import DeepSeekMLAConfig
 from metareason.plugins.lru.losses import lru_loss_terms, weighted_total
 from metareason.plugins.lru.lru import LatentReasoningUnit
@@ -117,6 +119,10 @@ class DeepSeekMLAModel(DeepSeekMLAPreTrainedModel):
         output_attentions = bool(output_attentions if output_attentions is not None else self.config.output_attentions)
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
+        if use_cache and self.config.decode_cache == "paged" and (
+                past_key_values is None or (type(past_key_values) is DynamicCache
+                                            and past_key_values.get_seq_length() == 0)):
+            past_key_values = PagedLatentCache(self.config.num_hidden_layers)  # replaces generate()'s empty one
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:

@@ -58,16 +58,20 @@ def _check(x, params, max_iterations, halt_threshold) -> LRUParams:
     return LRUParams(*fixed)
 
 
-def _why_not(device: torch.device) -> dict[str, str | None]:
+def _why_not(device: torch.device, explicit: str | None = None) -> dict[str, str | None]:
     return {
         "reference": None,
         "cpu": _dispatch.extension_why_not(device, "cpu", "lru_act_forward"),
         "cuda": _dispatch.extension_why_not(device, "cuda", "lru_act_forward_cuda"),
-        "triton": "no Triton kernel for lru_act (its GEMMs already run in cuBLAS; see ops/lru_act/fused.py)",
+        "triton": _dispatch.triton_why_not(device, explicit),
     }
 
 
 def _forward_fn(backend: str):
+    if backend == "triton":
+        from metareason.ops.lru_act.triton_kernel import lru_act_forward_triton
+
+        return lru_act_forward_triton
     from metareason.ops import extension
 
     ext = extension()
@@ -120,7 +124,7 @@ def lru_act(
     ``backend`` overrides ``METAREASON_OPS`` for this call.
     """
     params = _check(x, params, max_iterations, halt_threshold)
-    name = _dispatch.select("lru_act", _why_not(x.device), backend)
+    name = _dispatch.select("lru_act", _why_not(x.device, backend), backend)
     d = x.shape[-1]
     lead = x.shape[:-1]
     if name == "reference" or x.numel() == 0:

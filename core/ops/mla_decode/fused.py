@@ -48,12 +48,12 @@ def _check(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale):
             raise ValueError(f"block_table: used entries must be in [0, {kv_cache.shape[0]}) (blocks in kv_cache)")
 
 
-def _why_not(device: torch.device) -> dict[str, str | None]:
+def _why_not(device: torch.device, explicit: str | None = None) -> dict[str, str | None]:
     return {
         "reference": None,
         "cpu": _dispatch.extension_why_not(device, "cpu", "mla_decode"),
         "cuda": _dispatch.extension_why_not(device, "cuda", "mla_decode_cuda"),
-        "triton": "no Triton kernel for mla_decode yet",
+        "triton": _dispatch.triton_why_not(device, explicit),
     }
 
 
@@ -76,9 +76,13 @@ def mla_decode(
     """
     _check(q, kv_cache, block_table, cache_seqlens, head_dim_v, softmax_scale)
     scale = default_scale(q) if softmax_scale is None else float(softmax_scale)
-    name = _dispatch.select("mla_decode", _why_not(q.device), backend)
+    name = _dispatch.select("mla_decode", _why_not(q.device, backend), backend)
     if name == "reference" or q.numel() == 0:
         return mla_decode_reference(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal)
+    if name == "triton":
+        from metareason.ops.mla_decode.triton_kernel import mla_decode_triton
+
+        return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, num_splits)
     from metareason.ops import extension
 
     ext = extension()
