@@ -34,7 +34,9 @@ def extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
-    cxx = ["-O3", "-std=c++17"]
+    # -g0: no debug info in release builds (Python's CFLAGS carry -g); METAREASON_DEBUG=1 keeps it
+    cxx = ["-O3", "-std=c++17"] + ([] if os.environ.get("METAREASON_DEBUG") == "1" else ["-g0"])
+    link = [] if os.environ.get("METAREASON_DEBUG") == "1" else ["-Wl,--strip-debug"]
     want_cuda = os.environ.get("METAREASON_CUDA", "1") != "0"
     import torch
 
@@ -46,12 +48,15 @@ def extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=[("METAREASON_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_link_args=link,
         )
     else:
         ext = cpp_extension.CppExtension(
-            "metareason._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=cxx
+            "metareason._C", sources, include_dirs=[os.path.join(ROOT, "csrc")], extra_compile_args=cxx,
+            extra_link_args=link,
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    # ninja: parallel and incremental (torch falls back to the sequential backend without it)
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extensions()

@@ -19,7 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv ${VENV_ARGS:-} "$VENV"
 fi
 PY="$VENV/bin/python"
-"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70" wheel
+"$PY" -m pip install -q --disable-pip-version-check "setuptools>=70" wheel "ninja==1.13.2"
+# the extension build finds ninja (installed into the venv above) on PATH
+export PATH="$(cd "$(dirname "$PY")" && pwd):$PATH"
 
 if "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] keeping torch $("$PY" -W ignore -c "import torch; print(torch.__version__)" 2>/dev/null)"
