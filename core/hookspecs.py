@@ -19,6 +19,8 @@ Conventions
 * Masks returned by ``metareason_rl_loss_mask`` are AND-ed with the kernel's own mask.
 * An exception raised inside a hook is re-raised as ``metareason.plugin_manager.PluginError`` naming
   the plugin and the hook.
+* Spec arguments have no default values: pluggy before 1.6 leaves an argument with a default out
+  of the spec, and an implementation asking for it is then refused (tests/test_plugins.py).
 """
 from __future__ import annotations
 
@@ -223,8 +225,8 @@ def metareason_on_eval(kernel: "Kernel", step: int, metrics: dict) -> None:
 
 
 @hookspec
-def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict], model: Any = None,
-                               tokenizer: Any = None) -> None:
+def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict], model: Any,
+                               tokenizer: Any) -> None:
     """The scored generations of an evaluation, before ``metareason_on_eval``.
 
     ``model`` and ``tokenizer`` are the ones that generated them (e.g. to inspect attention).

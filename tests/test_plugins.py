@@ -104,3 +104,17 @@ def test_programmatic_register_adds_config_section():
     kernel._raw["mine"] = {"weight": 2.0}
     kernel.register(WithSection(), name="with_section")
     assert kernel.config.mine.weight == 2.0
+
+
+def test_hookspec_arguments_have_no_defaults():
+    """pluggy < 1.6 (the lowest release setup.py admits is 1.5) drops arguments with a default
+    from a hookspec, and then refuses every implementation that asks for them."""
+    import inspect
+
+    from metareason import hookspecs
+
+    for name, fn in vars(hookspecs).items():
+        if name.startswith("metareason_") and callable(fn):
+            defaults = [p.name for p in inspect.signature(fn).parameters.values()
+                        if p.default is not inspect.Parameter.empty]
+            assert not defaults, f"{name}: arguments with defaults {defaults}"
