@@ -19,12 +19,12 @@ boolean is a ``TaskError`` naming the file and the row (CSV: line; JSONL: line).
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 from typing import Any, Optional
 
 from metareason.data.base import Task, TaskError
+from metareason.data.jsonl_task import load_records
 from metareason.plugins.mcft.answers import extract_answer, is_correct
 from metareason.plugins.mcft.format import (DEFAULT_TEMPLATE, SYSTEM_INSTRUCTION, build_answer_only,
                                             build_completion, build_prompt)
@@ -62,18 +62,7 @@ def read_rows(path: str) -> list[tuple[str, dict]]:
             for rec in reader:
                 rows.append((f"{path}:{reader.line_num}", rec))
         return rows
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(rec, dict):
-                raise TaskError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            rows.append((f"{path}:{lineno}", rec))
-    return rows
+    return [(f"{path}:{lineno}", rec) for lineno, rec in load_records(path)]
 
 
 def load_critiques(path: str) -> tuple[list[dict], int]:
