@@ -95,6 +95,16 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     seed: int = 0
     group_by_length: bool = True  # batches of similar length (less padding); order stays random
+    # padding-free packing of SFT batches (core/data/packing.py); auto: on where the model's
+    # attention keeps packed examples apart (transformers models, sdpa/eager/flash attention)
+    packing: Union[bool, Literal["auto"]] = "auto"
+
+    @field_validator("packing", mode="before")
+    @classmethod
+    def _packing(cls, value):
+        if value == "auto" or isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            return value
+        raise ValueError(f"expected auto, true or false, got {value!r}")
 
 
 class RLConfig(Section):
@@ -128,6 +138,9 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []
     batch_size: int = Field(64, gt=0)
+    # lean: metareason.decode's loop (equal to generate token for token, falls back to it for
+    # settings it does not implement); hf: always the model's own generate
+    decoder: Literal["lean", "hf"] = "lean"
 
 
 class EvalConfig(Section):

@@ -1,5 +1,7 @@
-"""Batched sampling with a KV cache (the model's own ``generate``), stop strings, per-token
-log-probs, and a hand-over point for alternating inference.
+"""Batched sampling with a KV cache, stop strings, per-token log-probs, and a hand-over point
+for alternating inference. Decoding is :mod:`metareason.decode`'s lean loop, equal to the
+model's own ``generate`` token for token, or ``generate`` itself (``generation.decoder: hf``,
+or settings the loop does not implement).
 
 When a completion contains one of the trigger strings that plugins declare
 (``metareason_generation_triggers``), generation of that sequence stops there and
@@ -106,49 +108,79 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return cache
 
 
+def _lean_plan(model, kwargs: dict[str, Any]):
+    """``(module, Sampling)`` for :func:`metareason.decode.decode`, or ``None``: use ``generate``."""
+    from metareason.decode import decoder_model, resolve
+
+    module = decoder_model(model)
+    if module is None:
+        return None
+    sampling = resolve(module, **kwargs)
+    return None if sampling is None else (module, sampling)
+
+
+def _hf_generate(model, enc, kwargs, tokenizer, stops, plen, return_logprobs, share_prompts):
+    """New tokens ``[B, T]`` and their log-probs from the model's own ``generate``."""
+    kwargs = dict(kwargs, return_dict_in_generate=True, output_scores=return_logprobs)
+    if stops and "stopping_criteria" not in kwargs:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, stops, plen)])
+    if share_prompts and CACHE_KWARG not in kwargs and "past_key_values" not in kwargs:
+        cache = shared_prefill(model, enc["input_ids"], enc["attention_mask"])
+        if cache is not None:
+            kwargs[CACHE_KWARG] = cache
+    out = model.generate(**enc, **kwargs)
+    logprobs = None
+    if return_logprobs:
+        logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
+    return out.sequences[:, plen:], logprobs
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool,
                    temperature: float, top_p: float, stop: list[str], triggers: tuple[str, ...] = (),
                    return_logprobs: bool = False, device: Optional[torch.device] = None,
-                   generate_kwargs: Optional[dict[str, Any]] = None, share_prompts: bool = False) -> list[Generation]:
-    """One call of the model's ``generate`` over a left-padded batch.
+                   generate_kwargs: Optional[dict[str, Any]] = None, share_prompts: bool = False,
+                   decoder: str = "lean") -> list[Generation]:
+    """One decode of a left-padded batch: :mod:`metareason.decode`'s loop (``decoder="lean"``,
+    the default) or the model's own ``generate`` (``"hf"``, and whenever the lean loop cannot
+    reproduce ``generate`` for this model and these settings); the results are identical.
 
     Text is cut before the first stop string, or after the first trigger (kept, so the hand-over
     sees it), whichever comes first. ``generate_kwargs`` go to ``model.generate`` last (e.g.
     ``top_k``, ``min_new_tokens``, ``cache_implementation``). With ``share_prompts``, runs of
     identical consecutive prompts (a group of samples) are prefilled once into a KV cache that
-    ``generate`` continues from (see :func:`shared_prefill`).
+    decoding continues from (see :func:`shared_prefill`).
     """
+    if decoder not in ("lean", "hf"):
+        raise ValueError(f"decoder: {decoder!r} is not one of 'lean', 'hf'")
     triggers = tuple(triggers)
     device = device or next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
     plen = enc["input_ids"].shape[1]
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, return_dict_in_generate=True, output_scores=return_logprobs,
-        use_cache=True,
+        eos_token_id=tokenizer.eos_token_id, use_cache=True,
     )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if stop or triggers:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, list(stop) + list(triggers), plen)])
     kwargs.update(generate_kwargs or {})
+    stops = list(stop) + list(triggers)
+    lean = _lean_plan(model, kwargs) if decoder == "lean" else None
     was_training = model.training
     model.eval()
     try:
-        if share_prompts and CACHE_KWARG not in kwargs and "past_key_values" not in kwargs:
-            cache = shared_prefill(model, enc["input_ids"], enc["attention_mask"])
-            if cache is not None:
-                kwargs[CACHE_KWARG] = cache
-        out = model.generate(**enc, **kwargs)
+        if lean is not None:
+            from metareason.decode import StopStrings, decode
+
+            seqs, logprobs = decode(lean[0], enc["input_ids"], enc["attention_mask"], lean[1],
+                                    share_prompts=share_prompts, stop=StopStrings(tokenizer, stops) if stops else None,
+                                    return_logprobs=return_logprobs)
+        else:
+            seqs, logprobs = _hf_generate(model, enc, kwargs, tokenizer, stops, plen, return_logprobs, share_prompts)
     finally:
         model.train(was_training)
-    seqs = out.sequences[:, plen:]
-    logprobs = None
-    if return_logprobs:
-        logprobs = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     results = []
     for i, prompt in enumerate(prompts):
         ids = seqs[i].tolist()
@@ -198,7 +230,8 @@ def _generate_with_handover(kernel, model, tokenizer, prompts, examples, cfg, tr
     def run(batch_prompts):
         return generate_batch(model, tokenizer, batch_prompts, max_new_tokens=cfg.max_new_tokens,
                               do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p,
-                              stop=list(cfg.stop), triggers=tuple(triggers), return_logprobs=return_logprobs)
+                              stop=list(cfg.stop), triggers=tuple(triggers), return_logprobs=return_logprobs,
+                              decoder=cfg.decoder)
 
     gens = run(prompts)
     for rnd in range(max_handovers):

@@ -10,8 +10,20 @@ train on the same number of tokens. TRL runs without gradient checkpointing (its
 ours is off), without vLLM, in fp32, ``report_to=none``.
 
 Each side runs in its own subprocess (so peak RSS is its own), one after the other in this
-command; optimizer steps are timed after a warm-up through a step-end hook (ours) or a
-``TrainerCallback`` (TRL).
+command, and with ``--repeats N`` the sides alternate N times (interleaved, so a change in the
+machine's load hits both); the run with the median step time of each side is reported, with
+the min-max over the runs. Optimizer steps are timed after a warm-up through a step-end hook
+(ours) or a ``TrainerCallback`` (TRL). Each step is broken down the same way on both sides:
+
+* sampling: the decode (ours: ``generate_batch``; TRL: ``GRPOTrainer._generate``),
+* rest of rollout: rewards, advantages, tensors (the rollout minus sampling; TRL:
+  ``_generate_and_score_completions``),
+* log-prob forward: the training forward that gives the per-token log-probs (ours:
+  ``LogProbs.__call__`` with gradients on; TRL: ``_get_per_token_logps_and_entropies`` with
+  gradients on),
+* backward + optimizer: the rest of the step (loss, backward, clipping, optimizer step).
+
+The timers wrap those methods in the child process only; on CUDA they synchronize first.
 """
 from __future__ import annotations
 
@@ -46,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of sides: ours, trl (same work), trl_gc (TRL's default gradient checkpointing)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sides this many times, interleaved; the median run of each side is reported")
+    parser.add_argument("--decoder", default="lean", choices=["lean", "hf"],
+                        help="our side's sampling: the lean decode loop or the model's generate (generation.decoder)")
     parser.add_argument("--out", default="bench/results/grpo-cpu.json")
     parser.add_argument("--side", choices=["ours", "trl", "trl_gc"], help=argparse.SUPPRESS)  # child process
 
@@ -61,6 +75,64 @@ def _step_times(stamps: list[tuple[float, float]], warmup: int, steps: int) -> d
     return {"step_s": (w1 - w0) / steps, "step_cpu_s": (c1 - c0) / steps}
 
 
+class _Timers:
+    """Wall and process-CPU seconds spent in wrapped methods, cumulative per name; ``mark()`` at
+    each step end."""
+
+    def __init__(self):
+        self.total: dict[str, tuple[float, float]] = {}
+        self.marks: list[dict[str, tuple[float, float]]] = []
+
+    def wrap(self, owner, name: str, key: str, when=None) -> None:
+        """Time ``owner.name`` under ``key`` (only calls where ``when()`` holds, when given)."""
+        import functools
+
+        original = getattr(owner, name)
+        timers = self
+
+        @functools.wraps(original)
+        def timed(*a, **k):
+            if when is not None and not when():
+                return original(*a, **k)
+            _sync()
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return original(*a, **k)
+            finally:
+                _sync()
+                w, c = timers.total.get(key, (0.0, 0.0))
+                timers.total[key] = (w + time.perf_counter() - w0, c + time.process_time() - c0)
+
+        setattr(owner, name, timed)
+
+    def mark(self) -> None:
+        self.marks.append(dict(self.total))
+
+    def per_step(self, key: str, warmup: int) -> tuple[float, float]:
+        """Mean (wall, CPU) seconds per timed step (the steps after the warm-up)."""
+        (w0, c0), (w1, c1) = self.marks[warmup - 1].get(key, (0.0, 0.0)), self.marks[-1].get(key, (0.0, 0.0))
+        n = len(self.marks) - warmup
+        return (w1 - w0) / n, (c1 - c0) / n
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _breakdown(times: dict, timers: _Timers, warmup: int) -> dict:
+    """The step's parts (see the module docstring), wall and CPU seconds per step."""
+    out = {}
+    for i, suffix in ((0, "s"), (1, "cpu_s")):
+        step = times["step_s" if i == 0 else "step_cpu_s"]
+        sampling, rollout, logps = (timers.per_step(k, warmup)[i] for k in ("sampling", "rollout", "logps"))
+        out.update({f"sampling_{suffix}": sampling, f"rollout_other_{suffix}": rollout - sampling,
+                    f"logps_forward_{suffix}": logps, f"backward_optimizer_{suffix}": step - rollout - logps})
+    return out
+
+
 def _kernel(args, tmp):
     from metareason.kernel import Kernel
 
@@ -74,7 +146,7 @@ def _kernel(args, tmp):
         "data.train=[{task: causal_loop, num_samples: %d, seed: 0, params: {levels: [1]}}]" % (total * args.prompts),
         "data.eval=[]", f"rl.num_generations={args.num_generations}", "rl.rewards={bench_digit_fraction: 1.0}",
         f"rl.loss_type={args.loss_type}", "rl.beta=0.0", "rl.num_iterations=1", f"rl.max_completion_length={n}",
-        f"generation.batch_size={args.prompts * args.num_generations}",
+        f"generation.batch_size={args.prompts * args.num_generations}", f"generation.decoder={args.decoder}",
         "rl.generation_kwargs={min_new_tokens: %d}" % n,
     ])
 
@@ -86,15 +158,26 @@ class _BenchReward:
 
 
 def _side_ours(args, tmp) -> dict:
+    import torch
+
+    from metareason.train import grpo
+
     kernel = _kernel(args, tmp)
     kernel.register(_BenchReward(), name="bench_reward")
     stamps: list[float] = []
     parts: list[dict] = []
+    import metareason.generate
+
+    timers = _Timers()
+    timers.wrap(metareason.generate, "generate_batch", "sampling")  # generate_rollout imports it per call
+    timers.wrap(grpo, "generate_rollout", "rollout")
+    timers.wrap(grpo.LogProbs, "__call__", "logps", when=torch.is_grad_enabled)
 
     class Timer:
         @hookimpl
         def metareason_on_step_end(self, step, metrics):
             stamps.append((time.perf_counter(), time.process_time()))
+            timers.mark()
             parts.append({k: metrics[k] for k in ("rl/time/generate_s", "rl/time/rollout_s", "rl/time/train_s")})
             parts[-1]["tokens"] = metrics["rl/completion_length/mean"]
 
@@ -102,11 +185,12 @@ def _side_ours(args, tmp) -> dict:
     kernel.run()
     w = args.warmup
     timed = parts[w:]
-    return {**_step_times(stamps, w, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
+    times = _step_times(stamps, w, args.steps)
+    return {**times, "peak_mb": peak_mb(), "steps": len(stamps), "decoder": kernel.config.generation.decoder,
             "generate_s": sum(p["rl/time/generate_s"] for p in timed) / len(timed),
             "rollout_s": sum(p["rl/time/rollout_s"] for p in timed) / len(timed),
             "train_s": sum(p["rl/time/train_s"] for p in timed) / len(timed),
-            "completion_tokens": sum(p["tokens"] for p in timed) / len(timed)}
+            **_breakdown(times, timers, w), "completion_tokens": sum(p["tokens"] for p in timed) / len(timed)}
 
 
 def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
@@ -127,9 +211,15 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
     stamps: list[float] = []
     lengths: list[float] = []
 
+    timers = _Timers()
+    timers.wrap(GRPOTrainer, "_generate", "sampling")
+    timers.wrap(GRPOTrainer, "_generate_and_score_completions", "rollout")
+    timers.wrap(GRPOTrainer, "_get_per_token_logps_and_entropies", "logps", when=torch.is_grad_enabled)
+
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
             stamps.append((time.perf_counter(), time.process_time()))
+            timers.mark()
 
     n = args.completion_length
     tc = cfg.train
@@ -153,7 +243,8 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
                           processing_class=tokenizer, callbacks=[Timer()])
     trainer.train()
     w = args.warmup
-    return {**_step_times(stamps, w, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
+    times = _step_times(stamps, w, args.steps)
+    return {**times, "peak_mb": peak_mb(), "steps": len(stamps), **_breakdown(times, timers, w),
             "completion_tokens": sum(lengths[w:]) / len(lengths[w:])}
 
 
@@ -172,19 +263,45 @@ def _child(args) -> int:
     return 0
 
 
+SPREAD_KEYS = ("step_s", "step_cpu_s", "sampling_s", "rollout_other_s", "logps_forward_s", "backward_optimizer_s",
+               "sampling_cpu_s", "rollout_other_cpu_s", "logps_forward_cpu_s", "backward_optimizer_cpu_s")
+
+
 def _median_run(rows: list[dict]) -> dict:
-    """The run with the median wall step time; every run's step times kept alongside."""
+    """The run with the median wall step time, with every run's values and their min-max."""
     ordered = sorted(rows, key=lambda r: r["step_s"])
     out = dict(ordered[(len(ordered) - 1) // 2])
-    if len(rows) > 1:
-        out["all_step_s"] = [r["step_s"] for r in rows]
-        out["all_step_cpu_s"] = [r["step_cpu_s"] for r in rows]
+    out["runs"] = len(rows)
+    for key in SPREAD_KEYS:
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[f"all_{key}"] = values
+            out[f"{key}_range"] = [min(values), max(values)]
     return out
 
 
+CHILD_ARGS = ("steps", "warmup", "prompts", "num_generations", "completion_length", "loss_type", "lr", "threads",
+              "decoder")
+
+
 def _command(args) -> str:
-    return "metareason bench grpo " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in (
-        "steps", "warmup", "prompts", "num_generations", "completion_length", "loss_type", "lr", "threads", "repeats"))
+    parts = ["metareason bench grpo"]
+    if Path(args.config).resolve() != QUICKSTART:
+        parts.append(f"--config {args.config}")
+    parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in CHILD_ARGS + ("repeats", "sides")]
+    return " ".join(parts)
+
+
+def _spread(r: dict, key: str, fmt: str = "{:.3f}") -> str:
+    lo_hi = r.get(f"{key}_range")
+    if not lo_hi or r.get("runs", 1) < 2:
+        return fmt.format(r[key])
+    return f"{fmt.format(r[key])} ({fmt.format(lo_hi[0])}-{fmt.format(lo_hi[1])})"
+
+
+NAMES = (("ours", "metareason"), ("trl", "TRL GRPOTrainer"), ("trl_gc", "TRL, gradient checkpointing (its default)"))
+PARTS = (("sampling_s", "sampling"), ("rollout_other_s", "rest of rollout"), ("logps_forward_s", "log-prob forward"),
+         ("backward_optimizer_s", "backward + optimizer"))
 
 
 def run(args) -> int:
@@ -201,8 +318,7 @@ def run(args) -> int:
     for rep in range(args.repeats):
         for side in sides:
             cmd = [sys.executable, "-m", "metareason", "bench", "grpo", "--side", side, "--config", args.config]
-            for k in ("steps", "warmup", "prompts", "num_generations", "completion_length", "loss_type", "lr",
-                      "threads"):
+            for k in CHILD_ARGS:
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
             print(f"[bench grpo] {side} (run {rep + 1}/{args.repeats}): {args.warmup} warm-up + {args.steps} timed "
                   f"steps ...", file=sys.stderr, flush=True)
@@ -215,11 +331,14 @@ def run(args) -> int:
                 return 1
             runs[side].append(json.loads(lines[-1][len("RESULT "):]))
     results = {side: _median_run(r) for side, r in runs.items()}
-    print(f"{'':22s} {'step s':>8s} {'CPU s':>8s} {'peak MB':>9s} {'tokens':>7s}")
-    for side, name in (("ours", "metareason"), ("trl", "TRL"), ("trl_gc", "TRL (grad. checkpt.)")):
+    print(f"median of {args.repeats} run(s) per side, (min-max) over the runs; seconds per optimizer step")
+    for side, name in NAMES:
         if side in results:
             r = results[side]
-            print(f"{name:22s} {r['step_s']:8.3f} {r['step_cpu_s']:8.3f} {r['peak_mb']:9.0f} {r['completion_tokens']:7.1f}")
+            print(f"{name}: step {_spread(r, 'step_s')} wall, {_spread(r, 'step_cpu_s')} CPU; peak "
+                  f"{r['peak_mb']:.0f} MB; {r['completion_tokens']:.1f} tokens/completion")
+            for unit, tail in (("wall", "s"), ("CPU", "cpu_s")):
+                print(f"    {unit:4s}: " + ", ".join(f"{label} {_spread(r, key[:-1] + tail)}" for key, label in PARTS))
     if not {"ours", "trl"} <= set(results):
         return 0
     speedup = results["trl"]["step_s"] / results["ours"]["step_s"]
@@ -243,7 +362,7 @@ def run(args) -> int:
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
               "prompts_per_step": args.prompts, "num_generations": args.num_generations,
               "completion_length": args.completion_length, "loss_type": args.loss_type,
-              "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats,
+              "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats, "decoder": args.decoder,
               "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "ours": results["ours"], "trl": results["trl"],
               "speedup": speedup, "cpu_time_speedup": cpu_speedup, "peak_memory_ratio": mem_ratio, **extra,
@@ -257,26 +376,34 @@ def _markdown(r: dict) -> str:
     rows = [("metareason", r["ours"]), ("TRL GRPOTrainer", r["trl"])]
     if "trl_gradient_checkpointing" in r:
         rows.append(("TRL, gradient checkpointing (its default)", r["trl_gradient_checkpointing"]))
+    spread = " (min-max over the runs in brackets)" if r["repeats"] > 1 else ""
     lines = [f"# GRPO step: metareason vs TRL {r['trl_version']}", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}.", "",
              f"Same model (quickstart architecture, random init), {r['prompts_per_step']} causal-loop prompts x "
              f"{r['num_generations']} completions of exactly {r['completion_length']} tokens per optimizer step, "
              f"loss_type {r['loss_type']}, beta 0, num_iterations 1; {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
-             f"side, the median reported. Load average before/after: "
+             f"side, the median reported{spread}. Our sampling: the {r.get('decoder', 'lean')} decoder "
+             f"(`generation.decoder`). Load average before/after: "
              f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f}; torch threads per side: "
              f"{r['ours'].get('threads')} (on a shared machine the CPU-time column is the steadier one, and more "
              f"threads than free cores make OpenMP spin: use `--threads 1` there).", "",
              "| side | step (s, wall) | step (s, CPU) | peak RSS (MB) |", "|---|---|---|---|"]
     for name, x in rows:
-        lines.append(f"| {name} | {x['step_s']:.3f} | {x['step_cpu_s']:.3f} | {x['peak_mb']:.0f} |")
+        lines.append(f"| {name} | {_spread(x, 'step_s')} | {_spread(x, 'step_cpu_s')} | {x['peak_mb']:.0f} |")
     lines += ["", f"Speed-up (TRL step time / ours): **{r['speedup']:.2f}x** wall, {r['cpu_time_speedup']:.2f}x "
               f"CPU time; peak memory ours / TRL: {r['peak_memory_ratio']:.2f}x."]
     if "speedup_vs_trl_defaults" in r:
         lines.append(f"Against TRL with its default gradient checkpointing: {r['speedup_vs_trl_defaults']:.2f}x, "
                      f"peak memory {r['peak_memory_ratio_vs_trl_defaults']:.2f}x.")
-    ours = r["ours"]
-    lines += ["", f"Our step: sampling {ours['generate_s']:.3f} s (the model's `generate`, as TRL), rollout total "
-              f"{ours['rollout_s']:.3f} s, optimizer step {ours['train_s']:.3f} s.", "",
-              f"Command: `{r['command']}`", ""]
+    lines += ["", "Where a step goes (seconds per step; sampling: ours `generate_batch`, TRL `_generate`; rest of "
+              "rollout: rewards, advantages; log-prob forward: the training forward with gradients; backward + "
+              "optimizer: the rest of the step):",
+              "", "| side | time | " + " | ".join(label for _, label in PARTS) + " |", "|---" * (len(PARTS) + 2) + "|"]
+    for name, x in rows:
+        for unit, tail in (("wall", "s"), ("CPU", "cpu_s")):
+            keys = [key[:-1] + tail for key, _ in PARTS]
+            if all(k in x for k in keys):
+                lines.append(f"| {name} | {unit} | " + " | ".join(_spread(x, k) for k in keys) + " |")
+    lines += ["", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)

@@ -1,11 +1,25 @@
 """SFT loop against Hugging Face Trainer: tokens/s and peak memory on the same model and data.
 
 Both sides train the quickstart model architecture (random init, same seed) on the same
-tokenised causal-loop examples with the same batch size, learning rate, schedule and
-length grouping (``train.group_by_length``; Trainer's ``group_by_length``). Each side
-runs in its own subprocess (so peak memory is its own) one after the other in this command, and
-times the optimizer steps after a warm-up through a step-end hook (ours) or a
-``TrainerCallback`` (Trainer). Tokens are non-padding tokens of the batches actually consumed.
+tokenised causal-loop examples, in the same batches and the same order: the batches are our
+``SFTStream``'s (with ``train.group_by_length``), handed to Trainer as a dataset in that order
+with its sequential sampler, so each Trainer step sees exactly our step's examples. Same batch
+size, learning rate, schedule, clipping, seed.
+
+Sides (each in its own subprocess, so peak memory is its own):
+
+* ``ours``: ``metareason run`` on the config with ``train.packing`` from ``--packing``.
+* ``hf_flatten``: Trainer with ``DataCollatorWithFlattening`` (its padding-free collator: the
+  batch's examples in one row, position ids restarting per example).
+* ``hf_padded``: Trainer with a right-padding collator; with length-grouped batches (the
+  default) this is its ``group_by_length`` setting (our grouped batches are the same
+  low-padding batches its length-grouped sampler aims for).
+
+``--hf-mode`` picks the Trainer settings; the faster one (median tokens/s) is the baseline.
+Runs are interleaved (ours, hf..., ours, hf..., ``--repeats`` times); each side reports the
+median and range of its runs. Steps are timed after a warm-up through a step-end hook (ours)
+or a ``TrainerCallback`` (Trainer). Tokens are the non-padding tokens of the timed steps'
+batches (the same count on every side).
 """
 from __future__ import annotations
 
@@ -13,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,18 +35,29 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, peak_mb
+from metareason.benchmarks import cpu_name, peak_mb, write_record
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+HF_MODES = {"flatten": ["hf_flatten"], "padded": ["hf_padded"], "both": ["hf_flatten", "hf_padded"]}
+SIDE_NAMES = {"ours": "metareason", "hf_flatten": "HF Trainer, DataCollatorWithFlattening",
+              "hf_padded": "HF Trainer, right-padding collator"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(QUICKSTART), help="run config whose model/data are used")
-    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
+    parser.add_argument("--steps", type=int, default=40, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--out", default="bench/results/train-cpu.json")
-    parser.add_argument("--side", choices=["ours", "hf"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side; median and range reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
+    parser.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
+                        help="our side's train.packing")
+    parser.add_argument("--group-by-length", choices=["config", "true", "false"], default="config",
+                        help="length-grouped batches on every side (default: the config's train.group_by_length)")
+    parser.add_argument("--hf-mode", choices=sorted(HF_MODES), default="both",
+                        help="HF Trainer settings to run; the faster is the baseline")
+    parser.add_argument("--out", default="bench/results/train-cpu.json", help="JSON record (and .md beside it)")
+    parser.add_argument("--side", choices=["ours", *SIDE_NAMES], help=argparse.SUPPRESS)  # child process
 
 
 def _kernel(args, tmp):
@@ -41,25 +67,32 @@ def _kernel(args, tmp):
     return Kernel(args.config, overrides=[
         f"output_dir={tmp}", "name=bench", f"train.max_steps={total}", f"train.batch_size={args.batch_size}",
         "train.grad_accum=1", "train.save_every=0", "train.eval_every=0", "eval.at_end=false",
-        f"train.log_every={total}", "quiet=true",
-    ])
+        f"train.log_every={total}", "quiet=true", f"train.packing={args.packing}",
+    ] + ([] if args.group_by_length == "config" else [f"train.group_by_length={args.group_by_length}"]))
+
+
+def _window(stamps: list[tuple[float, float]], tokens: list[int], w: int, steps: int) -> dict:
+    """Tokens/s over the timed steps ``w+1 .. w+steps`` (``stamps``: (wall, CPU) at step ends)."""
+    n = sum(tokens[w: w + steps])
+    wall = stamps[w + steps - 1][0] - stamps[w - 1][0]
+    cpu = stamps[w + steps - 1][1] - stamps[w - 1][1]
+    return {"tokens_per_s": n / wall, "tokens_per_cpu_s": n / cpu, "timed_tokens": n, "timed_s": wall}
 
 
 def _side_ours(args, tmp) -> dict:
+    from metareason.data import tokenize as tk
     from metareason.hookspecs import hookimpl
 
     kernel = _kernel(args, tmp)
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Timer:
         @hookimpl
         def metareason_on_step_end(self, step, metrics):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     kernel.register(Timer(), name="bench_timer")
     tokens: list[int] = []
-    from metareason.data import tokenize as tk
-
     original = tk.SFTStream.next_batch
 
     def counting(self):
@@ -68,112 +101,230 @@ def _side_ours(args, tmp) -> dict:
         return batch
 
     tk.SFTStream.next_batch = counting
+    from metareason.train import sft
+
+    seen = {"line": None, "packed": 0}
+    real_mode, real_pack = sft.packing_mode, sft.pack_batch
+
+    def mode(*a, **k):
+        on, seen["line"] = real_mode(*a, **k)
+        return on, seen["line"]
+
+    def pack(*a, **k):
+        seen["packed"] += 1
+        return real_pack(*a, **k)
+
+    sft.packing_mode, sft.pack_batch = mode, pack
     kernel.run()
-    w = args.warmup
-    return {"tokens_per_s": sum(tokens[w:]) / (stamps[-1] - stamps[w - 1]), "peak_mb": peak_mb(),
-            "steps": len(stamps)}
+    return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
+            "packing": seen["line"], "packed_batches": seen["packed"], "batches": len(tokens),
+            "group_by_length": kernel.config.train.group_by_length}
 
 
-def _side_hf(args, tmp) -> dict:
+def _our_batches(kernel, tokenizer, n_batches: int):
+    """The examples (as encoded) of our stream's first ``n_batches`` batches, in order."""
+    from metareason.data.tokenize import SFTStream, encode_examples
+    from metareason.train.loop import load_train_examples
+
+    cfg = kernel.config
+    examples = load_train_examples(kernel)
+    enc = encode_examples(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
+                          cfg.data.max_length)
+    stream = SFTStream(examples, enc, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id,
+                       cfg.train.group_by_length)
+    rows = []
+    for _ in range(n_batches):
+        epoch, b = divmod(stream.position // stream.batch_size, stream.batches_per_epoch)
+        rows += [{"input_ids": enc.input_ids[i], "plen": enc.prompt_lengths[i]}
+                 for i in stream._batches_for(epoch)[b]]
+        stream.position += stream.batch_size
+    return rows
+
+
+def _side_hf(args, tmp, flatten: bool) -> dict:
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 
-    from metareason.data.tokenize import collate, encode_examples
-    from metareason.train.loop import load_train_examples, seed_everything
+    from metareason.data.tokenize import collate
+    from metareason.train.loop import seed_everything
 
     kernel = _kernel(args, tmp)
     cfg = kernel.config
     seed_everything(cfg.train.seed)
     model, tokenizer = kernel.load()
-    examples = load_train_examples(kernel)
-    enc = encode_examples(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
-                          cfg.data.max_length)
-    dataset = [{"input_ids": ids, "plen": p} for ids, p in zip(enc.input_ids, enc.prompt_lengths)]
+    total = args.steps + args.warmup
+    dataset = _our_batches(kernel, tokenizer, total + 1)  # +1: the dataloader may prefetch a batch
     tokens: list[int] = []
+    flattener = DataCollatorWithFlattening(return_position_ids=True)
 
     def collator(rows):
+        tokens.append(sum(len(r["input_ids"]) for r in rows))
+        if flatten:
+            feats = []
+            for r in rows:
+                labels = list(r["input_ids"])
+                labels[: r["plen"]] = [-100] * r["plen"]
+                feats.append({"input_ids": r["input_ids"], "labels": labels})
+            return flattener(feats)
         batch = collate([r["input_ids"] for r in rows], [r["plen"] for r in rows], tokenizer.pad_token_id)
-        tokens.append(int(batch["attention_mask"].sum()))
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                 "labels": batch["labels"]}
 
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
-            stamps.append(time.perf_counter())
+            stamps.append((time.perf_counter(), time.process_time()))
 
     tc = cfg.train
     targs = TrainingArguments(
         output_dir=str(Path(tmp) / "hf"), per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps + args.warmup, learning_rate=tc.lr, weight_decay=tc.weight_decay,
+        max_steps=total, learning_rate=tc.lr, weight_decay=tc.weight_decay,
         adam_beta1=tc.betas[0], adam_beta2=tc.betas[1], lr_scheduler_type="cosine", warmup_steps=tc.warmup_steps,
         max_grad_norm=tc.max_grad_norm or 0.0, logging_steps=10_000, save_strategy="no", report_to=[],
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0, disable_tqdm=True,
-        remove_unused_columns=False, seed=tc.seed, **_grouping_kwargs(TrainingArguments, tc.group_by_length),
+        remove_unused_columns=False, seed=tc.seed, **_sequential_kwargs(TrainingArguments),
     )
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collator,
                       callbacks=[Timer()])
     trainer.train()
-    w = args.warmup
-    # the dataloader may prefetch one batch ahead; count only the batches of timed steps
-    return {"tokens_per_s": sum(tokens[w: w + args.steps]) / (stamps[-1] - stamps[w - 1]),
-            "peak_mb": peak_mb(), "steps": len(stamps)}
+    # the dataloader may prefetch one batch ahead; only the timed steps' batches are counted
+    return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
+            "collator": "DataCollatorWithFlattening" if flatten else "right padding",
+            "group_by_length": cfg.train.group_by_length,
+            "attn_implementation": model.config._attn_implementation}
 
 
-def _grouping_kwargs(training_args_cls, grouped: bool) -> dict:
-    """Trainer's length grouping: ``group_by_length`` before transformers 5,
-    ``train_sampling_strategy="group_by_length"`` from 5 on."""
+def _sequential_kwargs(training_args_cls) -> dict:
+    """Trainer reads the dataset in order: ``train_sampling_strategy="sequential"`` from
+    transformers 5 on; before, a sequential sampler is not an argument (the bench needs 5)."""
     import inspect
 
     params = inspect.signature(training_args_cls.__init__).parameters
-    if "train_sampling_strategy" in params:
-        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
-    return {"group_by_length": grouped}
+    if "train_sampling_strategy" not in params:
+        raise SystemExit("bench train needs transformers >= 5 (TrainingArguments.train_sampling_strategy)")
+    return {"train_sampling_strategy": "sequential"}
 
 
 def _child(args) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        result = _side_ours(args, tmp) if args.side == "ours" else _side_hf(args, tmp)
+        if args.side == "ours":
+            result = _side_ours(args, tmp)
+        else:
+            result = _side_hf(args, tmp, flatten=args.side == "hf_flatten")
+    result["threads"] = torch.get_num_threads()
     print("RESULT " + json.dumps(result))
     return 0
+
+
+def _summary(runs: list[dict]) -> dict:
+    speeds = [r["tokens_per_s"] for r in runs]
+    mems = [r["peak_mb"] for r in runs]
+    cpu = [r["tokens_per_cpu_s"] for r in runs]
+    settings = {k: v for k, v in runs[0].items() if k in ("packing", "packed_batches", "batches", "collator",
+                                                           "attn_implementation", "threads", "group_by_length")}
+    return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
+            "tokens_per_cpu_s": statistics.median(cpu), "peak_mb": statistics.median(mems),
+            "peak_mb_range": [min(mems), max(mems)], "timed_tokens": runs[0]["timed_tokens"], **settings,
+            "runs": runs}
+
+
+def _command(args) -> str:
+    return "metareason bench train " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in (
+        "steps", "warmup", "batch_size", "repeats", "threads", "packing", "group_by_length", "hf_mode")) + \
+        ("" if args.config == str(QUICKSTART) else f" --config {args.config}")
 
 
 def run(args) -> int:
     if args.side:
         return _child(args)
     import torch
+    import transformers
 
-    results = {}
-    for side in ("ours", "hf"):
-        cmd = [sys.executable, "-m", "metareason", "bench", "train", "--side", side, "--config", args.config,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
-        print(f"[bench train] {side}: {args.warmup} warm-up + {args.steps} timed steps ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, METAREASON_PLUGINS="builtin"))
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            print(f"error: bench train: the {side} side failed", file=sys.stderr)
-            return 1
-        results[side] = json.loads(lines[-1][len("RESULT "):])
-    ratio_speed = results["ours"]["tokens_per_s"] / results["hf"]["tokens_per_s"]
-    ratio_mem = results["ours"]["peak_mb"] / results["hf"]["peak_mb"]
+    if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
+        print("error: --warmup, --steps and --repeats must be at least 1", file=sys.stderr)
+        return 2
+    sides = ["ours", *HF_MODES[args.hf_mode]]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    load_before = os.getloadavg()
+    for rep in range(args.repeats):
+        for side in sides:
+            cmd = [sys.executable, "-m", "metareason", "bench", "train", "--side", side, "--config", args.config]
+            for k in ("steps", "warmup", "batch_size", "threads", "packing", "group_by_length"):
+                cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+            print(f"[bench train] {side} (run {rep + 1}/{args.repeats}): {args.warmup} warm-up + {args.steps} "
+                  f"timed steps ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env=dict(os.environ, METAREASON_PLUGINS="builtin"))
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                print(f"error: bench train: the {side} side failed", file=sys.stderr)
+                return 1
+            runs[side].append(json.loads(lines[-1][len("RESULT "):]))
+    load_after = os.getloadavg()
+    results = {side: _summary(r) for side, r in runs.items()}
+    counts = {side: r["timed_tokens"] for side, r in results.items()}
+    if len(set(counts.values())) != 1:
+        print(f"error: bench train: the sides counted different tokens {counts}", file=sys.stderr)
+        return 1
+    hf_sides = [s for s in sides if s != "ours"]
+    baseline = max(hf_sides, key=lambda s: results[s]["tokens_per_s"])
+    ours, base = results["ours"], results[baseline]
+    ratio = ours["tokens_per_s"] / base["tokens_per_s"]
+    pair_ratios = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(runs["ours"], runs[baseline])]
+    mem_ratio = ours["peak_mb"] / base["peak_mb"]
+    cpu_ratio = ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
+    print(f"{'':42s} {'tokens/s':>9s} {'range':>15s} {'tok/CPU-s':>9s} {'peak MB':>8s}")
+    for side in sides:
+        r = results[side]
+        lo, hi = r["tokens_per_s_range"]
+        print(f"{SIDE_NAMES[side]:42s} {r['tokens_per_s']:9.0f} {lo:7.0f}-{hi:<7.0f} {r['tokens_per_cpu_s']:9.0f} "
+              f"{r['peak_mb']:8.0f}")
+    print(f"speed ratio (ours / {SIDE_NAMES[baseline]}): {ratio:.2f}x median (per-repeat {min(pair_ratios):.2f}-"
+          f"{max(pair_ratios):.2f}), {cpu_ratio:.2f}x per CPU second; peak memory ratio {mem_ratio:.2f}x")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
-    print(f"{'':10s} {'tokens/s':>10s} {'peak MB':>10s}")
-    for side, name in (("ours", "metareason"), ("hf", "HF Trainer")):
-        print(f"{name:10s} {results[side]['tokens_per_s']:10.0f} {results[side]['peak_mb']:10.0f}")
-    print(f"speed ratio (ours / Trainer): {ratio_speed:.2f}x; peak memory ratio: {ratio_mem:.2f}x")
-    record = {"benchmark": "train", "device": device, "torch": torch.__version__, "python": platform.python_version(),
+    record = {"benchmark": "train", "device": device, "torch": torch.__version__,
+              "transformers": transformers.__version__, "python": platform.python_version(),
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
               "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
-              "ours": results["ours"], "hf_trainer": results["hf"],
-              "speed_ratio": ratio_speed, "peak_memory_ratio": ratio_mem,
-              "command": "metareason bench train " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (
-                  ("steps", args.steps), ("warmup", args.warmup), ("batch_size", args.batch_size)))}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+              "repeats": args.repeats, "threads": args.threads, "order": "interleaved: " + ", ".join(sides),
+              "load_average_before": load_before, "load_average_after": load_after,
+              "ours": ours, **{side: results[side] for side in hf_sides}, "baseline": baseline,
+              "speed_ratio": ratio, "speed_ratio_range": [min(pair_ratios), max(pair_ratios)],
+              "cpu_time_speed_ratio": cpu_ratio, "peak_memory_ratio": mem_ratio, "command": _command(args)}
+    write_record(args.out, record, _markdown(record, sides))
     return 0
+
+
+def _markdown(r: dict, sides: list[str]) -> str:
+    lines = [f"# SFT loop: metareason vs Hugging Face Trainer (transformers {r['transformers']})", "",
+             f"{r['device']}, torch {r['torch']}, {r['date']}.", "",
+             f"Quickstart model architecture (random init), the same causal-loop batches in the same order on "
+             f"every side (batch {r['batch_size']}, {'length-grouped' if r['ours']['group_by_length'] else 'random'}"
+             f"), {r['timed_steps']} timed steps after "
+             f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
+             f"side: median and range. Tokens are non-padding tokens. Load average (1 min) before/after: "
+             f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f}; torch threads per side: "
+             f"{r['ours'].get('threads')}.", "",
+             "| side | settings | tokens/s (median) | range | tokens/CPU-s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for side in sides:
+        x = r[side]
+        if side == "ours":
+            settings = f"{x['packing']}; {x['packed_batches']} of {x['batches']} batches packed"
+        else:
+            settings = (f"{x['collator']}, {x['attn_implementation']} attention"
+                        f"{', group_by_length' if x['group_by_length'] else ''}")
+        lo, hi = x["tokens_per_s_range"]
+        lines.append(f"| {SIDE_NAMES[side]} | {settings} | {x['tokens_per_s']:.0f} | {lo:.0f}-{hi:.0f} | "
+                     f"{x['tokens_per_cpu_s']:.0f} | {x['peak_mb']:.0f} |")
+    lo, hi = r["speed_ratio_range"]
+    lines += ["", f"Baseline: the faster Trainer setting, {SIDE_NAMES[r['baseline']]}. Speed ratio (ours / "
+              f"baseline, medians): **{r['speed_ratio']:.2f}x** (per-repeat {lo:.2f}-{hi:.2f}); per CPU second "
+              f"{r['cpu_time_speed_ratio']:.2f}x (the steadier number on a shared machine); peak memory "
+              f"ratio {r['peak_memory_ratio']:.2f}x.", "", f"Command: `{r['command']}`", ""]
+    return "\n".join(lines)

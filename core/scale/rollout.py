@@ -58,7 +58,8 @@ def sample_groups(kernel, model, tokenizer, prompts: list[str], seeds: list[int]
             out += generate_batch(model, tokenizer, [prompt] * rl.num_generations,
                                   max_new_tokens=rl.max_completion_length, do_sample=True,
                                   temperature=rl.temperature, top_p=rl.top_p, stop=list(cfg.generation.stop),
-                                  device=device, generate_kwargs=gen_kwargs, share_prompts=share_prompts)
+                                  device=device, generate_kwargs=gen_kwargs, share_prompts=share_prompts,
+                                  decoder=cfg.generation.decoder)
     return out
 
 

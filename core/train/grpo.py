@@ -309,7 +309,8 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
             gens += generate_batch(model, tokenizer, row_prompts[start: start + cfg.generation.batch_size],
                                    max_new_tokens=rl.max_completion_length, do_sample=True,
                                    temperature=rl.temperature, top_p=rl.top_p, stop=list(cfg.generation.stop),
-                                   device=device, generate_kwargs=gen_kwargs, share_prompts=share)
+                                   device=device, generate_kwargs=gen_kwargs, share_prompts=share,
+                                   decoder=cfg.generation.decoder)
     t_gen = time.perf_counter() - t0
 
     ids = [_completion_ids(g, tokenizer) for g in gens]

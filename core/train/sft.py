@@ -1,6 +1,8 @@
 """The kernel's SFT loop.
 
 Per optimizer step: ``grad_accum`` micro-batches; labels pass through ``metareason_sft_labels``;
+then, with ``train.packing`` on, the micro-batch is packed padding-free where that removes
+enough padding (:mod:`metareason.data.packing`; same loss and gradients as the padded batch);
 loss = token-mean cross-entropy over completion tokens + weighted extra terms from
 ``metareason_extra_losses`` (each logged); clipping; AdamW (or 8-bit AdamW); warmup + cosine.
 A NaN/inf loss stops the run before the optimizer step, so the last checkpoint stays the last
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 
 from metareason.checkpoint import save_checkpoint
 from metareason.config import ConfigError
+from metareason.data.packing import UnpackedOutputs, pack_batch, packing_support, plan
 from metareason.data.tokenize import IGNORE_INDEX, SFTStream, encode_examples
 from metareason.errors import UserError
 from metareason.train.loop import (RunDriver, check_finite, load_train_examples, prepare_run_dir,
@@ -55,6 +58,44 @@ def collect_extra_losses(kernel, model, batch, outputs, step) -> dict[str, tuple
     return terms
 
 
+def packing_mode(setting, model) -> tuple[bool, str]:
+    """``train.packing`` resolved for this model: (on, a line saying why)."""
+    supported, why = packing_support(model)
+    if setting is True and not supported:
+        raise ConfigError(f"train.packing: true, but this model cannot keep packed examples apart ({why}); "
+                          "set train.packing: auto or false")
+    on = supported if setting == "auto" else bool(setting)
+    return on, f"train.packing={str(setting).lower()}: {'on' if on else 'off'} ({why})"
+
+
+def forward_batch(model, batch: dict, labels: torch.Tensor, device, pad_id: int, packing: bool,
+                  autocast: str = "none") -> tuple:
+    """The model's forward on one SFT micro-batch and its token loss.
+
+    With ``packing`` the batch is packed (:mod:`metareason.data.packing`) when that removes
+    enough padding (:func:`~metareason.data.packing.plan`), else it runs padded.
+    Returns ``(outputs, loss, n, packed)``: ``outputs.logits`` is in the padded ``[B, W, V]``
+    layout either way (unpacked lazily for hooks that read it: mcft's format term), ``loss``
+    the token-mean cross-entropy over ``n`` label tokens (the same pairs and the same ``n``
+    packed or padded), ``packed`` whether it ran packed.
+    """
+    rows = plan(batch["attention_mask"]) if packing else None
+    if rows is not None:
+        packed = pack_batch(batch["input_ids"], batch["attention_mask"], labels, 0, pad_id, rows)
+        with autocast_context(autocast, device):
+            outputs = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
+                            use_cache=False)
+        loss, n = token_loss(outputs.logits, packed.labels.to(device))
+        return UnpackedOutputs(outputs, packed), loss, n, True
+    # Batches are right-padded and attention is causal, so no real token attends to padding and
+    # pad positions are out of the loss: no attention mask is needed, which keeps the fast
+    # causal attention path.
+    with autocast_context(autocast, device):
+        outputs = model(input_ids=batch["input_ids"].to(device), use_cache=False)
+    loss, n = token_loss(outputs.logits, labels.to(device))
+    return outputs, loss, n, False
+
+
 def train_sft(kernel, resume: bool = False, dist=None) -> dict:
     """``dist``: a data-parallel worker (:mod:`metareason.scale.dist`); ``None``: one process."""
     from metareason.scale.dist import LOCAL
@@ -79,6 +120,9 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
         stream = SFTStream(examples, encoded, tc.batch_size, tc.seed, tokenizer.pad_token_id, tc.group_by_length)
     except ValueError as exc:
         raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
+    packing, packing_line = packing_mode(tc.packing, model)
+    if dist.is_main:
+        print(f"[metareason] {packing_line}", file=sys.stderr)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
@@ -103,14 +147,9 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
                 labels = kernel.chain("metareason_sft_labels", "labels", batch["labels"], batch=batch,
                                       tokenizer=tokenizer, config=cfg)
                 batch["labels"] = labels
-                ids = batch["input_ids"].to(device)
                 mask = batch["attention_mask"]
-                # Batches are right-padded and attention is causal, so no real token attends to
-                # padding and pad positions are out of the loss: no attention mask is needed,
-                # which keeps the fast causal attention path.
-                with autocast_context(tc.autocast, device):
-                    outputs = model(input_ids=ids, use_cache=False)
-                lm_loss, n = token_loss(outputs.logits, labels.to(device))
+                outputs, lm_loss, n, _ = forward_batch(model, batch, labels, device, tokenizer.pad_token_id,
+                                                       packing, tc.autocast)
                 lm_loss = dist.scale_token_mean(lm_loss, n)
                 loss = lm_loss
                 for name, (weight, term) in collect_extra_losses(kernel, model, batch, outputs, step).items():
