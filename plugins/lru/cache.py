@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 
 def cache_length(cache: Any, layer_idx: int) -> int:
@@ -28,6 +29,37 @@ def update_latent_cache(cache: Any, layer_idx: int, latent: torch.Tensor,
         return torch.cat([cache[0], latent], dim=-2), torch.cat([cache[1], k_rope], dim=-2)
     keys, values = cache.update(latent[:, None], k_rope[:, None], layer_idx)
     return keys[:, 0], values[:, 0]
+
+
+def _select_chain_states(cache: Any, index: torch.Tensor) -> None:
+    """Reorder / select the per-iteration LRU states of group E (``chain.ChainStates``) with the cache."""
+    store = getattr(cache, "lru_chain_states", None)
+    if store is not None:
+        store.select(index)
+
+
+class ChainDynamicCache(DynamicCache):
+    """A ``DynamicCache`` whose beam reordering and batch selection also apply to the per-iteration
+    LRU states that group E (``lru_cross_read``) keeps on it as ``lru_chain_states``; the model swaps
+    ``generate()``'s empty ``DynamicCache`` for one (``decode_cache: dynamic``)."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        _select_chain_states(self, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        _select_chain_states(self, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        store = getattr(self, "lru_chain_states", None)
+        if store is not None and store.layers:
+            batch = next(iter(store.layers.values()))[0].shape[1]
+            _select_chain_states(self, torch.arange(batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("lru_cross_read: cropping the cache (assisted decoding) is not supported")
 
 
 class _PagedLayer:
@@ -138,6 +170,7 @@ class PagedLatentCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence b becomes old sequence ``beam_idx[b]`` (rows copied, no shared pages)."""
+        _select_chain_states(self, beam_idx)
         for i, layer in enumerate(self.layers):
             if layer is None:
                 continue

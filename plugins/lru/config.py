@@ -25,6 +25,15 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
+def _check_read(prefix: str, cross_read, read_dim, read_rope_dim) -> None:
+    if not isinstance(cross_read, bool):
+        raise ValueError(f"{prefix}cross_read: expected true or false, got {cross_read!r}")
+    _positive_int(f"{prefix}read_dim", read_dim)
+    r = read_rope_dim
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0 or r % 2 or r > read_dim:
+        raise ValueError(f"{prefix}read_rope_dim: expected an even int in [0, {prefix}read_dim = {read_dim}], got {r!r}")
+
+
 @dataclass
 class LRUConfig:
     """The Latent Reasoning Unit: a GRU-gated refinement of each token's latent with ACT halting.
@@ -40,6 +49,11 @@ class LRUConfig:
     fixed_iterations: bool = False
     halt_bias_init: float = -1.0
     init_gain: float = 1.0
+    #: group E (``chain.py``): each iteration also reads the earlier positions' current states
+    cross_read: bool = False
+    read_dim: int = 16  # width of the read's query / key
+    read_rope_dim: int = 8  # of which RoPE-rotated (0: content only)
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
         _positive_int("latent_dim", self.latent_dim)
@@ -47,6 +61,7 @@ class LRUConfig:
         t = self.halt_threshold
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t <= 1):
             raise ValueError(f"halt_threshold: expected a number in (0, 1], got {t!r}")
+        _check_read("", self.cross_read, self.read_dim, self.read_rope_dim)
 
 
 @dataclass
@@ -111,6 +126,9 @@ class DeepSeekMLAConfig(PreTrainedConfig):
     ``loss`` when it is given ``labels`` (``stability``, ``sparsity``, ``ponder``); kernel runs
     take them from the run config's ``lru.loss_weights`` instead (the model gets no labels there).
     ``decode_cache``: ``paged`` (default) or ``dynamic``, see ``DECODE_CACHES``.
+    ``lru_cross_read`` (group E, :mod:`.chain`): each LRU iteration also takes a causal read over
+    the earlier positions' current latents (query / key width ``lru_read_dim``, of which
+    ``lru_read_rope_dim`` RoPE-rotated).
     """
 
     model_type = MODEL_TYPE
@@ -146,6 +164,9 @@ class DeepSeekMLAConfig(PreTrainedConfig):
     lru_init_gain: float = 1.0
     lru_layers: Optional[list] = None
     lru_loss_weights: Optional[dict] = None
+    lru_cross_read: bool = False
+    lru_read_dim: int = 16
+    lru_read_rope_dim: int = 8
     decode_cache: str = "paged"
 
     def __post_init__(self, **kwargs):
@@ -160,6 +181,9 @@ class DeepSeekMLAConfig(PreTrainedConfig):
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(self.hidden_size * 8 / 3 / 64)
         _positive_int("intermediate_size", self.intermediate_size)
+        _check_read("lru_", self.lru_cross_read, self.lru_read_dim, self.lru_read_rope_dim)
+        if self.lru_cross_read and not self.use_lru:
+            raise ValueError("lru_cross_read: needs use_lru: true (the read is part of the LRU)")
         if self.lru_layers is not None:
             bad = [i for i in self.lru_layers
                    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
@@ -182,7 +206,9 @@ class DeepSeekMLAConfig(PreTrainedConfig):
     def lru_config(self) -> LRUConfig:
         return LRUConfig(latent_dim=self.kv_latent_dim, max_iterations=self.lru_max_iterations,
                          halt_threshold=self.lru_halt_threshold, fixed_iterations=self.lru_fixed_iterations,
-                         halt_bias_init=self.lru_halt_bias_init, init_gain=self.lru_init_gain)
+                         halt_bias_init=self.lru_halt_bias_init, init_gain=self.lru_init_gain,
+                         cross_read=self.lru_cross_read, read_dim=self.lru_read_dim,
+                         read_rope_dim=self.lru_read_rope_dim, rope_theta=self.rope_theta)
 
     def mla_config(self, layer_idx: int) -> MLAConfig:
         use = self.layer_has_lru(layer_idx)

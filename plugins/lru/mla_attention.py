@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from metareason.plugins.lru.cache import PagedLatentCache, cache_length, update_latent_cache
+from metareason.plugins.lru.chain import build_lru
 from metareason.plugins.lru.config import DeepSeekMLAConfig, MLAConfig
-from metareason.plugins.lru.lru import LatentReasoningUnit, LRUOutput
+from metareason.plugins.lru.lru import LRUOutput
 from metareason.plugins.lru.rope import apply_rope, rope_cos_sin
 
 
@@ -87,7 +88,7 @@ class MLAAttention(nn.Module):
         self.W_DKV = nn.Linear(c.hidden_size, d_c, bias=c.attention_bias)
         self.kv_norm = MLARMSNorm(d_c, c.rms_norm_eps)
         self.W_KR = nn.Linear(c.hidden_size, c.rope_head_dim, bias=c.attention_bias)
-        self.lru = LatentReasoningUnit(c.lru) if c.use_lru else None
+        self.lru = build_lru(c.lru) if c.use_lru else None  # group E: the cross-reading LRU
         self.W_UK = nn.Linear(d_c, H * c.nope_head_dim, bias=False)
         self.W_UV = nn.Linear(d_c, H * c.v_head_dim, bias=False)
         self.W_O = nn.Linear(H * c.v_head_dim, c.hidden_size, bias=c.attention_bias)
@@ -98,11 +99,14 @@ class MLAAttention(nn.Module):
         q = self.W_UQ(self.q_norm(self.W_DQ(x))) if c.q_latent_dim else self.W_Q(x)
         return q.view(*x.shape[:2], self.num_heads, c.qk_head_dim).transpose(1, 2)  # [B,H,S,dq]
 
-    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[LRUOutput]]:
-        """``c_kv'``: the normalised down-projection, refined by the LRU when there is one."""
+    def latent(self, x: torch.Tensor, **context: Any) -> tuple[torch.Tensor, Optional[LRUOutput]]:
+        """``c_kv'``: the normalised down-projection, refined by the LRU when there is one.
+        ``context`` (positions, mask, cache) reaches only an LRU that reads other positions."""
         c_kv = self.kv_norm(self.W_DKV(x))
         if self.lru is None:
             return c_kv, None
+        if getattr(self.lru, "reads_positions", False):
+            return self.lru(c_kv, layer_idx=self.layer_idx, **context)
         return self.lru(c_kv)
 
     # ---------------------------------------------------------------------------- forward
@@ -123,7 +127,8 @@ class MLAAttention(nn.Module):
             position_ids = torch.arange(past_len, past_len + S, device=hidden_states.device)[None]
         q = self.queries(hidden_states)
         q_nope, q_rope = q.split([c.nope_head_dim, c.rope_head_dim], dim=-1)
-        latent, lru_out = self.latent(hidden_states)
+        latent, lru_out = self.latent(hidden_states, position_ids=position_ids, attention_mask=attention_mask,
+                                      cache=past_key_values)
         cos, sin = rope_cos_sin(position_ids, c.rope_head_dim, c.rope_theta, q.dtype)
         q_rope = apply_rope(q_rope, cos, sin)
         k_rope = apply_rope(self.W_KR(hidden_states)[:, None], cos, sin)[:, 0]  # [B,S,d_r]

@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from metareason.models.compat import CACHE_KWARG, cache_from_kwargs
-from metareason.plugins.lru.cache import PagedLatentCache
+from metareason.plugins.lru.cache import ChainDynamicCache, PagedLatentCache
 from metareason.plugins.lru.config import DeepSeekMLAConfig
 from metareason.plugins.lru.losses import lru_loss_terms, weighted_total
 from metareason.plugins.lru.lru import LatentReasoningUnit
@@ -123,6 +123,11 @@ class DeepSeekMLAModel(DeepSeekMLAPreTrainedModel):
                 past_key_values is None or (type(past_key_values) is DynamicCache
                                             and past_key_values.get_seq_length() == 0)):
             past_key_values = PagedLatentCache(self.config.num_hidden_layers)  # replaces generate()'s empty one
+        if use_cache and self.config.lru_cross_read and (
+                past_key_values is None or (type(past_key_values) is DynamicCache
+                                            and past_key_values.get_seq_length() == 0)):
+            # group E keeps per-iteration LRU states on the cache: a DynamicCache that reorders them too
+            past_key_values = ChainDynamicCache(config=self.config)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if not use_cache:
