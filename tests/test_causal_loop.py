@@ -238,6 +238,21 @@ def test_splits_are_disjoint_problem_sets():
     assert 0.07 < frac < 0.13
 
 
+def test_validation_split_is_disjoint_from_train_and_test():
+    p = {"levels": [1], "val_fraction": 0.1}
+    train = {e["prompt"] for e in make_task(dict(p, split="train"), 0, 20000)}
+    val = [e["prompt"] for e in make_task(dict(p, split="validation"), 1, 1000)]
+    test = {e["prompt"] for e in make_task(dict(p, split="test"), 2, 1000)}
+    assert not train & set(val) and not test & set(val) and not train & test
+    # the test split does not move when a validation split is cut out of train
+    assert test == {e["prompt"] for e in make_task({"levels": [1], "split": "test"}, 2, 1000)}
+    cols = cl.sample_level(1, np.arange(5000), 2, cl.parse_params(p))
+    fracs = [cl._in_split(cols["hash"], cl.parse_params(dict(p, split=s))).mean() for s in ("train", "validation", "test")]
+    assert abs(sum(fracs) - 1) < 1e-9 and 0.07 < fracs[1] < 0.13
+    with pytest.raises(TaskError, match="params.val_fraction"):
+        cl.parse_params({"split": "validation"})
+
+
 @pytest.mark.parametrize("text, expected", [
     ("B=3+2=5;C=5*2=10;D=10-1=9;answer:9", "9"),
     ("answer:9", "9"),

@@ -23,8 +23,10 @@ def tiny_config(name, group, arch, levels=(1, 2, 3, 4)):
             "lru": {"group": group, "description": f"tiny {group}", "stats_batch_size": 4},
             "model": {"arch": arch, "tokenizer": {"type": "char"}},
             "data": {"max_length": 256,
-                     "train": [{"task": "causal_loop", "num_samples": 16, "params": {"levels": list(levels), "split": "train"}}],
-                     "eval": [{"task": "causal_loop", "num_samples": 8, "seed": 5, "params": {"levels": [1, 2, 3, 4], "split": "test"}}]},
+                     "train": [{"task": "causal_loop", "num_samples": 16,
+                                "params": {"levels": list(levels), "split": "train", "val_fraction": 0.1}}],
+                     "eval": [{"task": "causal_loop", "num_samples": 8, "seed": 5,
+                               "params": {"levels": [1, 2, 3, 4], "split": "test", "val_fraction": 0.1}}]},
             "train": {"max_steps": 50, "batch_size": 4, "log_every": 1, "lr": 1e-3},
             "generation": {"max_new_tokens": 4, "batch_size": 8}}
 
@@ -36,55 +38,78 @@ def write_configs(root, groups):
     return root
 
 
+LEVELS = ["level_1", "level_2", "level_3", "level_4"]
+
+
 @pytest.mark.slow
-def test_sweep_with_ray_writes_the_report(tmp_path):
-    configs = write_configs(tmp_path / "configs", GROUPS)
+def test_quick_sweep_with_ray_runs_the_protocol_and_resumes(tmp_path):
+    """Groups A (no LRU) and D (ACT): the grid on validation, the second seed, the test split."""
+    configs = write_configs(tmp_path / "configs", {k: GROUPS[k] for k in ("a", "d")})
     out, runs = tmp_path / "report", tmp_path / "runs"
-    res = run_cli("lru", "sweep", str(configs), "--out", str(out), "--runs-dir", str(runs), "--steps", "2",
-                  "--ray", "train.batch_size=2")
+    args = ("lru", "sweep", str(configs), "--out", str(out), "--runs-dir", str(runs), "--quick", "--steps", "2",
+            "--val-samples", "4", "--test-samples", "8")
+    res = run_cli(*args, "--ray", "train.batch_size=2", timeout=1100)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Ray tasks" in res.stderr
+    assert "Ray tasks" in res.stderr and "lr grid 0.002, 0.004 on seed 0, seeds [0, 1]" in res.stderr
     data = json.loads((out / "lru-sweep.json").read_text())
-    assert data["launcher"] == "ray" and "--steps 2" in data["command"]
+    assert data["launcher"] == "ray" and data["quick"] and "--quick" in data["command"]
+    trials = data["trials"]
+    # grid: 2 groups x 2 rates on seed 0; then seed 1 at each group's chosen rate
+    assert len(trials) == 2 * 2 + 2 and all(t["ok"] for t in trials)
+    assert all(t["max_steps"] == 2 and t["batch_size"] == 2 for t in trials)  # --steps and overrides reached the runs
     groups = {g["group"]: g for g in data["groups"]}
-    assert sorted(groups) == ["A", "B", "C", "D"]
-    levels = ["level_1", "level_2", "level_3", "level_4"]
+    assert sorted(groups) == ["A", "D"]
     for g in groups.values():
-        assert g["ok"] and g["max_steps"] == 2 and g["batch_size"] == 2  # --steps and overrides reached the runs
-        assert sorted(k for k in g["accuracy"] if k != "all") == levels
-        assert g["num_parameters"] > 0 and g["tokens_per_s"] > 0 and len(g["loss_curve"]) == 2
-        assert sorted(g["majority_baseline"]) == ["all"] + levels
-    assert groups["A"]["lru"] == {} and groups["B"]["lru"] == {}
-    for name in ("C", "D"):
-        assert sorted(k for k in groups[name]["lru"] if k != "all") == levels
-        assert set(groups[name]["final_loss_terms"]) == {"L_pred", "L_stability", "L_sparsity", "L_ponder"}
-    assert all(groups["C"]["lru"][lv]["iterations"] == 3 for lv in levels)  # fixed mode
-    assert all(1 <= groups["D"]["lru"][lv]["iterations"] <= 3 for lv in levels)
-    claims = [h["claim"] for h in data["hypotheses"]]
-    assert claims == ["D's mean iterations rise with level", "D beats A on level_2", "D beats A on level_4"]
+        grid = {r["lr"]: r for r in g["grid"]}
+        assert sorted(grid) == [0.002, 0.004] and all(r["val_accuracy"] is not None for r in grid.values())
+        best = max(grid.values(), key=lambda r: (r["val_accuracy"], -r["val_loss"]))
+        assert g["chosen_lr"] == best["lr"]  # chosen on validation, never on test
+        assert g["seeds"] == [0, 1]
+        assert sorted(k for k in g["accuracy"] if k != "all") == LEVELS and g["accuracy"]["all"]["n"] == 2
+        assert g["num_parameters"] > 0 and g["forward_flops_per_token"] > 0
+    seed1 = [t for t in trials if t["seed"] == 1]
+    assert {(t["group"], t["lr"]) for t in seed1} == {(k, g["chosen_lr"]) for k, g in groups.items()}
+    for t in trials:  # the test split is evaluated only for the runs at the chosen rate
+        assert bool(t["test"]) == (t["lr"] == groups[t["group"]]["chosen_lr"])
+        assert t["validation"]["eval_entry"]["params"]["split"] == "validation"
+    assert groups["A"]["lru"] == {} and groups["A"]["spearman_per_seed"] == []
+    assert all(1 <= groups["D"]["lru"]["iterations"][lv]["mean"] <= 3 for lv in LEVELS)
+    assert len(groups["D"]["spearman_per_seed"]) == 2
+    assert groups["D"]["forward_flops_per_token"] > groups["A"]["forward_flops_per_token"] * 0.5
     md = (out / "lru-sweep.md").read_text()
-    for needle in ("## Accuracy per level", "*majority answer*", "## LRU statistics per level", "## Hypotheses",
-                   "| D |", "--steps 2"):
+    for needle in ("**Quick mode**", "## Protocol", "## Learning-rate grid", "## Test accuracy per level",
+                   "*majority answer*", "## LRU statistics per level", "Spearman", "## Accuracy and compute",
+                   "## Hypotheses", "| D |"):
         assert needle in md
     for png in ("accuracy", "iterations", "convergence", "loss"):
         assert (out / f"lru-sweep-{png}.png").stat().st_size > 1000
-        assert f"lru-sweep-{png}.png" in md
     assert not list(out.glob(".*tmp*"))  # atomic writes leave nothing behind
+    # the same command again: every trial is reused, nothing retrains
+    res = run_cli(*args, "--no-ray", "train.batch_size=2", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count(": resumed") == 6 and ": ok" not in res.stderr
+    # a changed override is a different trial: it runs again
+    res = run_cli(*args, "--no-ray", "--groups", "A", "--lrs", "2e-3", "--seeds", "1", "train.batch_size=2",
+                  "train.weight_decay=0.5", timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ": resumed" not in res.stderr and res.stderr.count(": ok") == 1
 
 
-def test_sweep_reports_a_failed_group_and_exits_1(tmp_path):
+def test_sweep_reports_a_failed_trial_and_exits_1(tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
     bad = tiny_config("bad", "A", GROUPS["a"][1])
     bad["data"]["train"][0]["params"]["chain_length"] = 99  # valid YAML, fails when the task is built
     (configs / "bad.yaml").write_text(yaml.safe_dump(bad))
     out = tmp_path / "report"
-    res = run_cli("lru", "sweep", str(configs), "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--no-ray")
+    res = run_cli("lru", "sweep", str(configs), "--out", str(out), "--runs-dir", str(tmp_path / "runs"), "--no-ray",
+                  "--lrs", "1e-3", "--seeds", "1")
     assert res.returncode == 1
-    assert "groups failed: A" in res.stderr and "subprocesses" in res.stderr
+    assert "trials failed: A" in res.stderr and "subprocesses" in res.stderr
     data = json.loads((out / "lru-sweep.json").read_text())
-    assert data["groups"][0]["ok"] is False and "chain_length" in data["groups"][0]["error"]
-    assert "## Failed groups" in (out / "lru-sweep.md").read_text()
+    assert data["trials"][0]["ok"] is False and "chain_length" in data["trials"][0]["error"]
+    assert data["groups"][0]["chosen_lr"] is None
+    assert "## Failed trials" in (out / "lru-sweep.md").read_text()
 
 
 def test_sweep_bad_input_is_one_line(tmp_path):
@@ -103,8 +128,48 @@ def test_sweep_bad_input_is_one_line(tmp_path):
     (configs / "y.yaml").write_text(yaml.safe_dump(cfg))
     res = run_cli("lru", "sweep", str(configs))
     assert res.returncode == 2 and res.stderr.strip().endswith("y.yaml: train.lrr: unknown field")
-    res = run_cli("lru", "sweep", str(tmp_path / "empty"), "--steps", "0")
-    assert res.returncode == 2 and "--steps" in res.stderr
+    del cfg["train"]["lrr"]
+    cfg["train"]["batch_size"] = 8  # a different token budget
+    (configs / "y.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_cli("lru", "sweep", str(configs))
+    assert res.returncode == 2 and "y.yaml: train.batch_size differs from" in res.stderr
+    cfg["train"]["batch_size"] = 4
+    del cfg["data"]["train"][0]["params"]["val_fraction"]
+    (configs / "y.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_cli("lru", "sweep", str(configs))
+    assert res.returncode == 2 and "data.train[0].params.val_fraction" in res.stderr
+    cfg["data"]["train"][0]["params"]["val_fraction"] = 0.1
+    (configs / "y.yaml").write_text(yaml.safe_dump(cfg))
+    for flag, value, needle in (("--steps", "0", "--steps"), ("--lrs", "fast", "--lrs"), ("--lrs", "-1", "--lrs"),
+                                ("--seeds", "0", "--seeds"), ("--seeds", "1,1", "--seeds"), ("--groups", "Z", "--groups")):
+        res = run_cli("lru", "sweep", str(tmp_path / "dup"), flag, value)
+        assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_the_committed_group_configs_share_one_budget():
+    """configs/lru/ passes the sweep's up-front checks (same budget, a validation split)."""
+    from pathlib import Path
+
+    from metareason.plugins.lru.sweep import read_specs
+
+    specs = read_specs(str(Path(__file__).resolve().parents[1] / "configs" / "lru"), "runs/x", [])
+    assert [s.group for s in specs] == sorted(s.group for s in specs) and {"A", "B", "C", "D"} <= {s.group for s in specs}
+    assert len({json.dumps(s.budget, sort_keys=True) for s in specs}) == 1
+
+
+def test_rank_correlation_flatness_and_spread():
+    from metareason.plugins.lru.sweep_report import flatness, spearman, spread
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 2, 2], [1, 2, 3, 4]) == pytest.approx(0.8944, abs=1e-4)  # ties: average ranks
+    assert spearman([1, 2, 3], [5, 5, 5]) is None
+    curve = [[i, 1.0] for i in range(20)]
+    assert flatness(curve) == pytest.approx(0.0)
+    falling = [[i, 1.0 - 0.04 * i] for i in range(20)]
+    assert flatness(falling) == pytest.approx((0.46 - 0.30) / 0.46)  # steps 12-15 against 16-19
+    st = spread([0.5, 0.7, float("nan"), None])
+    assert st["mean"] == pytest.approx(0.6) and st["min"] == 0.5 and st["max"] == 0.7 and st["n"] == 2
 
 
 def test_stats_of_a_run_without_lru(tmp_path):

@@ -71,10 +71,13 @@ Example ``i`` has level ``levels[i % len(levels)]`` and is a pure function of
 ``seed``, the level, ``i``, the attempt and the draw slot, so it does not depend on
 ``num_samples``, on chunking or on the process that generates it.
 
-``split: train | test | all`` (default ``all``) partitions the *problem space* by a hash of the
-problem (not of the seed or index): a problem is in ``test`` when its hash falls below
-``test_fraction`` (default 0.1). Use ``split: train`` for training and ``split: test`` for
-evaluation to get held-out problems whatever the seeds.
+``split: train | validation | test | all`` (default ``all``) partitions the *problem space* by
+a hash of the problem (not of the seed or index): a problem is in ``test`` when its hash falls
+below ``test_fraction`` (default 0.1), in ``validation`` when it falls in the next
+``val_fraction`` (default 0: no validation split), else in ``train``. Use ``split: train`` for
+training, ``split: validation`` for choosing hyperparameters and ``split: test`` for the final
+evaluation to get disjoint problem sets whatever the seeds (with ``val_fraction: 0``, ``train``
+is everything outside ``test`` as before).
 
 Each example is ``{"id": "causal_loop/<seed>/<i>", "prompt", "completion", "answer",
 "group": "level_<L>", "level": L}`` plus ``"rounds"`` for levels 2 and 4. Examples are built on
@@ -117,6 +120,7 @@ class CausalLoopConfig:
     max_const: int = 9
     split: str = "all"
     test_fraction: float = 0.1
+    val_fraction: float = 0.0
 
 
 _DEFAULTS = CausalLoopConfig()
@@ -170,11 +174,17 @@ def parse_params(params: Optional[dict]) -> CausalLoopConfig:
     if not isinstance(solution, bool):
         raise TaskError(f"params.solution: expected true or false, got {solution!r}")
     split = params.get("split", "all")
-    if split not in ("all", "train", "test"):
-        raise TaskError(f"params.split: expected all, train or test, got {split!r}")
+    if split not in ("all", "train", "validation", "test"):
+        raise TaskError(f"params.split: expected all, train, validation or test, got {split!r}")
     frac = params.get("test_fraction", _DEFAULTS.test_fraction)
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.01 <= frac <= 0.99:
         raise TaskError(f"params.test_fraction: expected a number in 0.01-0.99, got {frac!r}")
+    val = params.get("val_fraction", _DEFAULTS.val_fraction)
+    if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val <= 0.98 - frac:
+        raise TaskError(f"params.val_fraction: expected a number in 0-{0.98 - frac:.2f} "
+                        f"(test_fraction + val_fraction < 0.99), got {val!r}")
+    if split == "validation" and val == 0:
+        raise TaskError("params.val_fraction: split validation needs val_fraction > 0")
     cfg = CausalLoopConfig(
         levels=parse_levels(params.get("levels", list(LEVELS))),
         solution=solution,
@@ -187,6 +197,7 @@ def parse_params(params: Optional[dict]) -> CausalLoopConfig:
         max_const=_int_param(params, "max_const", 2, 9),
         split=split,
         test_fraction=float(frac),
+        val_fraction=float(val),
     )
     if 2 + 2 * cfg.branch_ops + 1 + cfg.tail_ops > 26:
         raise TaskError("params.branch_ops: level 3 would need more than 26 variables")
@@ -431,9 +442,14 @@ def _empty_like(sample: Any, n: int) -> Any:
 def _in_split(h: np.ndarray, cfg: CausalLoopConfig) -> np.ndarray:
     if cfg.split == "all":
         return np.ones(len(h), bool)
-    threshold = _U(int(cfg.test_fraction * (1 << 53)))
-    is_test = (_mix(h ^ _U(0x5851F42D4C957F2D)) >> _S11) < threshold
-    return is_test if cfg.split == "test" else ~is_test
+    u = _mix(h ^ _U(0x5851F42D4C957F2D)) >> _S11  # uniform in [0, 2^53)
+    test_end = _U(int(cfg.test_fraction * (1 << 53)))
+    val_end = _U(int((cfg.test_fraction + cfg.val_fraction) * (1 << 53)))
+    if cfg.split == "test":
+        return u < test_end
+    if cfg.split == "validation":
+        return (u >= test_end) & (u < val_end)
+    return u >= val_end
 
 
 def sample_level(level: int, indices: np.ndarray, seed: int, cfg: CausalLoopConfig) -> dict:

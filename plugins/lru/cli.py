@@ -7,25 +7,38 @@ import sys
 from metareason.errors import UserError
 
 
-def cmd_sweep(args) -> int:
-    from metareason.plugins.lru.sweep import run_sweep
+QUICK = {"steps": 4, "lrs": "2e-3,4e-3", "seeds": "2", "val_samples": 8, "test_samples": 8}
+QUICK_OVERRIDES = ["generation.max_new_tokens=24", "train.log_every=1", "train.warmup_steps=0"]
 
-    overrides = list(args.overrides)
+
+def cmd_sweep(args) -> int:
+    import os
+
+    from metareason.plugins.lru.sweep import Plan, parse_floats, parse_seeds, run_sweep
+
+    if args.quick:  # the machinery end to end in a few minutes: nothing in it measures anything
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    overrides = (QUICK_OVERRIDES if args.quick else []) + list(args.overrides)
+    for name in ("steps", "val_samples", "test_samples", "jobs"):
+        value = getattr(args, name)
+        if value is not None and int(value) < 1:
+            raise UserError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
     if args.steps is not None:
-        if args.steps < 1:
-            raise UserError(f"--steps: expected an int >= 1, got {args.steps}")
         overrides.append(f"train.max_steps={args.steps}")
-    if args.eval_samples is not None:
-        if args.eval_samples < 1:
-            raise UserError(f"--eval-samples: expected an int >= 1, got {args.eval_samples}")
-        overrides.append(f"eval.max_samples={args.eval_samples}")
+    jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    plan = Plan(lrs=parse_floats(args.lrs or "1e-3,2e-3,4e-3", "--lrs"), seeds=parse_seeds(args.seeds or "2"),
+                val_samples=args.val_samples or 200, test_samples=args.test_samples or 400, jobs=jobs, threads=threads)
+    groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     command = "metareason " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "metareason lru sweep"
-    path, results = run_sweep(args.config_dir, args.out, args.runs_dir, args.prefix, overrides,
-                              use_ray=args.ray, command=command)
+    path, results, test_errors = run_sweep(args.config_dir, args.out, args.runs_dir, args.prefix, overrides, plan,
+                                           use_ray=args.ray, command=command, groups=groups, quick=args.quick)
     print(f"report: {path}")
-    failed = [r.spec.group for r in results if not r.ok]
+    failed = sorted({r.trial.group for r in results if not r.ok}) + sorted(test_errors)
     if failed:
-        print(f"error: groups failed: {', '.join(failed)} (see the report)", file=sys.stderr)
+        print(f"error: trials failed: {', '.join(failed)} (see the report)", file=sys.stderr)
         return 1
     return 0
 
@@ -41,16 +54,26 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("lru", help="ZeroModel (MLA + LRU): experiment sweep, per-level LRU statistics")
     sub = p.add_subparsers(dest="lru_command", metavar="SUBCOMMAND", required=True)
 
-    s = sub.add_parser("sweep", help="train every group config of a directory (A-D), then one report",
-                       description="Run each *.yaml of CONFIG_DIR in its own process (Ray tasks when Ray "
-                                   "is installed), then write OUT/PREFIX.md, .json and PNG plots.")
+    s = sub.add_parser("sweep", help="the group comparison: lr grid on validation, seeds, test report",
+                       description="Train every group config of CONFIG_DIR (*.yaml) under one protocol: the same "
+                                   "token budget, a learning-rate grid per group chosen on the validation split "
+                                   "(first seed), the other seeds at the chosen rate, then the test split; writes "
+                                   "OUT/PREFIX.md, .json and PNG plots. Finished trials are reused (resume).")
     s.add_argument("config_dir", help="directory of run configs, e.g. configs/lru/")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every config")
     s.add_argument("--out", default="bench/results", help="report directory (default: bench/results)")
     s.add_argument("--prefix", default="lru-sweep", help="report file prefix (default: lru-sweep)")
     s.add_argument("--runs-dir", default="runs/lru-sweep", help="where the run directories go")
-    s.add_argument("--steps", type=int, help="train.max_steps for every group (a quick run)")
-    s.add_argument("--eval-samples", type=int, help="eval.max_samples for every group")
+    s.add_argument("--steps", type=int, help="train.max_steps for every group (default: the configs')")
+    s.add_argument("--lrs", help="learning-rate grid, comma-separated (default: 1e-3,2e-3,4e-3)")
+    s.add_argument("--seeds", help="number of seeds (default 2) or a comma-separated list; the grid runs on the first")
+    s.add_argument("--val-samples", type=int, help="validation problems per run (default 200)")
+    s.add_argument("--test-samples", type=int, help="test problems per run (default 400)")
+    s.add_argument("--groups", help="only these groups, e.g. A,E (default: every config)")
+    s.add_argument("--jobs", type=int, help="trials at a time (default: min(2, CPUs))")
+    s.add_argument("--threads", type=int, help="torch threads per trial (default: CPUs // jobs)")
+    s.add_argument("--quick", action="store_true",
+                   help="a check of the machinery: 4 steps, 2 rates, 2 seeds, 8 eval problems (measures nothing)")
     launch = s.add_mutually_exclusive_group()
     launch.add_argument("--ray", dest="ray", action="store_true", default=None, help="run groups as Ray tasks")
     launch.add_argument("--no-ray", dest="ray", action="store_false", help="run groups as plain subprocesses")
