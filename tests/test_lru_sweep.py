@@ -168,6 +168,7 @@ def test_rank_correlation_flatness_and_spread():
     assert flatness(curve) == pytest.approx(0.0)
     falling = [[i, 1.0 - 0.04 * i] for i in range(20)]
     assert flatness(falling) == pytest.approx((0.46 - 0.30) / 0.46)  # steps 12-15 against 16-19
+    assert flatness(falling, absolute=True) == pytest.approx(0.16)
     st = spread([0.5, 0.7, float("nan"), None])
     assert st["mean"] == pytest.approx(0.6) and st["min"] == 0.5 and st["max"] == 0.7 and st["n"] == 2
 

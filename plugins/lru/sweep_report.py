@@ -87,15 +87,19 @@ def spearman(xs: list[float], ys: list[float]) -> Optional[float]:
     return sxy / math.sqrt(sxx * syy)
 
 
-def flatness(curve: list[list[float]]) -> Optional[float]:
+def flatness(curve: list[list[float]], absolute: bool = False) -> Optional[float]:
     """Relative drop of the mean train loss from the second-to-last to the last 20% of the logged
-    steps: ~0 when the loss has flattened, 0.3 when it still fell 30% over the last fifth."""
+    steps: ~0 when the loss has flattened, 0.3 when it still fell 30% over the last fifth
+    (``absolute``: the drop in loss units, which tells a loss near zero that still halves from
+    one that still matters)."""
     n = len(curve)
     w = max(1, int(n * FLAT_WINDOW))
     if n < 2 * w or n < 4:
         return None
     before = statistics.fmean(p[1] for p in curve[-2 * w:-w])
     last = statistics.fmean(p[1] for p in curve[-w:])
+    if absolute:
+        return before - last
     return (before - last) / before if before else None
 
 
@@ -118,6 +122,7 @@ def collect_trial(result) -> dict[str, Any]:
     row["final_train_loss"] = train_rows[-1]["train/loss"] if train_rows else None
     row["loss_curve"] = [[r["step"], r["train/loss"]] for r in train_rows]
     row["flatness"] = flatness(row["loss_curve"])
+    row["flatness_abs"] = flatness(row["loss_curve"], absolute=True)
     row["final_loss_terms"] = {x: train_rows[-1][f"train/{x}"] for x in LOSS_TERMS
                                if train_rows and f"train/{x}" in train_rows[-1]}
     row["validation"] = _read_json(run_dir / "sweep-validation.json")
@@ -183,6 +188,7 @@ def aggregate(spec, trials: list[dict], chosen_lr: Optional[float], seq_len: flo
             "seeds": [t["seed"] for t in final], "accuracy": acc, "lru": lru, "spearman_iterations_level": spread(rho),
             "spearman_per_seed": rho, "final_train_loss": spread([t["final_train_loss"] for t in final]),
             "flatness": spread([t["flatness"] for t in final]),
+            "flatness_abs": spread([t.get("flatness_abs") for t in final]),
             "tokens_per_s": spread([t["tokens_per_s"] for t in final]),
             "forward_flops_per_token": fwd,
             "majority_baseline": next((t["test"].get("majority_baseline") for t in final if t["test"].get("majority_baseline")), {}),
@@ -344,13 +350,14 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
               f"- Loss flattening: relative drop of the mean train loss from the second-to-last to the last "
               f"{int(FLAT_WINDOW * 100)}% of logged steps (0 = flat).", ""]
     lines += ["## Groups", "",
-              "| group | model | parameters | chosen lr | fwd FLOPs/token | train tokens/s | final train loss | loss drop over last 20% |",
+              "| group | model | parameters | chosen lr | fwd FLOPs/token | train tokens/s | final train loss | loss drop over last 20%: relative (absolute) |",
               "|---|---|---|---|---|---|---|---|"]
     for g in groups:
         params = f"{g['num_parameters']:,}" if g["num_parameters"] else "–"
         fl = f"{g['forward_flops_per_token'] / 1e6:.2f} M" if g["forward_flops_per_token"] else "–"
         lines.append(f"| {g['group']} | {g['model']} | {params} | {_fmt(g['chosen_lr'], 'g')} | {fl} | "
-                     f"{_ms(g['tokens_per_s'], '.0f')} | {_ms(g['final_train_loss'], '.4f')} | {_ms(g['flatness'], '.2f')} |")
+                     f"{_ms(g['tokens_per_s'], '.0f')} | {_ms(g['final_train_loss'], '.4f')} | {_ms(g['flatness'], '.2f')} "
+                     f"({_ms(g['flatness_abs'], '.4f')}) |")
     lines += ["", "## Learning-rate grid (validation, first seed)", "",
               "| group | " + " | ".join(f"lr {x:g}" for x in p["lrs"]) + " |", "|---" * (len(p["lrs"]) + 1) + "|"]
     for g in groups:
