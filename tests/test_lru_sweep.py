@@ -88,11 +88,24 @@ def test_quick_sweep_with_ray_runs_the_protocol_and_resumes(tmp_path):
     res = run_cli(*args, "--no-ray", "train.batch_size=2", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stderr.count(": resumed") == 6 and ": ok" not in res.stderr
-    # a changed override is a different trial: it runs again
-    res = run_cli(*args, "--no-ray", "--groups", "A", "--lrs", "2e-3", "--seeds", "1", "train.batch_size=2",
-                  "train.weight_decay=0.5", timeout=600)
+    # a changed override is a different trial: it runs again; --results-dir keeps its results
+    kept = tmp_path / "kept"
+    one = (*args, "--no-ray", "--groups", "A", "--lrs", "2e-3", "--seeds", "1", "--results-dir", str(kept),
+           "train.batch_size=2", "train.weight_decay=0.5")
+    res = run_cli(*one, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert ": resumed" not in res.stderr and res.stderr.count(": ok") == 1
+    first = json.loads((out / "lru-sweep.json").read_text())["groups"][0]
+    assert not list((kept / "sweep-a-lr0.002-s0").glob("checkpoints"))
+    # a fresh runs directory (another machine): the kept results are reused, nothing retrains
+    import shutil
+
+    shutil.rmtree(runs)
+    res = run_cli(*one, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr.count(": resumed") == 1 and ": ok" not in res.stderr
+    again = json.loads((out / "lru-sweep.json").read_text())["groups"][0]
+    assert again["accuracy"] == first["accuracy"] and again["grid"] == first["grid"]
 
 
 def test_sweep_reports_a_failed_trial_and_exits_1(tmp_path):

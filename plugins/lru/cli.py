@@ -30,7 +30,8 @@ def cmd_sweep(args) -> int:
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     plan = Plan(lrs=parse_floats(args.lrs or "1e-3,2e-3,4e-3", "--lrs"), seeds=parse_seeds(args.seeds or "2"),
-                val_samples=args.val_samples or 200, test_samples=args.test_samples or 400, jobs=jobs, threads=threads)
+                val_samples=args.val_samples or 200, test_samples=args.test_samples or 400, jobs=jobs, threads=threads,
+                results_dir=args.results_dir)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     command = "metareason " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "metareason lru sweep"
     path, results, test_errors = run_sweep(args.config_dir, args.out, args.runs_dir, args.prefix, overrides, plan,
@@ -70,6 +71,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("--val-samples", type=int, help="validation problems per run (default 200)")
     s.add_argument("--test-samples", type=int, help="test problems per run (default 400)")
     s.add_argument("--groups", help="only these groups, e.g. A,E (default: every config)")
+    s.add_argument("--results-dir", help="also keep each finished trial's results (no checkpoints) here and reuse "
+                                         "them, e.g. to finish a sweep in pieces on fresh machines")
     s.add_argument("--jobs", type=int, help="trials at a time (default: min(2, CPUs))")
     s.add_argument("--threads", type=int, help="torch threads per trial (default: CPUs // jobs)")
     s.add_argument("--quick", action="store_true",

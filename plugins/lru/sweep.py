@@ -42,6 +42,9 @@ TAIL = 4000  # characters of a failed process's output kept in the report
 BUDGET_FIELDS = (("data", "train"), ("data", "max_length"), ("train", "batch_size"), ("train", "grad_accum"),
                  ("train", "max_steps"))
 TRIAL_FILE = "sweep-trial.json"
+# what the report reads from a run directory (no checkpoints): what --results-dir keeps
+KEPT_FILES = ("config.yaml", "metrics.jsonl", TRIAL_FILE, "sweep-validation.json", "sweep-test.json",
+              "eval_samples-validation.jsonl", "eval_samples-test.jsonl")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Plan:
     test_seed: int = 1234
     jobs: int = 1
     threads: int = 1  # torch threads per trial
+    results_dir: Optional[str] = None  # finished trials' small files, kept (and reused) beyond the runs dir
 
 
 @dataclass
@@ -215,8 +219,48 @@ def _done(trial: dict) -> Optional[dict]:
     return record if ok else None
 
 
+def _kept_dir(trial: dict, plan: dict) -> Optional[Path]:
+    return Path(plan["results_dir"]) / trial["name"] if plan.get("results_dir") else None
+
+
+def keep_results(trial: dict, plan: dict) -> None:
+    """Copy a finished trial's small files to ``--results-dir`` (replacing an older copy whole)."""
+    target = _kept_dir(trial, plan)
+    if target is None:
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in KEPT_FILES:
+        if (Path(trial["run_dir"]) / name).exists():
+            shutil.copy2(Path(trial["run_dir"]) / name, tmp / name)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def restore_results(trial: dict, plan: dict) -> bool:
+    """A trial kept in ``--results-dir`` with the same fingerprint is put back into its run
+    directory (without checkpoints), so a sweep can be finished in pieces on fresh machines."""
+    source = _kept_dir(trial, plan)
+    if source is None or _done(trial) is not None or not (source / TRIAL_FILE).exists():
+        return False
+    if _done({**trial, "run_dir": str(source)}) is None:
+        return False
+    run_dir = Path(trial["run_dir"])
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    for name in KEPT_FILES:
+        if (source / name).exists():
+            shutil.copy2(source / name, run_dir / name)
+    return True
+
+
 def run_trial(trial: dict, plan: dict, env: dict) -> dict:
     """Train one (group, lr, seed) and evaluate it on validation, unless already done."""
+    restore_results(trial, plan)
     record = _done(trial)
     if record is not None:
         return {"ok": True, "resumed": True, "train_wall_s": record["train_wall_s"],
@@ -240,6 +284,7 @@ def run_trial(trial: dict, plan: dict, env: dict) -> dict:
     tmp = run_dir / f".{TRIAL_FILE}.tmp"
     tmp.write_text(json.dumps(record), encoding="utf-8")
     os.replace(tmp, run_dir / TRIAL_FILE)
+    keep_results(trial, plan)
     return {"ok": True, "resumed": False, **{k: record[k] for k in ("train_wall_s", "eval_wall_s")}, "error": None}
 
 
@@ -251,10 +296,15 @@ def run_test_eval(trial: dict, plan: dict, env: dict) -> dict:
                 return {"ok": True, "resumed": True, "error": None}
         except ValueError:
             pass
+    if not (Path(trial["run_dir"]) / "checkpoints").is_dir():
+        return {"ok": False, "error": f"{trial['run_dir']}: no checkpoint to evaluate on the test split (the trial was "
+                                      f"restored from --results-dir before its test evaluation); delete "
+                                      f"{_kept_dir(trial, plan)} to train it again"}
     t0 = time.perf_counter()
     ev = _run(_eval_cmd(trial["run_dir"], "test", plan["test_samples"], plan["test_seed"]), env)
     if ev.returncode != 0:
         return {"ok": False, "error": f"test evaluation exited {ev.returncode}:\n{_tail(ev.stderr + ev.stdout)}"}
+    keep_results(trial, plan)
     return {"ok": True, "resumed": False, "wall_s": time.perf_counter() - t0, "error": None}
 
 
