@@ -115,17 +115,27 @@ def test_level_stats_are_token_means_per_level_and_convergence_is_last_over_firs
 
 
 def test_sweep_hypothesis_iterations_rise_with_level():
-    from metareason.plugins.lru.sweep_report import hypotheses
+    from metareason.plugins.lru.sweep_report import _levels, hypotheses
 
-    def d(its):
-        return {"group": "D", "ok": True, "accuracy": {},
-                "lru": {f"level_{i}": {"iterations": v} for i, v in its.items()}}
+    def g(name, rho=(), acc=None):
+        return {"group": name, "spearman_per_seed": list(rho), "accuracy": acc or {}}
 
-    rising = hypotheses([d({1: 1.5, 2: 2.0, 10: 3.0})])
-    assert [(h["claim"], h["holds"]) for h in rising] == [("D's mean iterations rise with level", True)]
-    assert rising[0]["evidence"].startswith("level_1: 1.500, level_2: 2.000, level_10")  # numeric level order
-    assert hypotheses([d({1: 2.0, 2: 1.5, 3: 3.0})])[0]["holds"] is False
-    assert hypotheses([d({1: 2.0, 2: 2.0})])[0]["holds"] is False  # flat is not rising
+    rising = hypotheses([g("D", [0.3, 0.1])])
+    assert [(h["claim"], h["holds"]) for h in rising] == [
+        ("D's iterations rise with level (Spearman > 0 on every seed)", True)]
+    assert rising[0]["evidence"] == "rho per seed +0.300, +0.100"
+    assert hypotheses([g("D", [0.3, 0.0])])[0]["holds"] is False  # flat on one seed is not rising
+    assert hypotheses([g("E", [0.3, -0.2])])[0]["holds"] is False
+    assert hypotheses([g("D", [None, None])]) == []  # constant iterations: nothing to claim
+
+    def st(mean, lo, hi):
+        return {"mean": mean, "min": lo, "max": hi, "n": 2}
+
+    (beats,) = hypotheses([g("A", acc={"level_2": st(0.5, 0.4, 0.6)}), g("D", acc={"level_2": st(0.55, 0.5, 0.6)})])
+    assert beats["claim"] == "D beats A on level_2" and beats["holds"] and "seed ranges overlap" in beats["evidence"]
+    (apart,) = hypotheses([g("A", acc={"all": st(0.5, 0.4, 0.6)}), g("E", acc={"all": st(0.8, 0.7, 0.9)})])
+    assert apart["holds"] and "do not overlap" in apart["evidence"]
+    assert _levels(["level_10", "level_2", "all", "level_1"]) == ["level_1", "level_2", "level_10"]  # numeric order
 
 
 # --------------------------------------------------------------------------------- CSPO
