@@ -37,3 +37,15 @@ def write_record(out, record: dict, markdown: str) -> None:
         tmp.write_text(text)
         tmp.replace(path)
     print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+def repo_relative(path) -> str:
+    """``path`` relative to the repository when it lies inside it (results files are committed, so
+    they must not record this machine's absolute paths); else as given."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)

@@ -38,7 +38,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, peak_mb, write_record
+from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
 from metareason.hookspecs import hookimpl
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
@@ -359,7 +359,7 @@ def run(args) -> int:
 
     record = {"benchmark": "grpo", "device": device, "torch": torch.__version__, "trl_version": trl.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": repo_relative(args.config),
               "prompts_per_step": args.prompts, "num_generations": args.num_generations,
               "completion_length": args.completion_length, "loss_type": args.loss_type,
               "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats, "decoder": args.decoder,

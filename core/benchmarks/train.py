@@ -35,7 +35,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, peak_mb, write_record
+from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 HF_MODES = {"flatten": ["hf_flatten"], "padded": ["hf_padded"], "both": ["hf_flatten", "hf_padded"]}
@@ -290,7 +290,7 @@ def run(args) -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
     record = {"benchmark": "train", "device": device, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": repo_relative(args.config),
               "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
               "repeats": args.repeats, "threads": args.threads, "order": "interleaved: " + ", ".join(sides),
               "load_average_before": load_before, "load_average_after": load_after,
