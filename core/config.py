@@ -139,8 +139,10 @@ class GenerationConfig(Section):
     stop: list[str] = []
     batch_size: int = Field(64, gt=0)
     # lean: metareason.decode's loop (equal to generate token for token, falls back to it for
-    # settings it does not implement); hf: always the model's own generate
-    decoder: Literal["lean", "hf"] = "lean"
+    # settings it does not implement), its one-token steps through metareason.decode_step for
+    # Llama/Qwen2/Qwen3/Mistral models; lean_model: that loop calling the model's forward every
+    # step; hf: always the model's own generate
+    decoder: Literal["lean", "lean_model", "hf"] = "lean"
 
 
 class EvalConfig(Section):

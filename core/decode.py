@@ -213,15 +213,26 @@ else:
             return self.keys, self.values
 
 
+def _all_growing(cache, model) -> bool:
+    """Every layer of ``cache`` writes into reserved buffers (what :class:`DecodeStep` updates)."""
+    layers = getattr(cache, "layers", None)
+    n = getattr(model.config, "num_hidden_layers", None)
+    return bool(layers) and _GrowingLayer is not None and len(layers) == n and \
+        all(type(layer) is _GrowingLayer for layer in layers)
+
+
 @torch.inference_mode()
 def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: Sampling, *,
            share_prompts: bool = False, stop: Optional[StopStrings] = None,
-           return_logprobs: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+           return_logprobs: bool = False, step_forward: bool = True) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """New tokens ``[B, T]`` (``T <= max_new_tokens``: the loop stops when every row finished; a
     finished row holds the pad token) and, with ``return_logprobs``, their log-probabilities
     under the processed distribution ``[B, T]`` (``compute_transition_scores(...,
     normalize_logits=True)``). ``input_ids``/``attention_mask``: a left-padded prompt batch.
-    ``model`` must be a :func:`decoder_model`; it is not put in eval mode here."""
+    ``model`` must be a :func:`decoder_model`; it is not put in eval mode here. With
+    ``step_forward`` the one-token steps of a Llama-family model run through
+    :class:`metareason.decode_step.DecodeStep` (the same arithmetic, bit-identical logits)
+    instead of ``model(...)``."""
     from metareason.generate import shared_prefill
 
     s = sampling
@@ -279,18 +290,29 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
     pad = torch.tensor(s.pad if s.pad is not None else 0, dtype=torch.long, device=device)
     single_eos = int(s.eos[0]) if len(s.eos) == 1 else None
     steps = 0
+    fast = None  # decode_step.DecodeStep when the model and its cache allow it
     for t in range(s.max_new_tokens):
         if t:
             pos = pos + 1
-            outputs = forward(out[:, t - 1: t], cache, pos, P + t)
-        cache = _cache_of(outputs)
-        if not t:
+            if fast is not None:
+                logits = fast(out[:, t - 1: t], cache, pos, mask[:, :P + t] if mask is not None else None)
+            else:
+                outputs = forward(out[:, t - 1: t], cache, pos, P + t)
+                cache, logits = _cache_of(outputs), outputs.logits
+                del outputs
+        else:
+            cache, logits = _cache_of(outputs), outputs.logits
+            del outputs
             if cache is None:
                 raise ValueError(f"{type(model).__name__} returned no KV cache from its forward; the lean decoder "
                                  f"needs one (set generation.decoder: hf)")
             _reserve(cache, P + s.max_new_tokens)
-        scores = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        del outputs
+            if step_forward and takes_positions and _all_growing(cache, model):
+                from metareason.decode_step import DecodeStep
+
+                fast = DecodeStep.build(model)
+        scores = logits[:, -1].to(copy=True, dtype=torch.float32)
+        del logits
         if t < block_eos_steps:
             scores.masked_fill_(early, -float("inf"))
         elif any_suppress:

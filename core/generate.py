@@ -135,6 +135,10 @@ def _hf_generate(model, enc, kwargs, tokenizer, stops, plen, return_logprobs, sh
     return out.sequences[:, plen:], logprobs
 
 
+#: generation.decoder values
+DECODERS = ("lean", "lean_model", "hf")
+
+
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int, do_sample: bool,
                    temperature: float, top_p: float, stop: list[str], triggers: tuple[str, ...] = (),
@@ -142,8 +146,10 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                    generate_kwargs: Optional[dict[str, Any]] = None, share_prompts: bool = False,
                    decoder: str = "lean") -> list[Generation]:
     """One decode of a left-padded batch: :mod:`metareason.decode`'s loop (``decoder="lean"``,
-    the default) or the model's own ``generate`` (``"hf"``, and whenever the lean loop cannot
-    reproduce ``generate`` for this model and these settings); the results are identical.
+    the default, whose one-token steps run through :mod:`metareason.decode_step` for Llama-family
+    models; ``"lean_model"`` calls the model's forward every step) or the model's own ``generate``
+    (``"hf"``, and whenever the lean loop cannot reproduce ``generate`` for this model and these
+    settings); the results are identical.
 
     Text is cut before the first stop string, or after the first trigger (kept, so the hand-over
     sees it), whichever comes first. ``generate_kwargs`` go to ``model.generate`` last (e.g.
@@ -151,8 +157,8 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     identical consecutive prompts (a group of samples) are prefilled once into a KV cache that
     decoding continues from (see :func:`shared_prefill`).
     """
-    if decoder not in ("lean", "hf"):
-        raise ValueError(f"decoder: {decoder!r} is not one of 'lean', 'hf'")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder: {decoder!r} is not one of {', '.join(map(repr, DECODERS))}")
     triggers = tuple(triggers)
     device = device or next(model.parameters()).device
     enc = encode_prompts(tokenizer, prompts, device)
@@ -167,7 +173,7 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
         kwargs.update(temperature=None, top_p=None, top_k=None)
     kwargs.update(generate_kwargs or {})
     stops = list(stop) + list(triggers)
-    lean = _lean_plan(model, kwargs) if decoder == "lean" else None
+    lean = _lean_plan(model, kwargs) if decoder != "hf" else None
     was_training = model.training
     model.eval()
     try:
@@ -176,7 +182,7 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
 
             seqs, logprobs = decode(lean[0], enc["input_ids"], enc["attention_mask"], lean[1],
                                     share_prompts=share_prompts, stop=StopStrings(tokenizer, stops) if stops else None,
-                                    return_logprobs=return_logprobs)
+                                    return_logprobs=return_logprobs, step_forward=decoder == "lean")
         else:
             seqs, logprobs = _hf_generate(model, enc, kwargs, tokenizer, stops, plen, return_logprobs, share_prompts)
     finally:

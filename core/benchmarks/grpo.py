@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma list of sides: ours, trl (same work), trl_gc (TRL's default gradient checkpointing)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sides this many times, interleaved; the median run of each side is reported")
-    parser.add_argument("--decoder", default="lean", choices=["lean", "hf"],
-                        help="our side's sampling: the lean decode loop or the model's generate (generation.decoder)")
+    parser.add_argument("--decoder", default="lean", choices=["lean", "lean_model", "hf"],
+                        help="our side's sampling (generation.decoder): the lean decode loop with its own decode "
+                             "step, the lean loop calling the model each step, or the model's generate")
     parser.add_argument("--out", default="bench/results/grpo-cpu.json")
     parser.add_argument("--side", choices=["ours", "trl", "trl_gc"], help=argparse.SUPPRESS)  # child process
 
