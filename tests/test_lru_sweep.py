@@ -154,7 +154,8 @@ def test_sweep_bad_input_is_one_line(tmp_path):
     cfg["data"]["train"][0]["params"]["val_fraction"] = 0.1
     (configs / "y.yaml").write_text(yaml.safe_dump(cfg))
     for flag, value, needle in (("--steps", "0", "--steps"), ("--lrs", "fast", "--lrs"), ("--lrs", "-1", "--lrs"),
-                                ("--seeds", "0", "--seeds"), ("--seeds", "1,1", "--seeds"), ("--groups", "Z", "--groups")):
+                                ("--seeds", "0", "--seeds"), ("--seeds", "1,1", "--seeds"), ("--groups", "Z", "--groups"),
+                                ("--extend", "-1", "--extend")):
         res = run_cli("lru", "sweep", str(tmp_path / "dup"), flag, value)
         assert res.returncode == 2 and needle in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
 
@@ -196,3 +197,41 @@ def test_stats_of_a_run_without_lru(tmp_path):
     assert stats["model_type"] == "llama" and stats["levels"] == {} and stats["num_parameters"] > 0
     res = run_cli("lru", "stats", str(tmp_path))
     assert res.returncode == 2 and "not a run directory" in res.stderr
+
+
+@pytest.mark.parametrize("peak,extend,expect_tried,expect_chosen", [
+    (2.5e-4, 3, [1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], 2.5e-4),  # grows down until the best is inside
+    (2.5e-4, 1, [5e-4, 1e-3, 2e-3, 4e-3], 5e-4),  # stops after --extend steps, still at the edge
+    (1e-2, 2, [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2], 8e-3),  # grows up, past the peak: bracketed
+    (2e-3, 2, [1e-3, 2e-3, 4e-3], 2e-3),  # inside the grid: nothing more
+    (2.5e-4, 0, [1e-3, 2e-3, 4e-3], 1e-3),  # --extend 0: the grid as given
+])
+def test_grid_grows_past_the_edge_its_best_rate_sits_on(tmp_path, monkeypatch, peak, extend, expect_tried,
+                                                        expect_chosen):
+    """Validation accuracy peaks at ``peak``; the sweep keeps the runs it asked for (no training here)."""
+    import math
+    from pathlib import Path
+
+    from metareason.plugins.lru import sweep, sweep_report
+
+    def fake_task(payload):
+        fn, trial, plan, env = payload
+        if fn == "run_trial":
+            Path(trial["run_dir"]).mkdir(parents=True, exist_ok=True)
+            score = 1.0 - abs(math.log2(trial["lr"] / peak)) / 10
+            (Path(trial["run_dir"]) / "sweep-validation.json").write_text(
+                json.dumps({"accuracy": {"all": score}, "loss": {"all": 1.0}}))
+        return {"ok": True, "resumed": False, "train_wall_s": 1.0, "eval_wall_s": 1.0, "error": None}
+
+    got = {}
+    monkeypatch.setattr(sweep, "_trial_task", fake_task)
+    monkeypatch.setattr(sweep_report, "write_report",
+                        lambda specs, results, chosen, *a, **k: got.update(chosen=chosen) or tmp_path / "r.md")
+    configs = write_configs(tmp_path / "configs", {"a": GROUPS["a"]})
+    plan = sweep.Plan(lrs=[1e-3, 2e-3, 4e-3], seeds=[0, 1], extend=extend)
+    _, results, _ = sweep.run_sweep(str(configs), str(tmp_path / "out"), str(tmp_path / "runs"), "x", [], plan,
+                                    use_ray=False)
+    tried = sorted(r.trial.lr for r in results if r.trial.seed == 0)
+    assert tried == pytest.approx(expect_tried)
+    assert got["chosen"]["A"] == pytest.approx(expect_chosen)
+    assert [r.trial.lr for r in results if r.trial.seed == 1] == [got["chosen"]["A"]]

@@ -7,7 +7,7 @@ import sys
 from metareason.errors import UserError
 
 
-QUICK = {"steps": 4, "lrs": "2e-3,4e-3", "seeds": "2", "val_samples": 8, "test_samples": 8}
+QUICK = {"steps": 4, "lrs": "2e-3,4e-3", "seeds": "2", "val_samples": 8, "test_samples": 8, "extend": 0}
 QUICK_OVERRIDES = ["generation.max_new_tokens=24", "train.log_every=1", "train.warmup_steps=0"]
 
 
@@ -25,13 +25,15 @@ def cmd_sweep(args) -> int:
         value = getattr(args, name)
         if value is not None and int(value) < 1:
             raise UserError(f"--{name.replace('_', '-')}: expected an int >= 1, got {value}")
+    if args.extend is not None and args.extend < 0:
+        raise UserError(f"--extend: expected an int >= 0, got {args.extend}")
     if args.steps is not None:
         overrides.append(f"train.max_steps={args.steps}")
     jobs = args.jobs or max(1, min(2, os.cpu_count() or 1))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     plan = Plan(lrs=parse_floats(args.lrs or "1e-3,2e-3,4e-3", "--lrs"), seeds=parse_seeds(args.seeds or "2"),
                 val_samples=args.val_samples or 200, test_samples=args.test_samples or 400, jobs=jobs, threads=threads,
-                results_dir=args.results_dir)
+                results_dir=args.results_dir, extend=2 if args.extend is None else args.extend)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     command = "metareason " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "metareason lru sweep"
     path, results, test_errors = run_sweep(args.config_dir, args.out, args.runs_dir, args.prefix, overrides, plan,
@@ -70,6 +72,9 @@ def add_commands(subparsers) -> None:
     s.add_argument("--seeds", help="number of seeds (default 2) or a comma-separated list; the grid runs on the first")
     s.add_argument("--val-samples", type=int, help="validation problems per run (default 200)")
     s.add_argument("--test-samples", type=int, help="test problems per run (default 400)")
+    s.add_argument("--extend", type=int,
+                   help="times a group's grid may grow one step past the edge its best rate sits on (default 2; "
+                        "0: the grid as given)")
     s.add_argument("--groups", help="only these groups, e.g. A,E (default: every config)")
     s.add_argument("--results-dir", help="also keep each finished trial's results (no checkpoints) here and reuse "
                                          "them, e.g. to finish a sweep in pieces on fresh machines")

@@ -10,6 +10,9 @@ The protocol (docs/lru.md, "The sweep protocol"):
    every rate of the grid (``--lrs``); each run is evaluated on the causal-loop ``validation``
    split (problems disjoint from train and test), and the rate with the highest validation
    accuracy is kept (ties: the lower validation loss). The test split is never used to choose.
+   When a group's best rate is the lowest or highest it tried, its grid grows one step beyond
+   that edge (up to ``--extend`` times), so the chosen rate is bracketed where the budget allows;
+   the report flags a rate still at an edge.
 3. **Seeds.** At its chosen rate each group trains again with the other seeds (``--seeds``).
 4. **Test.** Every run at a chosen rate is evaluated on the test split; the report gives mean and
    spread over seeds (:mod:`.sweep_report`).
@@ -58,6 +61,7 @@ class Plan:
     jobs: int = 1
     threads: int = 1  # torch threads per trial
     results_dir: Optional[str] = None  # finished trials' small files, kept (and reused) beyond the runs dir
+    extend: int = 2  # times a group's grid may grow past an edge its best rate sits on
 
 
 @dataclass
@@ -380,6 +384,21 @@ def choose_lr(trials: list[TrialResult]) -> Optional[float]:
     return None if best is None else best[1]
 
 
+def edge_extension(trials: list[TrialResult], grid: list[float]) -> Optional[float]:
+    """The next rate to try when the best of ``trials`` is the lowest (or highest) rate tried: one
+    grid step (the grid's ratio, else 2) beyond it; ``None`` when the best rate is inside."""
+    best = choose_lr(trials)
+    rates = sorted({r.trial.lr for r in trials if r.ok})
+    if best is None or len(rates) < 2:
+        return None
+    ratio = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    if best == rates[0]:
+        return float(f"{best / ratio:.6g}")
+    if best == rates[-1]:
+        return float(f"{best * ratio:.6g}")
+    return None
+
+
 def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrides: list[str], plan: Plan,
               use_ray: Optional[bool] = None, command: str = "", groups: Optional[list[str]] = None,
               quick: bool = False):
@@ -401,7 +420,7 @@ def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrid
         print(f"[lru sweep] {trial['group']} lr={trial['lr']:g} seed={trial['seed']}: {state}{wall}",
               file=sys.stderr, flush=True)
 
-    n_trials = len(specs) * (len(plan.lrs) + len(plan.seeds) - 1)
+    n_trials = len(specs) * (len(plan.lrs) + plan.extend + len(plan.seeds) - 1)
     print(f"[lru sweep] {len(specs)} groups ({', '.join(s.group for s in specs)}), lr grid "
           f"{', '.join(f'{lr:g}' for lr in plan.lrs)} on seed {plan.seeds[0]}, seeds {plan.seeds}; up to "
           f"{n_trials} trials, {plan.jobs} at a time as {'Ray tasks (Ray Tune trials)' if use_ray else 'subprocesses'}",
@@ -418,6 +437,15 @@ def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrid
     with Launcher(use_ray, plan.jobs, str(Path(runs_dir).resolve() / ".tune")) as launcher:
         grid = [make_trial(s, lr, plan.seeds[0], runs_dir) for s in specs for lr in plan.lrs]
         results += run(launcher, "run_trial", grid)
+        for _ in range(plan.extend):
+            beyond = [make_trial(spec, lr, plan.seeds[0], runs_dir) for spec in specs
+                      for lr in [edge_extension([r for r in results if r.trial.group == spec.group], plan.lrs)]
+                      if lr is not None]
+            if not beyond:
+                break
+            print(f"[lru sweep] best rate at an edge of the grid: also trying "
+                  f"{', '.join(f'{t.group} lr={t.lr:g}' for t in beyond)}", file=sys.stderr, flush=True)
+            results += run(launcher, "run_trial", beyond)
         for spec in specs:
             chosen[spec.group] = choose_lr([r for r in results if r.trial.group == spec.group])
         more = [make_trial(s, chosen[s.group], seed, runs_dir) for s in specs if chosen[s.group] is not None

@@ -343,7 +343,8 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
               "## Protocol", "",
               f"- Token budget, the same for every group: {p['budget']}.",
               f"- Learning rate per group chosen on the validation split (seed {p['seeds'][0]}, {p['val_samples']} "
-              f"problems, disjoint from train and test) from the grid {', '.join(f'{x:g}' for x in p['lrs'])}: highest "
+              f"problems, disjoint from train and test) from the grid {', '.join(f'{x:g}' for x in p['lrs'])} (grown one step past an "
+              f"edge the best rate sits on, up to {p.get('extend', 0)} times): highest "
               f"validation accuracy, ties broken by the lower validation loss.",
               f"- Seeds {', '.join(map(str, p['seeds']))} at the chosen rate; test split, {p['test_samples']} problems, "
               f"greedy decoding, exact match of the final answer. Cells: mean [min, max] over seeds.",
@@ -358,18 +359,25 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
         lines.append(f"| {g['group']} | {g['model']} | {params} | {_fmt(g['chosen_lr'], 'g')} | {fl} | "
                      f"{_ms(g['tokens_per_s'], '.0f')} | {_ms(g['final_train_loss'], '.4f')} | {_ms(g['flatness'], '.2f')} "
                      f"({_ms(g['flatness_abs'], '.4f')}) |")
+    rates = sorted({x["lr"] for g in groups for x in g["grid"]} | set(p["lrs"]))
     lines += ["", "## Learning-rate grid (validation, first seed)", "",
-              "| group | " + " | ".join(f"lr {x:g}" for x in p["lrs"]) + " |", "|---" * (len(p["lrs"]) + 1) + "|"]
+              f"Rates beyond the grid {', '.join(f'{x:g}' for x in p['lrs'])} were tried for a group whose best rate "
+              f"was at an edge (up to {p.get('extend', 0)} steps); – : not tried.", "",
+              "| group | " + " | ".join(f"lr {x:g}" for x in rates) + " | chosen rate bracketed |",
+              "|---" * (len(rates) + 2) + "|"]
     for g in groups:
         cells = []
-        for lr in p["lrs"]:
+        tried = sorted(x["lr"] for x in g["grid"] if x["ok"])
+        bracketed = "–" if g["chosen_lr"] is None else \
+            ("yes" if tried and tried[0] < g["chosen_lr"] < tried[-1] else "**no: at an edge of the rates tried**")
+        for lr in rates:
             r = next((x for x in g["grid"] if x["lr"] == lr), None)
             if r is None or not r["ok"]:
                 cells.append("failed" if r else "–")
                 continue
             mark = "**" if lr == g["chosen_lr"] else ""
             cells.append(f"{mark}{_fmt(r['val_accuracy'])}{mark} (loss {_fmt(r['val_loss'], '.3f')})")
-        lines.append(f"| {g['group']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {g['group']} | " + " | ".join(cells) + f" | {bracketed} |")
     lines.append("")
     levels = _levels({k for g in groups for k in g["accuracy"]})
     if levels:
@@ -477,7 +485,7 @@ def write_report(specs, results, chosen: dict, test_errors: dict, plan, out_dir:
             "command": command, "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "torch": torch.__version__, "metareason": __version__, "launcher": launcher, "quick": quick,
-            "protocol": {"lrs": plan.lrs, "seeds": plan.seeds, "val_samples": plan.val_samples,
+            "protocol": {"lrs": plan.lrs, "extend": plan.extend, "seeds": plan.seeds, "val_samples": plan.val_samples,
                          "test_samples": plan.test_samples, "jobs": plan.jobs, "threads": plan.threads,
                          "budget": (f"{budget.get('train.max_steps')} steps × batch {budget.get('train.batch_size')} "
                                     f"(grad_accum {budget.get('train.grad_accum')}), max_length "
