@@ -40,7 +40,7 @@ from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
 QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 HF_MODES = {"flatten": ["hf_flatten"], "padded": ["hf_padded"], "both": ["hf_flatten", "hf_padded"]}
 SIDE_NAMES = {"ours": "metareason", "hf_flatten": "HF Trainer, DataCollatorWithFlattening",
-              "hf_padded": "HF Trainer, right-padding collator"}
+              "hf_padded": "HF Trainer, right-padding collator", "floor": "plain PyTorch loop (reference)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-mode", choices=sorted(HF_MODES), default="both",
                         help="HF Trainer settings to run; the faster is the baseline")
     parser.add_argument("--out", default="bench/results/train-cpu.json", help="JSON record (and .md beside it)")
-    parser.add_argument("--side", choices=["ours", *SIDE_NAMES], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--floor", action="store_true",
+                        help="also run a plain PyTorch loop on the same batches (forward, loss, backward, clip, "
+                             "fused AdamW, nothing else): what any loop's arithmetic costs, a reference, not a "
+                             "baseline")
+    parser.add_argument("--side", choices=list(SIDE_NAMES), help=argparse.SUPPRESS)  # child process
 
 
 def _kernel(args, tmp):
@@ -195,6 +199,44 @@ def _side_hf(args, tmp, flatten: bool) -> dict:
             "attn_implementation": model.config._attn_implementation}
 
 
+def _side_floor(args, tmp) -> dict:
+    """The same model, batches (right-padded, no mask: causal attention never reads the padding
+    of a right-padded row), loss and optimizer as ours, in a bare loop."""
+    import torch
+    import torch.nn.functional as F
+
+    from metareason.data.tokenize import collate
+    from metareason.train.loop import seed_everything
+    from metareason.train.optim import build_optimizer
+
+    kernel = _kernel(args, tmp)
+    cfg = kernel.config
+    seed_everything(cfg.train.seed)
+    model, tokenizer = kernel.load()
+    model.train()
+    total = args.steps + args.warmup
+    rows = _our_batches(kernel, tokenizer, total)
+    optimizer = build_optimizer(model, cfg.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    stamps, tokens = [], []
+    for i in range(total):
+        chunk = rows[i * args.batch_size: (i + 1) * args.batch_size]
+        batch = collate([r["input_ids"] for r in chunk], [r["plen"] for r in chunk], tokenizer.pad_token_id)
+        tokens.append(int(batch["attention_mask"].sum()))
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                               ignore_index=-100)
+        loss.backward()
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append((time.perf_counter(), time.process_time()))
+    return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
+            "group_by_length": cfg.train.group_by_length}
+
+
 def _sequential_kwargs(training_args_cls) -> dict:
     """Trainer reads the dataset in order: ``train_sampling_strategy="sequential"`` from
     transformers 5 on; before, a sequential sampler is not an argument (the bench needs 5)."""
@@ -214,6 +256,8 @@ def _child(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         if args.side == "ours":
             result = _side_ours(args, tmp)
+        elif args.side == "floor":
+            result = _side_floor(args, tmp)
         else:
             result = _side_hf(args, tmp, flatten=args.side == "hf_flatten")
     result["threads"] = torch.get_num_threads()
@@ -236,6 +280,7 @@ def _summary(runs: list[dict]) -> dict:
 def _command(args) -> str:
     return "metareason bench train " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in (
         "steps", "warmup", "batch_size", "repeats", "threads", "packing", "group_by_length", "hf_mode")) + \
+        (" --floor" if args.floor else "") + \
         ("" if args.config == str(QUICKSTART) else f" --config {args.config}")
 
 
@@ -248,7 +293,7 @@ def run(args) -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeats < 1:
         print("error: --warmup, --steps and --repeats must be at least 1", file=sys.stderr)
         return 2
-    sides = ["ours", *HF_MODES[args.hf_mode]]
+    sides = ["ours", *HF_MODES[args.hf_mode]] + (["floor"] if args.floor else [])
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     load_before = os.getloadavg()
     for rep in range(args.repeats):
@@ -272,7 +317,7 @@ def run(args) -> int:
     if len(set(counts.values())) != 1:
         print(f"error: bench train: the sides counted different tokens {counts}", file=sys.stderr)
         return 1
-    hf_sides = [s for s in sides if s != "ours"]
+    hf_sides = [s for s in sides if s.startswith("hf_")]
     baseline = max(hf_sides, key=lambda s: results[s]["tokens_per_s"])
     ours, base = results["ours"], results[baseline]
     ratio = ours["tokens_per_s"] / base["tokens_per_s"]
@@ -287,6 +332,12 @@ def run(args) -> int:
               f"{r['peak_mb']:8.0f}")
     print(f"speed ratio (ours / {SIDE_NAMES[baseline]}): {ratio:.2f}x median (per-repeat {min(pair_ratios):.2f}-"
           f"{max(pair_ratios):.2f}), {cpu_ratio:.2f}x per CPU second; peak memory ratio {mem_ratio:.2f}x")
+    floor = None
+    if "floor" in results:
+        f_cpu = results["floor"]["tokens_per_cpu_s"]
+        floor = {"ours": ours["tokens_per_cpu_s"] / f_cpu, baseline: base["tokens_per_cpu_s"] / f_cpu}
+        print(f"per CPU second against the plain loop: ours {floor['ours']:.2f}x, "
+              f"{SIDE_NAMES[baseline]} {floor[baseline]:.2f}x")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
     record = {"benchmark": "train", "device": device, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
@@ -294,9 +345,10 @@ def run(args) -> int:
               "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
               "repeats": args.repeats, "threads": args.threads, "order": "interleaved: " + ", ".join(sides),
               "load_average_before": load_before, "load_average_after": load_after,
-              "ours": ours, **{side: results[side] for side in hf_sides}, "baseline": baseline,
+              "ours": ours, **{side: results[side] for side in sides if side != "ours"}, "baseline": baseline,
               "speed_ratio": ratio, "speed_ratio_range": [min(pair_ratios), max(pair_ratios)],
-              "cpu_time_speed_ratio": cpu_ratio, "peak_memory_ratio": mem_ratio, "command": _command(args)}
+              "cpu_time_speed_ratio": cpu_ratio, "peak_memory_ratio": mem_ratio, "command": _command(args),
+              "against_plain_loop": floor}
     write_record(args.out, record, _markdown(record, sides))
     return 0
 
@@ -316,6 +368,8 @@ def _markdown(r: dict, sides: list[str]) -> str:
         x = r[side]
         if side == "ours":
             settings = f"{x['packing']}; {x['packed_batches']} of {x['batches']} batches packed"
+        elif side == "floor":
+            settings = "forward, loss, backward, clip, fused AdamW; right padding, no mask"
         else:
             settings = (f"{x['collator']}, {x['attn_implementation']} attention"
                         f"{', group_by_length' if x['group_by_length'] else ''}")
@@ -326,5 +380,11 @@ def _markdown(r: dict, sides: list[str]) -> str:
     lines += ["", f"Baseline: the faster Trainer setting, {SIDE_NAMES[r['baseline']]}. Speed ratio (ours / "
               f"baseline, medians): **{r['speed_ratio']:.2f}x** (per-repeat {lo:.2f}-{hi:.2f}); per CPU second "
               f"{r['cpu_time_speed_ratio']:.2f}x (the steadier number on a shared machine); peak memory "
-              f"ratio {r['peak_memory_ratio']:.2f}x.", "", f"Command: `{r['command']}`", ""]
+              f"ratio {r['peak_memory_ratio']:.2f}x.", ""]
+    if r.get("against_plain_loop"):
+        f = r["against_plain_loop"]
+        lines += [f"Against the plain PyTorch loop on the same batches (a reference for what the arithmetic "
+                  f"alone costs; no loop does less), tokens per CPU second: ours {f['ours']:.2f}x, "
+                  f"{SIDE_NAMES[r['baseline']]} {f[r['baseline']]:.2f}x.", ""]
+    lines += [f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
