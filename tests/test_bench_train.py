@@ -18,13 +18,38 @@ def test_bench_train_writes_json_and_markdown_with_each_sides_settings(tmp_path)
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "train.json"
     res = run_cli("bench", "train", "--config", str(path), "--steps", "2", "--warmup", "1", "--batch-size", "8",
-                  "--repeats", "1", "--threads", "1", "--out", str(out), timeout=600)
+                  "--repeats", "1", "--threads", "1", "--floor", "--out", str(out), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["baseline"] in ("hf_flatten", "hf_padded") and r["repeats"] == 1
-    assert r["ours"]["timed_tokens"] == r["hf_flatten"]["timed_tokens"] == r["hf_padded"]["timed_tokens"] > 0
+    assert r["ours"]["timed_tokens"] == r["hf_flatten"]["timed_tokens"] == r["hf_padded"]["timed_tokens"] \
+        == r["floor"]["timed_tokens"] > 0
+    assert r["against_plain_loop"]["ours"] == r["ours"]["tokens_per_cpu_s"] / r["floor"]["tokens_per_cpu_s"]
     assert r["ours"]["packing"].startswith("train.packing=auto: on")
     assert r["hf_flatten"]["collator"] == "DataCollatorWithFlattening"
     assert r["speed_ratio"] == r["ours"]["tokens_per_s"] / r[r["baseline"]]["tokens_per_s"]
-    assert "--repeats 1" in r["command"] and len(r["load_average_before"]) == 3
+    assert "--repeats 1" in r["command"] and "--floor" in r["command"] and len(r["load_average_before"]) == 3
     assert "Command: `metareason bench train" in out.with_suffix(".md").read_text()
+
+
+def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path):
+    """`metareason bench grpo` end to end: ours and TRL on the same model and prompts, each side in
+    its own process; the record holds both sides' per-phase breakdown and the command."""
+    cfg = {"name": "g", "output_dir": str(tmp_path), "quiet": True,
+           "model": {"arch": dict(TINY_LLAMA), "tokenizer": {"type": "char"}},
+           "data": {"max_length": 128, "train": [{"task": "causal_loop", "num_samples": 8,
+                                                   "params": {"levels": [1]}}]}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "grpo.json"
+    res = run_cli("bench", "grpo", "--config", str(path), "--steps", "2", "--warmup", "1", "--prompts", "2",
+                  "--num-generations", "2", "--completion-length", "4", "--threads", "1", "--repeats", "1",
+                  "--sides", "ours,trl", "--out", str(out), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    text = out.with_suffix(".md").read_text()
+    assert "Command: `metareason bench grpo" in text and "--sides ours,trl" in r["command"]
+    assert r["decoder"] == "lean"
+    for side in ("ours", "trl"):
+        assert r[side]["step_s"] > 0 and r[side]["sampling_s"] > 0, side
+    assert abs(r["speedup"] - r["trl"]["step_s"] / r["ours"]["step_s"]) < 1e-9
