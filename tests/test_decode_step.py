@@ -9,10 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from metareason.decode import _reserve, decode, decoder_model, resolve
+from metareason.decode import _cache_of, _reserve, decode, decoder_model, resolve
 from metareason.decode_step import DecodeStep
 from metareason.generate import encode_prompts, generate_batch
 from metareason.models import build_char_tokenizer
+from metareason.models.compat import CACHE_KWARG
 
 PROMPTS = ["A=1;A=?", "B=A*22;C=B+1;C=?", "x", "Q=7;R=Q-3;S=R*2;S=?"]  # left padding, 4 lengths
 FAMILIES = {
@@ -69,7 +70,7 @@ def step_logits(model, tok, prompts, use_step: bool, steps: int = 3):
     pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos, use_cache=True,
                 logits_to_keep=1)
-    cache = out.cache
+    cache = _cache_of(out)
     _reserve(cache, P + steps)
     step = DecodeStep.build(model)
     assert step is not None
@@ -82,8 +83,8 @@ def step_logits(model, tok, prompts, use_step: bool, steps: int = 3):
         if use_step:
             got = step(token, cache, pos, m)
         else:
-            got = model(input_ids=token, cache=cache, position_ids=pos, attention_mask=m, use_cache=True,
-                        logits_to_keep=1).logits
+            got = model(input_ids=token, position_ids=pos, attention_mask=m, use_cache=True, logits_to_keep=1,
+                        **{CACHE_KWARG: cache}).logits
         logits.append(got)
         token = got[:, -1].argmax(-1, keepdim=True)
     return torch.stack(logits)
