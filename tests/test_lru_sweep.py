@@ -72,9 +72,11 @@ def test_quick_sweep_with_ray_runs_the_protocol_and_resumes(tmp_path):
     for t in trials:  # the test split is evaluated only for the runs at the chosen rate
         assert bool(t["test"]) == (t["lr"] == groups[t["group"]]["chosen_lr"])
         assert t["validation"]["eval_entry"]["params"]["split"] == "validation"
+        assert t["validation"]["host"]["cpu"] and t["validation"]["host"]["cpus"] >= 1  # where it ran
     assert groups["A"]["lru"] == {} and groups["A"]["spearman_per_seed"] == []
     assert all(1 <= groups["D"]["lru"]["iterations"][lv]["mean"] <= 3 for lv in LEVELS)
     assert len(groups["D"]["spearman_per_seed"]) == 2
+    assert groups["A"]["hosts"] == groups["D"]["hosts"] and len(groups["A"]["hosts"]) == 1
     assert groups["D"]["forward_flops_per_token"] > groups["A"]["forward_flops_per_token"] * 0.5
     md = (out / "lru-sweep.md").read_text()
     for needle in ("**Quick mode**", "## Protocol", "## Learning-rate grid", "## Test accuracy per level",
@@ -235,3 +237,13 @@ def test_grid_grows_past_the_edge_its_best_rate_sits_on(tmp_path, monkeypatch, p
     assert tried == pytest.approx(expect_tried)
     assert got["chosen"]["A"] == pytest.approx(expect_chosen)
     assert [r.trial.lr for r in results if r.trial.seed == 1] == [got["chosen"]["A"]]
+
+
+def test_report_names_the_machines_when_trials_ran_on_more_than_one():
+    from metareason.plugins.lru.sweep_report import _hosts_line
+
+    same = [{"group": "A", "hosts": ["cpu x"]}, {"group": "B", "hosts": ["cpu x"]}]
+    assert _hosts_line(same) == []  # one machine: the header line says it
+    mixed = same + [{"group": "C", "hosts": ["cpu y"]}, {"group": "D", "hosts": ["not recorded"]}]
+    (line, _) = _hosts_line(mixed)
+    assert line.endswith("A, B: cpu x; C: cpu y; D: not recorded.")

@@ -134,7 +134,11 @@ def test_sweep_hypothesis_iterations_rise_with_level():
     (beats,) = hypotheses([g("A", acc={"level_2": st(0.5, 0.4, 0.6)}), g("D", acc={"level_2": st(0.55, 0.5, 0.6)})])
     assert beats["claim"] == "D beats A on level_2" and beats["holds"] and "seed ranges overlap" in beats["evidence"]
     (apart,) = hypotheses([g("A", acc={"all": st(0.5, 0.4, 0.6)}), g("E", acc={"all": st(0.8, 0.7, 0.9)})])
-    assert apart["holds"] and "do not overlap" in apart["evidence"]
+    assert apart["holds"] and apart["evidence"].endswith("seed ranges do not overlap (E above)")
+    (below,) = hypotheses([g("A", acc={"all": st(0.87, 0.86, 0.88)}), g("D", acc={"all": st(0.78, 0.77, 0.79)})])
+    assert not below["holds"] and below["evidence"].endswith("seed ranges do not overlap (D below)")
+    against_b = hypotheses([g("B", acc={"all": st(0.5, 0.4, 0.6)}), g("C", acc={"all": st(0.7, 0.65, 0.75)})])
+    assert [(h["claim"], h["holds"]) for h in against_b] == [("C beats B on all", True)]
     assert _levels(["level_10", "level_2", "all", "level_1"]) == ["level_1", "level_2", "level_10"]  # numeric order
 
 

@@ -112,6 +112,7 @@ def level_number(group: str) -> float:
 
 
 def evaluate_split(run_dir: str, split: str, samples: int, seed: int, batch_size: int = 64) -> Path:
+    from metareason.benchmarks import cpu_name
     from metareason.errors import UserError
     from metareason.evaluate import evaluate
     from metareason.trained import load_trained
@@ -132,6 +133,7 @@ def evaluate_split(run_dir: str, split: str, samples: int, seed: int, batch_size
               "num_parameters": sum(p.numel() for p in model.parameters()),
               "model_type": getattr(model.config, "model_type", None),
               "vocab_size": getattr(model.config, "vocab_size", None),
+              "host": {"cpu": cpu_name(), "cpus": os.cpu_count()},  # the trial's machine (tokens/s compare within one)
               "accuracy": dict(sorted(accuracy.items())), **summarise(tf["rows"], tf["has_lru"]),
               "iterations_by_example": ([[level_number(r["group"]), r["iterations"] / max(r["tokens"], 1)]
                                          for r in tf["rows"]] if tf["has_lru"] else [])}

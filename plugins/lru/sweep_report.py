@@ -190,6 +190,7 @@ def aggregate(spec, trials: list[dict], chosen_lr: Optional[float], seq_len: flo
             "flatness": spread([t["flatness"] for t in final]),
             "flatness_abs": spread([t.get("flatness_abs") for t in final]),
             "tokens_per_s": spread([t["tokens_per_s"] for t in final]),
+            "hosts": sorted({(t["validation"].get("host") or {}).get("cpu") or "not recorded" for t in final}),
             "forward_flops_per_token": fwd,
             "majority_baseline": next((t["test"].get("majority_baseline") for t in final if t["test"].get("majority_baseline")), {}),
             "loss_curve": first.get("loss_curve", []) if final else [],
@@ -209,7 +210,8 @@ def describe_model(arch: dict) -> str:
 
 def hypotheses(groups: list[dict]) -> list[dict]:
     """The seed's checks on what was measured: iterations rise with level (for every seed), and the
-    LRU groups beat the same-size Llama on the loop levels (means, with the seed ranges)."""
+    LRU groups (C, D, E) beat the same-size Llama (A) and plain MLA (B) on the loop levels (means,
+    and whether the seed ranges are apart, in which direction)."""
     by = {g["group"]: g for g in groups}
     checks = []
     for name in ("D", "E"):
@@ -219,19 +221,21 @@ def hypotheses(groups: list[dict]) -> list[dict]:
             checks.append({"claim": f"{name}'s iterations rise with level (Spearman > 0 on every seed)",
                            "holds": all(r > 0 for r in rho),
                            "evidence": "rho per seed " + ", ".join(f"{r:+.3f}" for r in rho)})
-    a = by.get("A")
-    for name in ("D", "E"):
-        g = by.get(name)
-        if not (a and g):
-            continue
-        for level in ("level_2", "level_4", "all"):
-            x, y = g["accuracy"].get(level) or {}, a["accuracy"].get(level) or {}
-            if x and y:
-                separated = x["min"] > y["max"]
-                checks.append({"claim": f"{name} beats A on {level}", "holds": x["mean"] > y["mean"],
-                               "evidence": f"{name} {x['mean']:.3f} [{x['min']:.3f}, {x['max']:.3f}] vs A "
-                                           f"{y['mean']:.3f} [{y['min']:.3f}, {y['max']:.3f}]"
-                                           + ("; seed ranges do not overlap" if separated else "; seed ranges overlap")})
+    for base in ("A", "B"):  # the same-size Llama, and the same attention without the LRU
+        b = by.get(base)
+        for name in ("C", "D", "E"):
+            g = by.get(name)
+            if not (b and g):
+                continue
+            for level in ("level_2", "level_4", "all"):
+                x, y = g["accuracy"].get(level) or {}, b["accuracy"].get(level) or {}
+                if x and y:
+                    side = "above" if x["min"] > y["max"] else "below" if x["max"] < y["min"] else None
+                    checks.append({"claim": f"{name} beats {base} on {level}", "holds": x["mean"] > y["mean"],
+                                   "evidence": f"{name} {x['mean']:.3f} [{x['min']:.3f}, {x['max']:.3f}] vs {base} "
+                                               f"{y['mean']:.3f} [{y['min']:.3f}, {y['max']:.3f}]"
+                                               + (f"; seed ranges do not overlap ({name} {side})" if side
+                                                  else "; seed ranges overlap")})
     return checks
 
 
@@ -330,6 +334,19 @@ def _ms(st: dict, spec: str = ".3f") -> str:
     return f"{_fmt(st['mean'], spec)} [{_fmt(st['min'], spec)}, {_fmt(st['max'], spec)}]"
 
 
+def _hosts_line(groups: list[dict]) -> list[str]:
+    """Where the reported trials ran (the CPU their evaluation recorded), when that is not one
+    machine: training tokens/s then compare only between groups that ran on the same CPU."""
+    by: dict[str, list[str]] = {}
+    for g in groups:
+        for host in g.get("hosts") or []:
+            by.setdefault(host, []).append(g["group"])
+    if len(by) < 2:
+        return []
+    return ["Trials ran on more than one machine (train tokens/s compare only within one): "
+            + "; ".join(f"{', '.join(names)}: {host}" for host, names in by.items()) + ".", ""]
+
+
 def render_markdown(data: dict, plots: dict[str, str]) -> str:
     groups, p = data["groups"], data["protocol"]
     lines = [f"# {data['title']}", ""]
@@ -337,9 +354,10 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
         lines += ["**Quick mode**: a check of the sweep's machinery (a few steps, a handful of problems). "
                   "Nothing below measures the methods.", ""]
     lines += [f"Command: `{data['command']}`", "",
-              f"Measured {data['created']} on {data['device']} ({data['cpus']} CPUs), torch {data['torch']}, "
+              f"Report written {data['created']} on {data['device']} ({data['cpus']} CPUs), torch {data['torch']}, "
               f"metareason {data['metareason']}; trials launched as {data['launcher']}, {p['jobs']} at a time with "
               f"{p['threads']} torch thread(s) each.", "",
+              *_hosts_line(groups),
               "## Protocol", "",
               f"- Token budget, the same for every group: {p['budget']}.",
               f"- Learning rate per group chosen on the validation split (seed {p['seeds'][0]}, {p['val_samples']} "
