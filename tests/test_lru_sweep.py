@@ -247,3 +247,20 @@ def test_report_names_the_machines_when_trials_ran_on_more_than_one():
     mixed = same + [{"group": "C", "hosts": ["cpu y"]}, {"group": "D", "hosts": ["not recorded"]}]
     (line, _) = _hosts_line(mixed)
     assert line.endswith("A, B: cpu x; C: cpu y; D: not recorded.")
+
+
+def test_equal_compute_reading_settles_only_a_costlier_group_that_loses():
+    from metareason.plugins.lru.sweep_report import equal_compute
+
+    def g(name, flops, acc):
+        return {"group": name, "forward_flops_per_token": flops, "accuracy": {"all": {"mean": acc}}}
+
+    a, b, c, d = g("A", 1.0e6, 0.87), g("B", 1.005e6, 0.86), g("C", 1.5e6, 0.90), g("D", 1.2e6, 0.80)
+    groups = [a, b, c, d]
+    assert equal_compute(a, groups) == "–" and equal_compute(b, groups) == "–"  # within 1%: the same compute
+    assert equal_compute(d, groups) == "not ahead of A, B on more compute: unchanged at equal compute"
+    assert equal_compute(c, groups) == ("ahead of A on 1.50× its compute, B on 1.49× its compute, D on 1.25× its "
+                                        "compute: open until those train as long")
+    e = g("E", 1.6e6, 0.85)  # ahead of D, behind A and B
+    assert equal_compute(e, groups + [e]) == ("not ahead of A, B, C on more compute: unchanged at equal compute; "
+                                              "ahead of D on 1.33× its compute: open until those train as long")

@@ -334,6 +334,25 @@ def _ms(st: dict, spec: str = ".3f") -> str:
     return f"{_fmt(st['mean'], spec)} [{_fmt(st['min'], spec)}, {_fmt(st['max'], spec)}]"
 
 
+def equal_compute(g: dict, groups: list[dict], margin: float = 1.01) -> str:
+    """What the compute difference means for ``g`` against the groups that spent less per token
+    (by more than ``margin``): behind them on more compute settles it; ahead of them does not."""
+    cheaper = [c for c in groups if c["forward_flops_per_token"] * margin < g["forward_flops_per_token"]]
+    if not cheaper:
+        return "–"
+    mine = g["accuracy"]["all"]["mean"]
+    behind = [c["group"] for c in cheaper if c["accuracy"]["all"]["mean"] >= mine]
+    ahead = [c for c in cheaper if c["accuracy"]["all"]["mean"] < mine]
+    parts = []
+    if behind:
+        parts.append(f"not ahead of {', '.join(behind)} on more compute: unchanged at equal compute")
+    if ahead:
+        parts.append("ahead of " + ", ".join(
+            f"{c['group']} on {g['forward_flops_per_token'] / c['forward_flops_per_token']:.2f}× its compute"
+            for c in ahead) + ": open until those train as long")
+    return "; ".join(parts)
+
+
 def _hosts_line(groups: list[dict]) -> list[str]:
     """Where the reported trials ran (the CPU their evaluation recorded), when that is not one
     machine: training tokens/s then compare only between groups that ran on the same CPU."""
@@ -444,14 +463,15 @@ def render_markdown(data: dict, plots: dict[str, str]) -> str:
         lines += ["## Accuracy and compute", "",
                   "Forward FLOPs per token (`plugins/lru/flops.py`, matmuls, at the measured mean iterations and the "
                   "mean test sequence length); training compute ≈ 3 × forward × tokens, and every group trains on the "
-                  "same tokens, so the groups' training compute differs by the ratio in the second column.", "",
-                  "| group | fwd FLOPs/token | × cheapest | test accuracy (all) | accuracy per relative compute |",
+                  "same tokens, so the groups' training compute differs by the ratio in the third column. At equal "
+                  "compute: a group that spent more and does not beat a cheaper one would not beat it with less; "
+                  "where it does beat a cheaper one, an equal-compute check trains the cheaper group longer.", "",
+                  "| group | fwd FLOPs/token | × cheapest | test accuracy (all) | at equal compute |",
                   "|---|---|---|---|---|"]
         for g in costed:
-            rel = g["forward_flops_per_token"] / base
             a = g["accuracy"]["all"]
-            lines.append(f"| {g['group']} | {g['forward_flops_per_token'] / 1e6:.2f} M | {rel:.2f} | {_ms(a)} | "
-                         f"{a['mean'] / rel:.3f} |")
+            lines.append(f"| {g['group']} | {g['forward_flops_per_token'] / 1e6:.2f} M | "
+                         f"{g['forward_flops_per_token'] / base:.2f} | {_ms(a)} | {equal_compute(g, costed)} |")
         lines.append("")
     terms = [g for g in groups if g["final_loss_terms"]]
     if terms:
