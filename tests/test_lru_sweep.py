@@ -131,6 +131,8 @@ def test_sweep_bad_input_is_one_line(tmp_path):
     res = run_cli("lru", "sweep", str(tmp_path / "missing"))
     assert res.returncode == 2 and res.stderr.strip() == f"error: {tmp_path / 'missing'}: not a directory of run configs"
     (tmp_path / "empty").mkdir()
+    res = run_cli("lru", "sweep", str(tmp_path / "empty"), "--keep-weights")
+    assert res.returncode == 2 and res.stderr.strip() == "error: --keep-weights: needs --results-dir (the weights are kept there)"
     res = run_cli("lru", "sweep", str(tmp_path / "empty"))
     assert res.returncode == 2 and "no *.yaml run configs" in res.stderr
     configs = write_configs(tmp_path / "dup", {"x": GROUPS["a"], "y": GROUPS["b"]})
@@ -264,3 +266,36 @@ def test_equal_compute_reading_settles_only_a_costlier_group_that_loses():
     e = g("E", 1.6e6, 0.85)  # ahead of D, behind A and B
     assert equal_compute(e, groups + [e]) == ("not ahead of A, B, C on more compute: unchanged at equal compute; "
                                               "ahead of D on 1.33× its compute: open until those train as long")
+
+
+def test_keep_weights_carries_a_trial_to_its_test_evaluation_on_a_fresh_machine(tmp_path):
+    """--keep-weights: the final weights (not the optimizer state) travel with the kept results
+    until the test evaluation is done, so a restored trial can still be evaluated on test."""
+    import shutil
+
+    from metareason.plugins.lru import sweep
+
+    run_dir, kept = tmp_path / "runs" / "t-lr0.001-s0", tmp_path / "kept"
+    ckpt = run_dir / "checkpoints" / "step-3"
+    ckpt.mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng.pt"):
+        (ckpt / name).write_text(name)
+    (run_dir / sweep.TRIAL_FILE).write_text(json.dumps({"fingerprint": "f", "train_wall_s": 1, "eval_wall_s": 1}))
+    (run_dir / "sweep-validation.json").write_text("{}")
+    trial = {"name": run_dir.name, "run_dir": str(run_dir), "fingerprint": "f"}
+    plan = {"results_dir": str(kept), "keep_weights": True}
+
+    sweep.keep_results(trial, {**plan, "keep_weights": False})
+    assert not (kept / run_dir.name / sweep.KEPT_WEIGHTS).exists()  # off by default: results only
+    sweep.keep_results(trial, plan)
+    weights = kept / run_dir.name / sweep.KEPT_WEIGHTS / "step-3"
+    assert sorted(p.name for p in weights.iterdir()) == ["config.json", "model.safetensors", "trainer_state.json"]
+
+    shutil.rmtree(tmp_path / "runs")  # a fresh machine
+    assert sweep.restore_results(trial, plan)
+    assert (ckpt / "model.safetensors").read_text() == "model.safetensors" and not (ckpt / "optimizer.pt").exists()
+
+    (run_dir / "sweep-test.json").write_text("{}")  # the test evaluation is done: the weights are dropped
+    sweep.keep_results(trial, plan)
+    assert not (kept / run_dir.name / sweep.KEPT_WEIGHTS).exists()
+    assert (kept / run_dir.name / "sweep-test.json").exists()

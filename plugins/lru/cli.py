@@ -33,7 +33,10 @@ def cmd_sweep(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     plan = Plan(lrs=parse_floats(args.lrs or "1e-3,2e-3,4e-3", "--lrs"), seeds=parse_seeds(args.seeds or "2"),
                 val_samples=args.val_samples or 200, test_samples=args.test_samples or 400, jobs=jobs, threads=threads,
-                results_dir=args.results_dir, extend=2 if args.extend is None else args.extend)
+                results_dir=args.results_dir, extend=2 if args.extend is None else args.extend,
+                keep_weights=args.keep_weights)
+    if args.keep_weights and not args.results_dir:
+        raise UserError("--keep-weights: needs --results-dir (the weights are kept there)")
     groups = [g.strip() for g in args.groups.split(",") if g.strip()] if args.groups else None
     command = "metareason " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "metareason lru sweep"
     path, results, test_errors = run_sweep(args.config_dir, args.out, args.runs_dir, args.prefix, overrides, plan,
@@ -78,6 +81,9 @@ def add_commands(subparsers) -> None:
     s.add_argument("--groups", help="only these groups, e.g. A,E (default: every config)")
     s.add_argument("--results-dir", help="also keep each finished trial's results (no checkpoints) here and reuse "
                                          "them, e.g. to finish a sweep in pieces on fresh machines")
+    s.add_argument("--keep-weights", action="store_true",
+                   help="with --results-dir, also keep a trial's final model weights there until its test evaluation "
+                        "is done (then they are dropped), so a sweep can be finished on a fresh machine")
     s.add_argument("--jobs", type=int, help="trials at a time (default: min(2, CPUs))")
     s.add_argument("--threads", type=int, help="torch threads per trial (default: CPUs // jobs)")
     s.add_argument("--quick", action="store_true",

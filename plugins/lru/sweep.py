@@ -48,6 +48,8 @@ TRIAL_FILE = "sweep-trial.json"
 # what the report reads from a run directory (no checkpoints): what --results-dir keeps
 KEPT_FILES = ("config.yaml", "metrics.jsonl", TRIAL_FILE, "sweep-validation.json", "sweep-test.json",
               "eval_samples-validation.jsonl", "eval_samples-test.jsonl")
+KEPT_WEIGHTS = "checkpoint"  # --keep-weights: <results-dir>/<trial>/checkpoint/<step dir>, weights only
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "rng.pt")  # what evaluation does not need
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Plan:
     threads: int = 1  # torch threads per trial
     results_dir: Optional[str] = None  # finished trials' small files, kept (and reused) beyond the runs dir
     extend: int = 2  # times a group's grid may grow past an edge its best rate sits on
+    keep_weights: bool = False  # also keep the final weights in results_dir until the test evaluation is done
 
 
 @dataclass
@@ -227,18 +230,29 @@ def _kept_dir(trial: dict, plan: dict) -> Optional[Path]:
     return Path(plan["results_dir"]) / trial["name"] if plan.get("results_dir") else None
 
 
+def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    from metareason.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(run_dir)
+
+
 def keep_results(trial: dict, plan: dict) -> None:
-    """Copy a finished trial's small files to ``--results-dir`` (replacing an older copy whole)."""
+    """Copy a finished trial's small files to ``--results-dir`` (replacing an older copy whole);
+    with ``--keep-weights`` also its final weights, until it has a test result."""
     target = _kept_dir(trial, plan)
     if target is None:
         return
+    run_dir = Path(trial["run_dir"])
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     for name in KEPT_FILES:
-        if (Path(trial["run_dir"]) / name).exists():
-            shutil.copy2(Path(trial["run_dir"]) / name, tmp / name)
+        if (run_dir / name).exists():
+            shutil.copy2(run_dir / name, tmp / name)
+    ckpt = _latest_checkpoint(run_dir)
+    if plan.get("keep_weights") and ckpt is not None and not (run_dir / "sweep-test.json").exists():
+        shutil.copytree(ckpt, tmp / KEPT_WEIGHTS / ckpt.name, ignore=shutil.ignore_patterns(*TRAINING_STATE))
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
@@ -246,7 +260,8 @@ def keep_results(trial: dict, plan: dict) -> None:
 
 def restore_results(trial: dict, plan: dict) -> bool:
     """A trial kept in ``--results-dir`` with the same fingerprint is put back into its run
-    directory (without checkpoints), so a sweep can be finished in pieces on fresh machines."""
+    directory (with its weights when they were kept, else without checkpoints), so a sweep can be
+    finished in pieces on fresh machines."""
     source = _kept_dir(trial, plan)
     if source is None or _done(trial) is not None or not (source / TRIAL_FILE).exists():
         return False
@@ -259,6 +274,10 @@ def restore_results(trial: dict, plan: dict) -> bool:
     for name in KEPT_FILES:
         if (source / name).exists():
             shutil.copy2(source / name, run_dir / name)
+    if (source / KEPT_WEIGHTS).is_dir():
+        from metareason.checkpoint import checkpoints_dir
+
+        shutil.copytree(source / KEPT_WEIGHTS, checkpoints_dir(run_dir))
     return True
 
 
@@ -267,6 +286,11 @@ def run_trial(trial: dict, plan: dict, env: dict) -> dict:
     restore_results(trial, plan)
     record = _done(trial)
     if record is not None:
+        kept = _kept_dir(trial, plan)
+        if plan.get("keep_weights") and kept is not None and not (kept / KEPT_WEIGHTS).exists() \
+                and _latest_checkpoint(Path(trial["run_dir"])) is not None \
+                and not (Path(trial["run_dir"]) / "sweep-test.json").exists():
+            keep_results(trial, plan)  # finished before --keep-weights was given
         return {"ok": True, "resumed": True, "train_wall_s": record["train_wall_s"],
                 "eval_wall_s": record["eval_wall_s"], "error": None}
     run_dir = Path(trial["run_dir"])
@@ -302,7 +326,7 @@ def run_test_eval(trial: dict, plan: dict, env: dict) -> dict:
             pass
     if not (Path(trial["run_dir"]) / "checkpoints").is_dir():
         return {"ok": False, "error": f"{trial['run_dir']}: no checkpoint to evaluate on the test split (the trial was "
-                                      f"restored from --results-dir before its test evaluation); delete "
+                                      f"restored from --results-dir before its test evaluation, without --keep-weights); delete "
                                       f"{_kept_dir(trial, plan)} to train it again"}
     t0 = time.perf_counter()
     ev = _run(_eval_cmd(trial["run_dir"], "test", plan["test_samples"], plan["test_seed"]), env)
