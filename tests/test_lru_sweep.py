@@ -225,6 +225,7 @@ def test_grid_grows_past_the_edge_its_best_rate_sits_on(tmp_path, monkeypatch, p
             score = 1.0 - abs(math.log2(trial["lr"] / peak)) / 10
             (Path(trial["run_dir"]) / "sweep-validation.json").write_text(
                 json.dumps({"accuracy": {"all": score}, "loss": {"all": 1.0}}))
+            (Path(plan["results_dir"]) / trial["name"] / sweep.KEPT_WEIGHTS).mkdir(parents=True)  # --keep-weights
         return {"ok": True, "resumed": False, "train_wall_s": 1.0, "eval_wall_s": 1.0, "error": None}
 
     got = {}
@@ -232,13 +233,17 @@ def test_grid_grows_past_the_edge_its_best_rate_sits_on(tmp_path, monkeypatch, p
     monkeypatch.setattr(sweep_report, "write_report",
                         lambda specs, results, chosen, *a, **k: got.update(chosen=chosen) or tmp_path / "r.md")
     configs = write_configs(tmp_path / "configs", {"a": GROUPS["a"]})
-    plan = sweep.Plan(lrs=[1e-3, 2e-3, 4e-3], seeds=[0, 1], extend=extend)
+    kept = tmp_path / "kept"
+    plan = sweep.Plan(lrs=[1e-3, 2e-3, 4e-3], seeds=[0, 1], extend=extend, results_dir=str(kept), keep_weights=True)
     _, results, _ = sweep.run_sweep(str(configs), str(tmp_path / "out"), str(tmp_path / "runs"), "x", [], plan,
                                     use_ray=False)
     tried = sorted(r.trial.lr for r in results if r.trial.seed == 0)
     assert tried == pytest.approx(expect_tried)
     assert got["chosen"]["A"] == pytest.approx(expect_chosen)
     assert [r.trial.lr for r in results if r.trial.seed == 1] == [got["chosen"]["A"]]
+    # kept weights stay only for the runs at the chosen rate (the ones the test split evaluates)
+    with_weights = sorted(r.trial.lr for r in results if (kept / r.trial.name / sweep.KEPT_WEIGHTS).exists())
+    assert with_weights == pytest.approx([got["chosen"]["A"]] * 2)
 
 
 def test_report_names_the_machines_when_trials_ran_on_more_than_one():

@@ -258,6 +258,13 @@ def keep_results(trial: dict, plan: dict) -> None:
     os.replace(tmp, target)
 
 
+def drop_kept_weights(trial: dict, plan: dict) -> None:
+    """A trial not at its group's chosen rate is never evaluated on test: its kept weights go."""
+    kept = _kept_dir(trial, plan)
+    if kept is not None and (kept / KEPT_WEIGHTS).is_dir():
+        shutil.rmtree(kept / KEPT_WEIGHTS)
+
+
 def restore_results(trial: dict, plan: dict) -> bool:
     """A trial kept in ``--results-dir`` with the same fingerprint is put back into its run
     directory (with its weights when they were kept, else without checkpoints), so a sweep can be
@@ -472,6 +479,9 @@ def run_sweep(config_dir: str, out_dir: str, runs_dir: str, prefix: str, overrid
             results += run(launcher, "run_trial", beyond)
         for spec in specs:
             chosen[spec.group] = choose_lr([r for r in results if r.trial.group == spec.group])
+        for r in results:
+            if chosen.get(r.trial.group) != r.trial.lr:
+                drop_kept_weights(asdict(r.trial), plan_d)
         more = [make_trial(s, chosen[s.group], seed, runs_dir) for s in specs if chosen[s.group] is not None
                 for seed in plan.seeds[1:]]
         results += run(launcher, "run_trial", more)
