@@ -51,6 +51,9 @@ class TokenizerConfig(Section):
 
 class ModelConfig(Section):
     path: Optional[str] = None  # local Hugging Face directory (loaded offline)
+    # a GGUF file inside model.path (dequantised on load; needs the gguf package); model.path may
+    # also name a .gguf file directly
+    gguf_file: Optional[str] = None
     arch: Optional[dict[str, Any]] = None  # architecture config for random init; needs model_type
     tokenizer: TokenizerConfig = TokenizerConfig()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -73,6 +76,10 @@ class DataConfig(Section):
     train: list[TaskSpec] = []
     eval: list[TaskSpec] = []
     max_length: int = Field(256, gt=0)
+    # auto: prompts (and SFT conversations) go through the tokenizer's chat template when it has
+    # one, as TRL does; none: raw text (metareason.data.chat)
+    chat_template: Literal["auto", "none"] = "auto"
+    system_prompt: Optional[str] = None  # a system message for every conversation that has none
 
 
 class TrainConfig(Section):
@@ -129,6 +136,19 @@ class RLConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     generation_kwargs: dict[str, Any] = {}  # extra model.generate arguments (e.g. min_new_tokens, top_k)
     share_prompt_forward: bool = True  # a group's prompt runs once (prefill, log-prob forwards); checked
+    format_pattern: Optional[str] = None  # the `format` reward: 1 when the completion matches it in full
+
+    @field_validator("format_pattern")
+    @classmethod
+    def _pattern(cls, value):
+        if value is not None:
+            import re
+
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
 
 
 class GenerationConfig(Section):

@@ -38,8 +38,8 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
     if not pairs:
         raise ConfigError(f"{kernel._source}: data.eval: no eval tasks configured")
     examples = [ex for _, ex in pairs]
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=kernel.config)
-               for ex in examples]
+    fmt = kernel.chat_format(tokenizer)
+    prompts = [kernel.prompt_text(ex, tokenizer, fmt) for ex in examples]
     gens = generate(kernel, model, tokenizer, prompts, examples=examples, desc="eval")
     correct: dict[str, list[float]] = defaultdict(list)
     tokens: dict[str, list[int]] = defaultdict(list)

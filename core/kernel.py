@@ -33,6 +33,7 @@ class Kernel:
         self.config = config
         self._registries: Optional[dict[str, Registry]] = None
         self._generators: dict[str, Any] = {}
+        self.train_tasks: list[Any] = []  # the data.train tasks, once training examples are loaded
 
     # ------------------------------------------------------------------ plugins
     @property
@@ -119,6 +120,51 @@ class Kernel:
             return factory(params, spec.seed, spec.num_samples)
         except TaskError as exc:
             raise ConfigError(f"{self._source}: {field}: {exc}") from None
+
+    def chat_format(self, tokenizer):
+        """The run's :class:`~metareason.data.chat.ChatFormat` (``data.chat_template``, ``data.system_prompt``)."""
+        from metareason.data.chat import ChatTemplateError, chat_format
+
+        try:
+            return chat_format(self.config.data, tokenizer)
+        except ChatTemplateError as exc:
+            raise ConfigError(f"{self._source}: {exc}") from None
+
+    def _transformed_prompt(self, example: dict):
+        from metareason.data.chat import conversation, map_user_text
+
+        prompt, completion = conversation(example)
+        prompt = map_user_text(prompt, lambda text: self.chain("metareason_transform_prompt", "prompt", text,
+                                                               example=example, config=self.config))
+        return prompt, completion
+
+    def prompt_text(self, example: dict, tokenizer, fmt=None) -> str:
+        """The text the model sees before its reply: prompt transforms (on the user's text), then
+        the chat template (:mod:`metareason.data.chat`). Training, eval and RL all use this."""
+        from metareason.data.chat import ChatTemplateError, render_prompt
+
+        prompt, _ = self._transformed_prompt(example)
+        try:
+            return render_prompt(tokenizer, prompt, fmt or self.chat_format(tokenizer))
+        except ChatTemplateError as exc:
+            raise ConfigError(f"{self._source}: example {example.get('id', '?')}: {exc}") from None
+
+    def sft_texts(self, example: dict, tokenizer, fmt=None) -> tuple[str, str, bool]:
+        """``(prompt text, completion text, append_eos)`` of an SFT example (see ``prompt_text``)."""
+        from metareason.data.chat import ChatTemplateError, render_example
+
+        prompt, completion = self._transformed_prompt(example)
+        if completion is None:
+            raise ConfigError(f"{self._source}: example {example.get('id', '?')}: no completion to train on")
+        try:
+            return render_example(tokenizer, prompt, completion, fmt or self.chat_format(tokenizer))
+        except ChatTemplateError as exc:
+            raise ConfigError(f"{self._source}: example {example.get('id', '?')}: {exc}") from None
+
+    def task_of(self, example: dict):
+        """The ``data.train`` task a training example came from (``None`` if unknown)."""
+        i = example.get("_task")
+        return self.train_tasks[i] if isinstance(i, int) and 0 <= i < len(self.train_tasks) else None
 
     # ------------------------------------------------------------------ model
     def load(self):

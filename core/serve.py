@@ -97,8 +97,8 @@ class Server:
         return body
 
     def request_for(self, body) -> Any:
+        from metareason.data.chat import ChatTemplateError
         from metareason.generators.batching import Request
-        from metareason.generators.local import render_prompt
 
         if isinstance(body, ChatBody):
             prompts = [[m.model_dump() for m in body.messages]]
@@ -107,7 +107,10 @@ class Server:
             if not prompts:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
         chat = isinstance(body, ChatBody)
-        lengths = [self.generator.prompt_tokens(render_prompt(self.generator.tokenizer, p)) for p in prompts]
+        try:
+            lengths = [self.generator.prompt_tokens(self.generator.render(p)) for p in prompts]
+        except ChatTemplateError as exc:
+            raise APIError(400, f"messages: {exc}", param="messages") from None
         longest = max(lengths)
         if longest >= self.context_length:
             raise APIError(400, f"{'messages' if chat else 'prompt'}: {longest} tokens, the model's context is "
@@ -275,11 +278,11 @@ def build_server(args: argparse.Namespace) -> Server:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env: environment variable {args.api_key_env} is not set")
-    model, tokenizer, _ = load_local_model(args.target, args.checkpoint, args.device, args.dtype)
+    model, tokenizer, _, fmt = load_local_model(args.target, args.checkpoint, args.device, args.dtype)
     config = model.config
     context = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
     limit = args.max_tokens or context
-    generator = LocalGenerator(model, tokenizer, batch_size=args.max_batch_size, name="serve")
+    generator = LocalGenerator(model, tokenizer, batch_size=args.max_batch_size, name="serve", fmt=fmt)
     return Server(generator, args.model_name or Path(args.target).resolve().name, context, limit, api_key,
                   max_batch=args.max_batch_size, window_s=args.batch_window_ms / 1000.0, max_queue=args.max_queue)
 

@@ -133,7 +133,7 @@ def test_chat_messages_use_the_template_or_role_lines(bigram_dir):
     assert render_prompt(gen.tokenizer, two) == "system: s\nuser: a\nassistant:"
     gen.tokenizer.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}>"
     assert render_prompt(gen.tokenizer, two) == "[system]s[user]a>"
-    with pytest.raises(ValueError, match="prompts: "):
+    with pytest.raises(ValueError, match=r"prompt\[0\]: expected \{role: str, content: str\}"):
         render_prompt(gen.tokenizer, [{"role": "user"}])
 
 

@@ -97,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args.requests)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else _quickstart_model(Path(tmp) / "model")
-        model, tokenizer, _ = load_local_model(str(model_dir), device=device)
-        local = LocalGenerator(model, tokenizer, batch_size=1)
+        model, tokenizer, _, fmt = load_local_model(str(model_dir), device=device)
+        local = LocalGenerator(model, tokenizer, batch_size=1, fmt=fmt)
         local.generate(prompts[:2], max_new_tokens=args.max_tokens)  # warm-up
         t0 = time.perf_counter()
         seq = [local.generate([p], max_new_tokens=args.max_tokens)[0] for p in prompts]

@@ -8,9 +8,11 @@ sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from metareason.data.chat import needs_bos
 
 IGNORE_INDEX = -100
 
@@ -22,19 +24,25 @@ class Encoded:
     truncated: int
 
 
+def _bos(tokenizer: Any, text: str) -> list[int]:
+    return [tokenizer.bos_token_id] if needs_bos(tokenizer, text) else []
+
+
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """BOS (when the tokenizer has one) + the prompt's tokens; the same in training and generation."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """BOS (see :func:`metareason.data.chat.needs_bos`) + the prompt's tokens, no other specials;
+    the same in training and generation."""
+    return _bos(tokenizer, prompt) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
-def encode_examples(tokenizer: Any, prompts: list[str], completions: list[str], max_length: int) -> Encoded:
+def encode_examples(tokenizer: Any, prompts: list[str], completions: list[str], max_length: int,
+                    append_eos: bool = True) -> Encoded:
+    """``append_eos=False`` for chat-rendered completions, which end with the template's end-of-turn."""
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and append_eos else []
     out, plens, truncated = [], [], 0
-    for p, c in zip(p_ids, c_ids):
+    for text, p, c in zip(prompts, p_ids, c_ids):
+        bos = _bos(tokenizer, text)
         ids = bos + p + c + eos
         if len(ids) > max_length:
             truncated += 1
@@ -118,6 +126,3 @@ class SFTStream:
     def epoch(self) -> float:
         return self.position / (self.batches_per_epoch * self.batch_size)
 
-
-def build_prompts(examples: list[dict], transform: Callable[[str, dict], str]) -> list[str]:
-    return [transform(e["prompt"], e) for e in examples]

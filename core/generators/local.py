@@ -1,10 +1,12 @@
 """``type: local``: the kernel's own batched generation on a model in this process.
 
 The model is a run directory (its latest or a given checkpoint; LoRA adapters applied) or a
-Hugging Face model directory. Chat messages go through the tokenizer's chat template when it has
-one; without one they are rendered as ``role: content`` lines followed by ``assistant:`` (a plain
-single user message is its content alone). Prompts are tokenised as in training (BOS + text), so
-greedy output equals ``metareason eval``'s.
+Hugging Face model directory. Chat messages are rendered by :func:`metareason.data.chat.render_prompt`
+with the run's chat format (``data.chat_template``, ``data.system_prompt``; a model directory:
+its tokenizer's template when it has one); without a template they are ``role: content`` lines
+followed by ``assistant:`` (a plain single user message is its content alone). Text prompts are
+used as they are (completions semantics). Prompts are tokenised as in training, so greedy output
+equals ``metareason eval``'s.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from typing import Any, Literal, Optional, Sequence
 from pydantic import Field
 
 from metareason.config import Section
+from metareason.data import chat
+from metareason.data.chat import ChatFormat
 from metareason.errors import UserError
 from metareason.generators.base import Completion, Generator, GeneratorError, Prompt, check_params
 
@@ -28,8 +32,9 @@ class LocalGeneratorConfig(Section):
 
 
 def load_local_model(path: str, checkpoint: Optional[str] = None, device: str = "auto",
-                     dtype: str = "float32") -> tuple[Any, Any, str]:
-    """``(model, tokenizer, kind)`` from a run directory or a model directory; ``kind`` says which."""
+                     dtype: str = "float32") -> tuple[Any, Any, str, ChatFormat]:
+    """``(model, tokenizer, kind, chat format)`` from a run directory or a model directory;
+    ``kind`` says which."""
     from metareason.kernel import Kernel
     from metareason.trained import load_trained
 
@@ -39,39 +44,41 @@ def load_local_model(path: str, checkpoint: Optional[str] = None, device: str = 
     if (p / "config.yaml").exists():
         trained = load_trained(p, checkpoint, ["quiet=true", f"model.device={device}",
                                                "model.gradient_checkpointing=false"])
-        return trained.model, trained.tokenizer, "run"
+        return trained.model, trained.tokenizer, "run", trained.kernel.chat_format(trained.tokenizer)
     if not (p / "config.json").exists():
         raise UserError(f"{path}: neither a run directory (config.yaml) nor a model directory (config.json)")
     kernel = Kernel({"quiet": True, "model": {"path": str(p), "device": device, "dtype": dtype}})
     model, tokenizer = kernel.load()
-    return model, tokenizer, "model"
+    return model, tokenizer, "model", kernel.chat_format(tokenizer)
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
-    """Text of a prompt: strings as they are; messages through the chat template (see module doc)."""
+def render_prompt(tokenizer: Any, prompt: Prompt, fmt: Optional[ChatFormat] = None) -> str:
+    """Text of a prompt: strings as they are; messages in ``fmt`` (default: the tokenizer's
+    template when it has one)."""
     if isinstance(prompt, str):
         return prompt
-    if not isinstance(prompt, list) or not all(isinstance(m, dict) and "content" in m for m in prompt):
-        raise ValueError("prompts: each must be a string or a list of {role, content} messages")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    if len(prompt) == 1 and prompt[0].get("role", "user") == "user":
-        return str(prompt[0]["content"])
-    return "".join(f"{m.get('role', 'user')}: {m['content']}\n" for m in prompt) + "assistant:"
+    if fmt is None:
+        fmt = ChatFormat(enabled=bool(getattr(tokenizer, "chat_template", None)))
+    return chat.render_prompt(tokenizer, prompt, fmt)
 
 
 class LocalGenerator(Generator):
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, name: str = "local"):
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 32, name: str = "local",
+                 fmt: Optional[ChatFormat] = None):
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.fmt = fmt
         self.model.eval()
 
     @classmethod
     def from_config(cls, cfg: LocalGeneratorConfig, name: str) -> "LocalGenerator":
         try:
-            model, tokenizer, _ = load_local_model(cfg.path, cfg.checkpoint, cfg.device, cfg.dtype)
+            model, tokenizer, _, fmt = load_local_model(cfg.path, cfg.checkpoint, cfg.device, cfg.dtype)
         except UserError as exc:
             raise GeneratorError(f"generators.{name}.path: {exc}") from None
-        return cls(model, tokenizer, cfg.batch_size, name)
+        return cls(model, tokenizer, cfg.batch_size, name, fmt)
+
+    def render(self, prompt: Prompt) -> str:
+        return render_prompt(self.tokenizer, prompt, self.fmt)
 
     def prompt_tokens(self, text: str) -> int:
         from metareason.data.tokenize import prompt_ids
@@ -86,7 +93,7 @@ class LocalGenerator(Generator):
         from metareason.generate import generate_batch
 
         stops = check_params(n, max_new_tokens, temperature, top_p, stop)
-        texts = [render_prompt(self.tokenizer, p) for p in prompts]
+        texts = [self.render(p) for p in prompts]
         rows = [(i, j, t) for i, t in enumerate(texts) for j in range(n)]
         if seed is not None:
             torch.manual_seed(seed)

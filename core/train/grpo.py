@@ -44,7 +44,7 @@ from metareason.train.optim import build_optimizer, build_scheduler
 from metareason.train.sft import autocast_context, collect_extra_losses
 
 ROLLOUT_FILE = "rollout.safetensors"
-REWARD_EXTRAS = ("completion_ids", "completion_lengths", "truncated", "tokenizer", "prompts")
+REWARD_EXTRAS = ("completion_ids", "completion_lengths", "truncated", "tokenizer", "prompts", "tasks", "config")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -295,8 +295,8 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
     device = next(model.parameters()).device
     G = rl.num_generations
     t0 = time.perf_counter()
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", e["prompt"], example=e, config=cfg)
-               for e in examples]
+    fmt = kernel.chat_format(tokenizer)
+    prompts = [kernel.prompt_text(e, tokenizer, fmt) for e in examples]
     row_prompts = [p for p in prompts for _ in range(G)]
     row_examples = [e for e in examples for _ in range(G)]
     gen_kwargs = dict(sampling_defaults(tokenizer), **rl.generation_kwargs)
@@ -329,7 +329,8 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
 
     lengths = completion_mask.sum(1)
     extras = {"completion_ids": ids, "completion_lengths": lengths.tolist(), "truncated": truncated.tolist(),
-              "tokenizer": tokenizer, "prompts": row_prompts}
+              "tokenizer": tokenizer, "prompts": row_prompts, "tasks": [kernel.task_of(e) for e in row_examples],
+              "config": cfg}
     per_func = compute_rewards(kernel, [g.text for g in gens], row_examples, extras)
     weights = torch.tensor(list(rl.rewards.values()), dtype=torch.float32)
     rewards = total_reward(per_func, weights)
@@ -387,11 +388,13 @@ def check_rl_config(kernel) -> None:
     rl, tc = cfg.rl, cfg.train
     if not rl.rewards:
         raise ConfigError(f"{src}: rl.rewards: no reward functions configured for train.algorithm: grpo "
-                          f"(e.g. rl.rewards: {{causal_loop_exact: 1.0}}; registered: {', '.join(kernel.rewards.names())})")
+                          f"(e.g. rl.rewards: {{task_score: 1.0}}; registered: {', '.join(kernel.rewards.names())})")
     for name in rl.rewards:
         if name not in kernel.rewards:
             raise ConfigError(f"{src}: rl.rewards.{name}: unknown reward (registered: "
                               f"{', '.join(kernel.rewards.names()) or 'none'})")
+    if "format" in rl.rewards and kernel.rewards.owner("format") == "builtin" and rl.format_pattern is None:
+        raise ConfigError(f"{src}: rl.format_pattern: the format reward needs a regular expression")
     n = tc.batch_size * rl.num_generations
     if n % tc.grad_accum:
         raise ConfigError(f"{src}: train.grad_accum: {tc.grad_accum} does not divide the {n} completions of a step "
@@ -428,7 +431,7 @@ def train_grpo(kernel, resume: bool = False, sampler=None) -> dict:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     logprobs = LogProbs(kernel, model)
-    logprobs.decide(model, tokenizer, [e["prompt"] for e in examples[:2]], device)
+    logprobs.decide(model, tokenizer, [kernel.prompt_text(e, tokenizer) for e in examples[:2]], device)
 
     rollout: Optional[Rollout] = None
 

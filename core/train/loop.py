@@ -58,10 +58,15 @@ def load_train_examples(kernel) -> list[dict]:
     if not specs:
         raise ConfigError(f"{kernel._source}: data.train: no training tasks configured")
     examples: list[dict] = []
+    kernel.train_tasks = []
     for i, spec in enumerate(specs):
         task = kernel.build_task(spec, field=f"data.train[{i}]")
-        examples.extend(kernel.chain("metareason_transform_example", "example", dict(task[j]), config=kernel.config,
-                                     split="train") for j in range(len(task)))
+        kernel.train_tasks.append(task)
+        for j in range(len(task)):
+            ex = kernel.chain("metareason_transform_example", "example", dict(task[j]), config=kernel.config,
+                              split="train")
+            ex["_task"] = i  # which data.train task it came from (the task_score reward scores with it)
+            examples.append(ex)
     return examples
 
 

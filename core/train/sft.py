@@ -96,6 +96,17 @@ def forward_batch(model, batch: dict, labels: torch.Tensor, device, pad_id: int,
     return outputs, loss, n, False
 
 
+def encode_sft_examples(kernel, tokenizer, examples: list[dict]):
+    """Token ids and prompt lengths of SFT examples, rendered as :meth:`Kernel.sft_texts` says
+    (chat template, system prompt, prompt transforms)."""
+    fmt = kernel.chat_format(tokenizer)
+    texts = [kernel.sft_texts(e, tokenizer, fmt) for e in examples]
+    append_eos = {eos for _, _, eos in texts}
+    assert len(append_eos) <= 1  # one format per run
+    return encode_examples(tokenizer, [p for p, _, _ in texts], [c for _, c, _ in texts],
+                           kernel.config.data.max_length, append_eos=append_eos != {False})
+
+
 def train_sft(kernel, resume: bool = False, dist=None) -> dict:
     """``dist``: a data-parallel worker (:mod:`metareason.scale.dist`); ``None``: one process."""
     from metareason.scale.dist import LOCAL
@@ -110,9 +121,7 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
     device = next(model.parameters()).device
 
     examples = load_train_examples(kernel)
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", e["prompt"], example=e, config=cfg)
-               for e in examples]
-    encoded = encode_examples(tokenizer, prompts, [e["completion"] for e in examples], cfg.data.max_length)
+    encoded = encode_sft_examples(kernel, tokenizer, examples)
     if encoded.truncated:
         print(f"[metareason] {encoded.truncated} of {len(examples)} training examples truncated to "
               f"data.max_length={cfg.data.max_length}", file=sys.stderr)

@@ -76,8 +76,11 @@ def _tasks_and_examples(kernel, specs, field: str) -> list[tuple[Any, dict]]:
 
 
 def _prompts(kernel, examples: list[dict]) -> list[str]:
-    return [kernel.chain("metareason_transform_prompt", "prompt", e["prompt"], example=e, config=kernel.config)
-            for e in examples]
+    """Prompts after the plugins' transforms, as plain text (the pair's models load their own
+    tokenizers, so takeover data is built without a chat template)."""
+    from metareason.data.chat import PLAIN
+
+    return [kernel.prompt_text(e, None, PLAIN) for e in examples]
 
 
 def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet: bool = False) -> dict:

@@ -25,15 +25,14 @@ KEYS = ("iterations", "ponder", "first_residual", "last_residual")
 def level_stats(kernel, model, tokenizer, batch_size: int = 64) -> dict:
     """``{group: {iterations, ponder, first_residual, last_residual, convergence_ratio, tokens}}``;
     ``{}`` for a model without LRU statistics."""
-    from metareason.data.tokenize import collate, encode_examples
+    from metareason.data.tokenize import collate
+    from metareason.train.sft import encode_sft_examples
     from metareason.evaluate import build_eval_examples
     from metareason.metrics import progress
 
     pairs = build_eval_examples(kernel)
     examples = [ex for _, ex in pairs]
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=kernel.config)
-               for ex in examples]
-    enc = encode_examples(tokenizer, prompts, [ex["completion"] for ex in examples], kernel.config.data.max_length)
+    enc = encode_sft_examples(kernel, tokenizer, examples)
     device = next(model.parameters()).device
     sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     was_training = model.training

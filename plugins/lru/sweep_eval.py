@@ -51,14 +51,13 @@ def teacher_forced(kernel, model, tokenizer, batch_size: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from metareason.data.tokenize import IGNORE_INDEX, collate, encode_examples
+    from metareason.data.tokenize import IGNORE_INDEX, collate
+    from metareason.train.sft import encode_sft_examples
     from metareason.evaluate import build_eval_examples
     from metareason.plugins.lru.stats import per_token
 
     examples = [ex for _, ex in build_eval_examples(kernel)]
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=kernel.config)
-               for ex in examples]
-    enc = encode_examples(tokenizer, prompts, [ex["completion"] for ex in examples], kernel.config.data.max_length)
+    enc = encode_sft_examples(kernel, tokenizer, examples)
     device = next(model.parameters()).device
     rows = []
     model.eval()

@@ -23,8 +23,8 @@ def evaluate_mcft(kernel, model, tokenizer, entropy_threshold: Optional[float] =
 
     pairs = build_eval_examples(kernel)
     examples = [ex for _, ex in pairs]
-    prompts = [kernel.chain("metareason_transform_prompt", "prompt", ex["prompt"], example=ex, config=kernel.config)
-               for ex in examples]
+    fmt = kernel.chat_format(tokenizer)
+    prompts = [kernel.prompt_text(ex, tokenizer, fmt) for ex in examples]
     gens = generate(kernel, model, tokenizer, prompts, examples=examples, desc="mcft eval")
     correct = [bool(task.score(g.text, ex)) for (task, ex), g in zip(pairs, gens)]
     formatted = [is_well_formed(g.text) for g in gens]
