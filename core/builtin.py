@@ -40,9 +40,31 @@ def _causal_loop_exact(completions, examples):
     return reward_exact_match(completions, examples)
 
 
+def _task_score(completions, examples, tasks):
+    """Each completion scored by its own task's scorer (reasoning-gym's ``score_answer``, the
+    jsonl task's answer match, ...): the same number ``eval`` reports."""
+    if any(t is None for t in tasks):
+        raise ValueError("task_score: an example has no task (only data.train examples can be scored)")
+    return [float(t.score(c, e)) for c, e, t in zip(completions, examples, tasks)]
+
+
+def _format(completions, examples, config):
+    """1.0 when the whole (stripped) completion matches ``rl.format_pattern`` (``re.DOTALL``)."""
+    import re
+
+    pattern = config.rl.format_pattern
+    if pattern is None:
+        raise ValueError("rl.format_pattern: the format reward needs a regular expression, "
+                         "e.g. '(?s).*answer: \\S+'")
+    rx = re.compile(pattern, re.DOTALL)
+    return [1.0 if rx.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
 @hookimpl
 def metareason_register_rewards(register):
     register("causal_loop_exact", _causal_loop_exact)
+    register("task_score", _task_score)
+    register("format", _format)
 
 
 def _generator_backend(module: str, config_cls: str, generator_cls: str):

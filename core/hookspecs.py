@@ -60,8 +60,13 @@ def metareason_register_tasks(register: Callable[[str, Callable[..., Any]], None
 def metareason_register_rewards(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Provide reward functions for RL and scoring.
 
-    ``register(name, fn)`` where ``fn(completions: list[str], examples: list[dict]) ->
-    list[float]``. Rewards are selected and weighted in the run config by name.
+    ``register(name, fn)`` where ``fn(completions: list[str], examples: list[dict], **extras) ->
+    list[float]`` (``None`` for "no opinion"). A function gets the extras it names among
+    ``completion_ids``, ``completion_lengths``, ``truncated``, ``tokenizer``, ``prompts`` (the
+    rendered prompt texts), ``tasks`` (each example's task object) and ``config`` (the run
+    config). Rewards are selected and weighted in the run config by name (``rl.rewards``).
+    Built-in: ``task_score`` (the task's own scorer), ``format`` (``rl.format_pattern``),
+    ``causal_loop_exact``.
     """
 
 

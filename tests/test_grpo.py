@@ -157,7 +157,8 @@ def test_reward_functions_get_the_extras_they_ask_for(tmp_path):
     for ids, trunc in zip(seen["ids"], seen["truncated"]):
         assert trunc == (ids[-1:] != [eos])
         assert len(ids) <= 10 + (not trunc)
-    assert seen["kwargs"] == ["completion_ids", "completion_lengths", "prompts", "tokenizer", "truncated"]
+    assert seen["kwargs"] == ["completion_ids", "completion_lengths", "config", "prompts", "tasks", "tokenizer",
+                              "truncated"]
     row = rows(k.config.run_dir)[-1]
     assert row["rl/reward/with_kwargs/mean"] == "nan"  # all None: NaN, not 0
     assert row["rl/reward/mean"] == 0.0
