@@ -93,6 +93,9 @@ setup(
         "safetensors>=0.4",
         "accelerate>=1.0",
         "peft>=0.18",  # transformers 5.4 loads adapters with peft >= 0.18
+        # transformers' GGUF loader (model.gguf_file, metareason models get); before 0.17.1 gguf
+        # imports sentencepiece (0.10.0 without declaring it)
+        "gguf>=0.17.1",
         "pluggy>=1.5",
         "pydantic>=2.6",
         "PyYAML>=6",
