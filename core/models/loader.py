@@ -2,6 +2,8 @@
 
 * From a local directory, offline (``local_files_only``): ``AutoTokenizer`` /
   ``AutoModelForCausalLM``; ``trust_remote_code`` only when the config sets it.
+* From a GGUF file (``model.gguf_file`` in that directory, or ``model.path`` naming a ``.gguf``):
+  transformers dequantises it into an ordinary model (needs the ``gguf`` package).
 * From an architecture config (``model.arch``, random init) for from-scratch runs.
 * QLoRA: 4-bit nf4 with double quantisation through bitsandbytes, then PEFT LoRA.
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -59,16 +63,140 @@ def _check_config_json(p: Path, field: str) -> dict:
     return data
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
-    """The run's tokenizer; ``tokenizer.type: char`` builds (or loads) the character tokenizer."""
+GGUF_MIN = "0.17.1"  # the gguf package (setup.py)
+GGUF_MIN_TRANSFORMERS = "5.18"  # before it, a Llama GGUF's GPT-2-style tokenizer loads with eos = bos
+
+
+def _gguf_available() -> bool:
+    from transformers.utils.import_utils import is_gguf_available
+
+    return is_gguf_available(GGUF_MIN)
+
+
+def _gguf_transformers_error() -> Optional[str]:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(GGUF_MIN_TRANSFORMERS):
+        return f"loading GGUF needs transformers >= {GGUF_MIN_TRANSFORMERS} (this is {transformers.__version__})"
+    return None
+
+
+def gguf_source(cfg: ModelConfig) -> Optional[tuple[Path, str, str]]:
+    """``(directory, file name, config field)`` when the model is a GGUF file, else None.
+
+    Either ``model.path`` is a directory and ``model.gguf_file`` names a file in it, or
+    ``model.path`` names a ``.gguf`` file itself.
+    """
+    if cfg.path is None:
+        if cfg.gguf_file:
+            raise ModelLoadError("model.gguf_file: needs model.path (the directory that holds the file)")
+        return None
+    p = Path(cfg.path).expanduser()
+    if p.suffix.lower() == ".gguf" and not p.is_dir():
+        if cfg.gguf_file and cfg.gguf_file != p.name:
+            raise ModelLoadError(f"model.gguf_file: {cfg.gguf_file}: model.path already names a GGUF file ({cfg.path})")
+        directory, name, field = p.parent, p.name, "model.path"
+    elif cfg.gguf_file:
+        directory, name, field = _check_model_dir(cfg.path, "model.path"), cfg.gguf_file, "model.gguf_file"
+    else:
+        return None
+    if not (directory / name).is_file():
+        raise ModelLoadError(f"{field}: {directory / name}: no such GGUF file")
+    if not _gguf_available():
+        raise ModelLoadError(f"{field}: {directory / name}: loading GGUF needs the gguf package "
+                             f"(pip install 'gguf>={GGUF_MIN}')")
+    old_transformers = _gguf_transformers_error()
+    if old_transformers:
+        raise ModelLoadError(f"{field}: {directory / name}: {old_transformers}")
+    return directory, name, field
+
+
+def _gguf_error(exc: Exception, field: str, file: Path, what: str) -> ModelLoadError:
+    text = str(exc).strip()
+    m = re.search(r"architecture (\S+) is not supported", text)
+    if m:
+        import transformers
+
+        return ModelLoadError(f"{field}: {file}: GGUF architecture {m.group(1)!r} is not supported by "
+                              f"transformers {transformers.__version__}")
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return ModelLoadError(f"{field}: {file}: cannot load {what}: {first}")
+
+
+def load_gguf_tokenizer(directory: Path, name: str, field: str = "model.gguf_file") -> Any:
+    """The tokenizer stored in a GGUF file (its chat template included).
+
+    transformers prefers a ``tokenizer.json`` beside the GGUF to the GGUF's own tokenizer, and then
+    loses its special tokens; so the file is read from a directory of its own (a symlink to it).
+    """
     from transformers import AutoTokenizer
 
+    src = (directory / name).resolve()
+    with tempfile.TemporaryDirectory(prefix="metareason-gguf-") as tmp:
+        link = Path(tmp) / src.name
+        try:
+            link.symlink_to(src)
+        except OSError:  # no symlinks here
+            shutil.copyfile(src, link)
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=src.name, local_files_only=True)
+        except Exception as exc:
+            raise _gguf_error(exc, field, directory / name, "tokenizer") from None
+    tok.name_or_path = str(directory / name)
+    return tok
+
+
+def load_gguf_model(directory: Path, name: str, dtype: torch.dtype,
+                    field: str = "model.gguf_file") -> torch.nn.Module:
+    """A GGUF file's model, dequantised to ``dtype``: an ordinary model that trains and saves."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = dict(gguf_file=name, local_files_only=True, dtype=dtype)
+    try:  # transformers >= 5.24 may keep GGUF weights packed (for its kernels); we want them plain
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older releases always dequantise
+        pass
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
+    except Exception as exc:
+        raise _gguf_error(exc, field, directory / name, "model") from None
+    # the weights are dense now: drop the GGUF quantizer, which would refuse to train or save
+    model.hf_quantizer = None
+    for key in ("quantization_config", "_model_name_or_path"):
+        if key in model.config.__dict__:
+            delattr(model.config, key)
+    packed = [n for n, t in model.named_parameters() if not t.is_floating_point()]
+    if packed:
+        raise ModelLoadError(f"{field}: {directory / name}: weights still packed after loading ({packed[0]})")
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The run's tokenizer; ``tokenizer.type: char`` builds (or loads) the character tokenizer."""
     path = cfg.tokenizer.path or cfg.path
     if cfg.tokenizer.type == "char" and path is None:
         return build_char_tokenizer()
     if path is None:
         raise ModelLoadError("model.tokenizer: set model.path, model.tokenizer.path, or model.tokenizer.type: char")
     field = "model.tokenizer.path" if cfg.tokenizer.path else "model.path"
+    gguf = None if cfg.tokenizer.path else gguf_source(cfg)
+    if gguf is not None:
+        tok = load_gguf_tokenizer(*gguf)
+    else:
+        tok = _load_dir_tokenizer(cfg, path, field)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelLoadError(f"{field}: {path}: tokenizer has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _load_dir_tokenizer(cfg: ModelConfig, path: str, field: str) -> Any:
+    from transformers import AutoTokenizer
+
     p = _check_model_dir(path, field)
     try:
         tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
@@ -76,10 +204,6 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     except Exception as exc:  # transformers raises many types here; all mean "cannot load"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{field}: {path}: cannot load tokenizer: {first}") from None
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise ModelLoadError(f"{field}: {path}: tokenizer has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
     return tok
 
 
@@ -126,7 +250,13 @@ def build_model(cfg: ModelConfig, tokenizer: Any, device: torch.device) -> torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = DTYPES[cfg.dtype]
-    if cfg.path is not None:
+    gguf = gguf_source(cfg)
+    if gguf is not None:
+        if cfg.quantization.load_in_4bit:
+            raise ModelLoadError(f"model.quantization.load_in_4bit: not with a GGUF file ({gguf[0] / gguf[1]}); "
+                                 "save it as a Hugging Face directory first (metareason models get, save_pretrained)")
+        model = load_gguf_model(gguf[0], gguf[1], dtype, gguf[2])
+    elif cfg.path is not None:
         p = _check_model_dir(cfg.path, "model.path")
         _check_config_json(p, "model.path")
         quant = _quantization_config(cfg)
