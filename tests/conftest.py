@@ -91,6 +91,15 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face directory (``metareason models get``), converted once
+    per machine: cached under ~/.cache/metareason/models, or ``$METAREASON_MODELS`` when set."""
+    from metareason.models.pretrained import ensure_model
+
+    return ensure_model("smollm2-135m-instruct")
+
+
 def pytest_sessionfinish(session, exitstatus):
     """A run that collected no tests is a failure, never a silent pass (pytest's exit 5)."""
     if exitstatus == 5:
