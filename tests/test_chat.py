@@ -159,3 +159,26 @@ def test_grpo_with_format_reward_and_no_pattern_is_refused(tmp_path, tiny_model_
                 "train": {"algorithm": "grpo"}, "rl": {"rewards": {"format": 1.0}}})
     with pytest.raises(ConfigError, match="rl.format_pattern: the format reward needs a regular expression"):
         check_rl_config(k)
+
+
+def test_jsonl_conversations_train_like_prompt_completion(tmp_path, smollm2_dir, smol_tokenizer):
+    import json
+
+    from metareason.data import jsonl_task
+    from metareason.data.base import TaskError
+    from metareason.train.sft import encode_sft_examples
+
+    conv = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": REPLY}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": conv, "answer": 7}) + "\n", encoding="utf-8")
+    task = jsonl_task.make_task({"path": str(path), "messages_field": "messages"}, seed=0, num_samples=1)
+    ex = task[0]
+    assert ex["prompt"] == conv[:1] and ex["completion"] == REPLY and ex["answer"] == "7"
+    kernel = _kernel(smollm2_dir)
+    a = encode_sft_examples(kernel, smol_tokenizer, [ex])
+    b = encode_sft_examples(kernel, smol_tokenizer, [{"prompt": QUESTION, "completion": REPLY}])
+    assert a.input_ids == b.input_ids and a.prompt_lengths == b.prompt_lengths
+    assert task.score("answer: 7", ex) == 1.0
+    path.write_text(json.dumps({"messages": [{"role": "user"}], "answer": 7}) + "\n", encoding="utf-8")
+    with pytest.raises(TaskError, match=r"chat.jsonl:1: messages\[0\]: expected \{role: str, content: str\}"):
+        jsonl_task.make_task({"path": str(path), "messages_field": "messages"}, seed=0, num_samples=1)

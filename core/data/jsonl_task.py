@@ -4,6 +4,8 @@ Params::
 
     path: data/train.jsonl      # required; one JSON object per line (blank lines are skipped)
     question_field: question    # the prompt
+    messages_field: null        # or: a conversation ([{role, content}, ...]; a final assistant
+                                # message is the SFT target), instead of question_field
     answer_field: answer        # the gold answer (any JSON scalar; compared as stripped text)
     completion_field: null      # optional SFT target; defaults to the answer
     group_field: null           # optional per-group metrics (e.g. "difficulty"); default "all"
@@ -28,9 +30,10 @@ import re
 from typing import Any, Optional
 
 from metareason.data.base import Task, TaskError
+from metareason.data.chat import ChatTemplateError, check_messages
 
-_KNOWN = ("path", "question_field", "answer_field", "completion_field", "group_field", "id_field",
-          "shuffle", "name")
+_KNOWN = ("path", "question_field", "messages_field", "answer_field", "completion_field", "group_field",
+          "id_field", "shuffle", "name")
 _MARKER = re.compile(r"answer\s*[:=]", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -122,7 +125,10 @@ def make_task(params: dict, seed: int, num_samples: int) -> JsonlTask:
     if not isinstance(path, str) or not path:
         raise TaskError("params.path: required (a JSON Lines file)")
     path = os.path.expanduser(path)
-    qf = _str_param(params, "question_field", "question")
+    mf = _str_param(params, "messages_field", None)
+    if mf is not None and "question_field" in params:
+        raise TaskError("params.messages_field: set either messages_field or question_field, not both")
+    qf = None if mf is not None else _str_param(params, "question_field", "question")
     af = _str_param(params, "answer_field", "answer")
     cf = _str_param(params, "completion_field", None)
     gf = _str_param(params, "group_field", None)
@@ -137,17 +143,29 @@ def make_task(params: dict, seed: int, num_samples: int) -> JsonlTask:
     base = os.path.basename(path)
     examples = []
     for lineno, rec in records:
-        for field, role in ((qf, "question_field"), (af, "answer_field"), (cf, "completion_field"),
-                            (gf, "group_field"), (idf, "id_field")):
+        for field, role in ((qf, "question_field"), (mf, "messages_field"), (af, "answer_field"),
+                            (cf, "completion_field"), (gf, "group_field"), (idf, "id_field")):
             if field is not None and field not in rec:
                 raise TaskError(f"{path}:{lineno}: missing field {field!r} (params.{role}); "
                                 f"fields: {', '.join(sorted(rec)) or 'none'}")
-        ex = {k: v for k, v in rec.items() if k not in (qf, af, cf, gf, idf)}
+        ex = {k: v for k, v in rec.items() if k not in (qf, mf, af, cf, gf, idf)}
         answer = _text(rec[af]).strip()
+        completion = _text(rec[cf]) if cf else answer
+        if mf is not None:
+            try:
+                prompt: Any = check_messages(rec[mf], mf)
+            except ChatTemplateError as exc:
+                raise TaskError(f"{path}:{lineno}: {exc}") from None
+            if prompt[-1]["role"] == "assistant":
+                prompt, completion = prompt[:-1], prompt[-1]["content"] if not cf else completion
+            if not prompt:
+                raise TaskError(f"{path}:{lineno}: {mf}: no message before the assistant's reply")
+        else:
+            prompt = _text(rec[qf])
         ex.update(
             id=str(rec[idf]) if idf else f"{base}/{lineno}",
-            prompt=_text(rec[qf]),
-            completion=_text(rec[cf]) if cf else answer,
+            prompt=prompt,
+            completion=completion,
             answer=answer,
             group=str(rec[gf]) if gf else "all",
         )
