@@ -128,7 +128,16 @@ class RLConfig(Section):
     epsilon_high: Optional[float] = Field(None, ge=0)  # None: epsilon
     beta: float = Field(0.0, ge=0)  # KL weight; 0: no reference model is loaded
     kl_bias_correction: bool = True  # TRL's use_bias_correction_kl: KL term times the ratio
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "dapo"
+    # token objective + aggregation (docs/grpo.md); cispo caps the ratio at epsilon_high (ScaleRL: 5.0)
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: one ratio per completion (GSPO)
+    entropy_coef: float = 0.0  # loss - entropy_coef * mean token entropy of the sampling distribution
+    sapo_temperature_pos: float = Field(1.0, gt=0)  # sapo's gate temperature where A > 0
+    sapo_temperature_neg: float = Field(1.05, gt=0)  # and where A <= 0
+    vespo_k_pos: float = 2.0  # vespo's gamma weight exp(lambda + k log w - lambda w), A >= 0
+    vespo_lambda_pos: float = Field(3.0, ge=0)
+    vespo_k_neg: float = 3.0  # and A < 0
+    vespo_lambda_neg: float = Field(2.0, ge=0)
     num_iterations: int = Field(1, gt=0)
     mask_truncated_completions: bool = False
     max_completion_length: int = Field(64, gt=0)

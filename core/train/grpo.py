@@ -245,11 +245,13 @@ class LogProbs:
               "attention_mask": torch.cat([enc["attention_mask"], torch.ones_like(comp)], 1), "width": 3}
         self.fn = self._choose(model, mb)
 
-    def __call__(self, model, mb: dict, device) -> torch.Tensor:
+    def __call__(self, model, mb: dict, device, return_entropy: bool = False):
+        """Log-probs ``[B, width]``; with ``return_entropy``, ``(logps, entropies)`` of the same forward."""
         if self.fn is None:
             self.fn = self._choose(model, mb)
         with autocast_context(self.autocast, device):
-            return self.fn(model, mb["input_ids"], mb["attention_mask"], mb["width"], temperature=self.temperature)
+            return self.fn(model, mb["input_ids"], mb["attention_mask"], mb["width"], temperature=self.temperature,
+                           return_entropy=return_entropy)
 
     @torch.no_grad()
     def no_grad(self, model, mb: dict, device) -> torch.Tensor:
@@ -399,6 +401,27 @@ def check_rl_config(kernel) -> None:
     if n % tc.grad_accum:
         raise ConfigError(f"{src}: train.grad_accum: {tc.grad_accum} does not divide the {n} completions of a step "
                           f"(train.batch_size {tc.batch_size} x rl.num_generations {rl.num_generations})")
+    for line in objective_notes(rl):
+        print(f"[metareason] {line}", file=sys.stderr)
+
+
+def objective_notes(rl) -> list[str]:
+    """TRL's warnings on objective settings that run but are not the published method's."""
+    notes = []
+    level = rl.importance_sampling_level
+    if rl.loss_type == "luspo" and level != "sequence":
+        notes.append("rl.loss_type: luspo is defined with rl.importance_sampling_level: sequence (the LUSPO paper); "
+                     "running it at the token level")
+    if rl.loss_type == "vespo" and level != "token":
+        notes.append("rl.importance_sampling_level: vespo computes its own sequence weight; sequence only changes "
+                     "the ratio of the KL term")
+    if level == "sequence" and rl.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        notes.append(f"rl.importance_sampling_level: sequence with loss_type {rl.loss_type} sums token terms, so each "
+                     f"sequence weighs by its length; GSPO is loss_type grpo")
+    if rl.loss_type == "cispo" and rl.epsilon_high is None:
+        notes.append(f"rl.epsilon_high: cispo caps the ratio at epsilon_high, unset here, so at epsilon "
+                     f"({rl.epsilon}) as in TRL; the ScaleRL paper uses 5.0")
+    return notes
 
 
 def build_reference(model) -> Optional[torch.nn.Module]:
@@ -484,12 +507,24 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
     num_items = rollout.num_items
     for rows in micro_batch_rows(rollout.input_ids.shape[0], tc.grad_accum):
         mb = rollout.micro_batch(rows)
-        logps = logprobs(model, mb, device)
+        # the entropy bonus needs the entropies of the forward that gives the log-probs
+        entropies = None
+        if rl.entropy_coef != 0.0:
+            logps, entropies = logprobs(model, mb, device, return_entropy=True)
+            entropies = entropies.float()
+        else:
+            logps = logprobs(model, mb, device)
         loss, stats = grpo_loss(logps.float(), mb["old_logps"], mb["ref_logps"], mb["advantages"], mb["loss_mask"],
                                 epsilon=rl.epsilon, epsilon_high=rl.epsilon_high, beta=rl.beta,
                                 loss_type=rl.loss_type, max_completion_length=rl.max_completion_length,
                                 num_items=num_items, grad_accum=tc.grad_accum,
-                                kl_bias_correction=rl.kl_bias_correction)
+                                kl_bias_correction=rl.kl_bias_correction,
+                                importance_sampling_level=rl.importance_sampling_level,
+                                entropies=entropies, entropy_coef=rl.entropy_coef,
+                                sapo_temperature_pos=rl.sapo_temperature_pos,
+                                sapo_temperature_neg=rl.sapo_temperature_neg,
+                                vespo_k_pos=rl.vespo_k_pos, vespo_lambda_pos=rl.vespo_lambda_pos,
+                                vespo_k_neg=rl.vespo_k_neg, vespo_lambda_neg=rl.vespo_lambda_neg)
         # Plugins' named loss terms, as in the SFT loop; the policy loss above is already scaled
         # per micro-batch, so each term is too (its step value is the micro-batch mean).
         outputs = SimpleNamespace(logps=logps, logits=None)
@@ -502,7 +537,7 @@ def _optimizer_step(kernel, model, rollout: Rollout, logprobs: LogProbs, trainab
         total_loss += float(loss.detach())
         tokens = float(stats["tokens"])
         for name, value in stats.items():
-            if name.startswith("clip_ratio/") or name == "kl":
+            if name not in ("tokens", "policy_loss"):  # clip ratios, kl, entropy, ...: token-weighted
                 sums[name] = sums.get(name, 0.0) + float(value) * tokens
         sums["_tokens"] = sums.get("_tokens", 0.0) + tokens
     grad_norm = None
