@@ -9,6 +9,7 @@ import pytest
 
 from metareason.plugins.behaviors.behavior import (Behavior, BehaviorError, Provenance, check_name, clearer,
                                                    parse_citations, parse_extraction)
+from metareason.plugins.behaviors.persist import read_index_file
 from metareason.plugins.behaviors.store import (APPLICATION_ID, MIGRATIONS, Handbook, HandbookError)
 
 from conftest import REPO
@@ -265,7 +266,7 @@ def test_index_persisted_and_rebuilt_when_missing_or_stale(tmp_path):
         h.add_many([B("behavior_a", "Alpha rule about apples."), B("behavior_b", "Beta rule about bananas.")])
         assert h.search("apples", 1)[0][0].name == "behavior_a"
     index = tmp_path / "hb.db.faiss"
-    assert index.exists() and json.loads((tmp_path / "hb.db.faiss.json").read_text())["count"] == 2
+    assert index.exists() and read_index_file(index)[0]["count"] == 2  # one file: index + the DB state
     with Handbook(path, embedder="hashing") as h:  # loaded, not rebuilt
         h.search("apples", 1)
         assert not h._index_dirty

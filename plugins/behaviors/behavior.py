@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -81,8 +82,25 @@ class Behavior:
     id: Optional[int] = None
 
     def validate(self, max_sentences: int = 2) -> "Behavior":
+        """Check every field (type and range; text must be valid Unicode); the error names it."""
         check_name(self.name)
-        self.instruction = check_instruction(self.instruction, max_sentences)
+        self.instruction = check_text(check_instruction(self.instruction, max_sentences), "instruction")
+        check_text(self.topic, "topic", optional=True)
+        if not isinstance(self.topics, list):
+            raise BehaviorError(f"topics: expected a list of text, got {_short(self.topics)}")
+        for i, t in enumerate(self.topics):
+            check_text(t, f"topics[{i}]")
+        self.created = check_time(self.created, "created")
+        for key in ("retrieved", "cited", "cited_correct"):
+            check_count(getattr(self, key), key)
+        if not isinstance(self.provenance, list):
+            raise BehaviorError(f"provenance: expected a list, got {_short(self.provenance)}")
+        for i, p in enumerate(self.provenance):
+            if not isinstance(p, Provenance):
+                raise BehaviorError(f"provenance[{i}]: expected a provenance record, got {_short(p)}")
+            for key in ("example_id", "trace_hash", "generator"):
+                check_text(getattr(p, key), f"provenance[{i}].{key}", optional=True)
+            p.created = check_time(p.created, f"provenance[{i}].created")
         return self
 
     def to_json(self) -> dict:
@@ -93,38 +111,85 @@ class Behavior:
 
     @classmethod
     def from_json(cls, d: dict, max_sentences: int = 2) -> "Behavior":
+        """A behavior from one decoded JSONL object: unknown or missing fields, wrong types and
+        out-of-range values are errors naming the field (never repaired)."""
         if not isinstance(d, dict):
             raise BehaviorError(f"expected an object, got {type(d).__name__}")
         for key in ("name", "instruction"):
             if key not in d:
                 raise BehaviorError(f"{key}: missing")
-        known = {"name", "instruction", "topic", "topics", "created", "retrieved", "cited", "cited_correct",
-                 "provenance"}
-        extra = sorted(set(d) - known)
+        extra = sorted(set(d) - _FIELDS)
         if extra:
             raise BehaviorError(f"{extra[0]}: unknown field")
+        raw_prov = d.get("provenance")
+        if raw_prov is None:
+            raw_prov = []
+        if not isinstance(raw_prov, list):
+            raise BehaviorError(f"provenance: expected a list of objects, got {_short(raw_prov)}")
         prov = []
-        for p in d.get("provenance") or []:
-            if not isinstance(p, dict) or set(p) - {"example_id", "trace_hash", "generator", "created"}:
-                raise BehaviorError("provenance: expected objects with example_id, trace_hash, generator, created")
+        for i, p in enumerate(raw_prov):
+            if not isinstance(p, dict):
+                raise BehaviorError(f"provenance[{i}]: expected an object, got {_short(p)}")
+            extra = sorted(set(p) - _PROVENANCE_FIELDS)
+            if extra:
+                raise BehaviorError(f"provenance[{i}].{extra[0]}: unknown field "
+                                    f"(expected {', '.join(sorted(_PROVENANCE_FIELDS))})")
             prov.append(Provenance(**p))
-        counters = {}
-        for key in ("retrieved", "cited", "cited_correct"):
-            v = d.get(key, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise BehaviorError(f"{key}: expected a non-negative integer, got {v!r}")
-            counters[key] = v
-        topic = d.get("topic")
-        if topic is not None and not isinstance(topic, str):
-            raise BehaviorError(f"topic: expected text, got {topic!r}")
-        topics = d.get("topics") or []
-        if not isinstance(topics, list) or any(not isinstance(t, str) for t in topics):
-            raise BehaviorError(f"topics: expected a list of text, got {topics!r}")
-        created = d.get("created", time.time())
-        if not isinstance(created, (int, float)) or isinstance(created, bool):
-            raise BehaviorError(f"created: expected a UNIX time, got {created!r}")
-        return cls(name=d["name"], instruction=d["instruction"], topic=topic, topics=topics, provenance=prov,
-                   created=float(created), **counters).validate(max_sentences)
+        topics = d.get("topics")
+        counters = {key: d.get(key, 0) for key in ("retrieved", "cited", "cited_correct")}
+        return cls(name=d["name"], instruction=d["instruction"], topic=d.get("topic"),
+                   topics=[] if topics is None else topics, provenance=prov,
+                   created=d.get("created", time.time()), **counters).validate(max_sentences)
+
+
+_FIELDS = {"name", "instruction", "topic", "topics", "created", "retrieved", "cited", "cited_correct", "provenance"}
+_PROVENANCE_FIELDS = {"example_id", "trace_hash", "generator", "created"}
+#: the range of a stored counter (SQLite INTEGER) and of a stored time (UNIX seconds up to 9999-12-31)
+MAX_COUNT = 2 ** 63 - 1
+MAX_TIME = 253402300799.0
+
+
+def _short(value, limit: int = 60) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "an integer with too many digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_text(value, field: str, optional: bool = False):
+    """Text that can be stored: a ``str`` that is valid Unicode (no lone surrogates: JSON's
+    ``"\\ud800"`` decodes to one and cannot be written as UTF-8)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise BehaviorError(f"{field}: expected text, got {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BehaviorError(f"{field}: not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return value
+
+
+def check_time(value, field: str) -> float:
+    """A UNIX time: a finite number of seconds from 0 to the end of year 9999."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BehaviorError(f"{field}: expected a UNIX time in seconds, got {_short(value)}")
+    if isinstance(value, int) and not 0 <= value <= MAX_TIME:
+        raise BehaviorError(f"{field}: {_short(value)} is out of range (a UNIX time from 0 to {MAX_TIME:.0f})")
+    value = float(value)
+    if not (math.isfinite(value) and 0.0 <= value <= MAX_TIME):
+        raise BehaviorError(f"{field}: {_short(value)} is out of range (a UNIX time from 0 to {MAX_TIME:.0f})")
+    return value
+
+
+def check_count(value, field: str) -> int:
+    """A counter: an integer from 0 to 2**63 - 1 (what SQLite stores)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BehaviorError(f"{field}: expected a non-negative integer, got {_short(value)}")
+    if not 0 <= value <= MAX_COUNT:
+        raise BehaviorError(f"{field}: {_short(value)} is out of range (0 to 2**63-1)")
+    return value
 
 
 @dataclass

@@ -169,8 +169,10 @@ def _export(args) -> int:
 
 
 def _import(args) -> int:
+    if args.max_mb <= 0:
+        raise UserError(f"--max-mb: expected a positive number of megabytes, got {args.max_mb}")
     with _open(args, create=True) as hb:
-        report = hb.import_jsonl(args.path)
+        report = hb.import_jsonl(args.path, max_bytes=args.max_mb * 1024 * 1024)
         _print({"inserted": report.inserted, "merged": report.merged, "behaviors_in_handbook": len(hb)})
     return 0
 
@@ -241,6 +243,8 @@ def add_commands(subparsers) -> None:
     s = sub.add_parser("import", help="add behaviors from JSONL (near-duplicates merge)")
     _handbook_args(s)
     s.add_argument("path")
+    s.add_argument("--max-mb", type=int, default=256, metavar="MB",
+                   help="refuse a file larger than this (default 256; the file is read whole and checked first)")
     s.set_defaults(func=_import)
     s = sub.add_parser("stats", help="counts, counters, topics, most cited (JSON)")
     _handbook_args(s)

@@ -7,28 +7,37 @@
   not SQLite, is damaged, or is some other program's database gives one ``HandbookError``
   naming the file, and is never written to.
 * Embeddings live in the DB (float32 blobs), so the index can always be rebuilt from it.
-  ``<db>.faiss`` (+ ``<db>.faiss.json``: the DB state it was built from) is loaded when it
-  matches the DB and rebuilt when missing, damaged or stale. Within a process the index follows
+  ``<db>.faiss`` holds the index's ids and vectors together with the DB state it was built from,
+  in one file written atomically (``persist.py``; no FAISS deserialiser runs on it). It is
+  trusted only when that state, the row count and a checksum of the ids match the DB; otherwise
+  it is rebuilt from the DB with a one-line note on stderr. Within a process the index follows
   other processes' writes incrementally (new ids) or by rebuild (``embed_epoch`` changes on
   deletes and re-embeddings).
+* The in-memory index changes inside a write transaction are logged and undone when the
+  transaction rolls back, so the index never holds a row the DB does not.
 * Insert merges near-duplicates: the same name, or an embedding whose cosine similarity with a
   stored one is at least ``merge_threshold``; the merge keeps the clearer instruction
   (``behavior.clearer``), adds the provenance and sums the counters.
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from metareason.errors import UserError
-from metareason.plugins.behaviors.behavior import Behavior, BehaviorError, Provenance, clearer
+from metareason.plugins.behaviors.behavior import Behavior, Provenance, clearer
+from metareason.plugins.behaviors.jsonl import MAX_IMPORT_BYTES, read_jsonl, write_jsonl
+from metareason.plugins.behaviors.persist import (HandbookError, IndexFileError, ids_digest, read_index_file,
+                                                  write_index_file)
+
+__all__ = ["Handbook", "HandbookError", "InsertReport", "open_handbook", "read_jsonl"]
 
 APPLICATION_ID = 0x4D524248  # "MRBH": metareason behavior handbook
 SCHEMA_VERSION = 2
@@ -66,10 +75,6 @@ MIGRATIONS: dict[int, list[str]] = {
 }
 
 
-class HandbookError(UserError):
-    """A handbook file that cannot be used; the message is one line naming the file."""
-
-
 @dataclass
 class InsertReport:
     inserted: int = 0
@@ -90,13 +95,14 @@ class Handbook:
                  create: bool = True):
         self.path = Path(path)
         self.index_path = Path(str(self.path) + ".faiss")
-        self.index_meta_path = Path(str(self.path) + ".faiss.json")
+        self.index_meta_path = Path(str(self.path) + ".faiss.json")  # the two-file format of earlier versions
         self.merge_threshold, self.max_sentences = merge_threshold, max_sentences
         self._embedder_spec = embedder
         self._embedder = None if isinstance(embedder, str) else embedder
         self._index = None
         self._index_state: tuple[int, int] = (-1, -1)  # (embed_epoch, max_id) the index holds
         self._index_dirty = False
+        self._undo: Optional[list] = None  # index changes of the open write transaction
         self._check_file(create)
         self.db = self._connect(busy_timeout_s)
         self._init_schema()
@@ -169,8 +175,19 @@ class Handbook:
             return self.db
 
         def __exit__(self, exc_type, exc, tb):
-            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            if exc_type is None:
+                try:
+                    self.db.execute("COMMIT")
+                    return False
+                except BaseException:
+                    self._rollback()
+                    raise
+            self._rollback()
             return False
+
+        def _rollback(self) -> None:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
 
     def _write(self) -> "_Tx":
         """A write transaction holding the database's write lock from its start."""
@@ -227,20 +244,84 @@ class Handbook:
         if rows:
             ids = np.array([r[0] for r in rows], dtype=np.int64)
             vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
-            index.add_with_ids(vecs, ids)
+            self._index_add(index, ids, vecs)
+
+    # The index is changed only through these two, which log each change while a write
+    # transaction is open; ``_index_tx`` undoes the log when the transaction rolls back.
+    def _index_add(self, index, ids: np.ndarray, vecs: np.ndarray) -> None:
+        index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+        if self._undo is not None:
+            self._undo.append(("add", index, np.array(ids, dtype=np.int64)))
+
+    def _index_replace(self, bid: int, vec: np.ndarray) -> None:
+        ids = np.array([bid], dtype=np.int64)
+        old = self._index.reconstruct(int(bid))
+        self._index.remove_ids(ids)
+        self._index.add_with_ids(vec[None, :].astype(np.float32), ids)
+        if self._undo is not None:
+            self._undo.append(("replace", self._index, ids, old))
+
+    @contextmanager
+    def _index_tx(self):
+        """A write transaction whose index changes roll back with it: on an exception (in the
+        body or at COMMIT) the in-memory index, its state and dirty flag are what they were."""
+        saved = (self._index, self._index_state, self._index_dirty)
+        self._undo = []
+        try:
+            with self._write():
+                yield
+        except BaseException:
+            self._rollback_index(saved, self._undo)
+            raise
+        finally:
+            self._undo = None
+
+    def _rollback_index(self, saved: tuple, undo: list) -> None:
+        index, state, dirty = saved
+        try:
+            for op in reversed(undo):
+                if op[1] is not index:
+                    continue  # an index built inside the transaction: dropped with it
+                if op[0] == "add":
+                    index.remove_ids(op[2])
+                else:
+                    index.remove_ids(op[2])
+                    index.add_with_ids(op[3][None, :], op[2])
+        except Exception:  # noqa: BLE001 - cannot undo: rebuild from the DB on next use
+            index, state = None, (-1, -1)
+        self._index, self._index_state, self._index_dirty = index, state, dirty
+
+    def _db_ids(self) -> np.ndarray:
+        return np.array([r[0] for r in self.db.execute("SELECT id FROM behaviors ORDER BY id")], dtype=np.int64)
+
+    def _index_note(self, why: str) -> None:
+        print(f"[behaviors] {self.index_path}: {why}; rebuilt from the handbook", file=sys.stderr, flush=True)
 
     def _load_persisted(self, state: tuple[int, int, int]):
-        import faiss
-
+        """The persisted index when it verifies against the DB (state, count, checksum of the
+        ids), else None (after a note saying why, unless there is no file)."""
         try:
-            meta = json.loads(self.index_meta_path.read_text())
-            if (meta.get("embed_epoch"), meta.get("max_id"), meta.get("count"), meta.get("embedder")) != \
-                    (state[0], state[1], state[2], self.embedder.name):
-                return None
-            index = faiss.read_index(str(self.index_path))
-            return index if index.ntotal == state[2] and index.d == self.embedder.dim else None
-        except (OSError, ValueError, RuntimeError):
+            head, ids, vecs = read_index_file(self.index_path)
+        except FileNotFoundError:
             return None
+        except (OSError, IndexFileError) as exc:
+            self._index_note(str(exc))
+            return None
+        epoch, max_id, count = state
+        if head["embedder"] != self.embedder.name or head["dim"] != self.embedder.dim:
+            why = f"built with embedder {head['embedder']}, the handbook uses {self.embedder.name}"
+        elif (head["embed_epoch"], head["max_id"], head["count"]) != (epoch, max_id, count):
+            why = (f"stale (built for {head['count']} behaviors up to id {head['max_id']}, epoch {head['embed_epoch']}; "
+                   f"the handbook has {count} up to id {max_id}, epoch {epoch})")
+        elif head["ids_sha256"] != ids_digest(self._db_ids()):
+            why = "its ids do not match the handbook's (checksum)"
+        else:
+            index = self._new_index()
+            if len(ids):
+                index.add_with_ids(vecs, ids)
+            return index
+        self._index_note(why)
+        return None
 
     def _sync_index(self) -> None:
         """Bring the in-memory index up to the DB (call inside a transaction or read snapshot)."""
@@ -264,22 +345,38 @@ class Handbook:
             with self._write():
                 self._check_embedder()
 
-    def save_index(self) -> None:
-        """Write ``<db>.faiss`` and its state file atomically (temp file + rename)."""
+    def _index_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
+        ids = faiss.vector_to_array(self._index.id_map).astype(np.int64)
+        n, d = self._index.ntotal, self._index.d
+        vecs = self._index.index.reconstruct_n(0, n) if n else np.zeros((0, d), dtype=np.float32)
+        return ids, vecs
+
+    def save_index(self) -> None:
+        """Write ``<db>.faiss`` (ids, vectors and the DB state they match, one file) atomically:
+        temp file, fsync, rename, fsync of the directory. Only an index that matches the DB (state,
+        count, checksum of the ids) is written."""
         if self._index is None or not self._index_dirty:
             return
-        epoch, max_id, count = self._db_state()
-        if (epoch, max_id) != self._index_state:
+        self.db.execute("BEGIN")  # one read snapshot for the state and the ids
+        try:
+            epoch, max_id, count = self._db_state()
+            db_ids = self._db_ids() if (epoch, max_id) == self._index_state else None
+        finally:
+            self.db.execute("COMMIT")
+        if db_ids is None:
             return  # another process wrote since; whoever opens next rebuilds or follows
-        tmp = Path(str(self.index_path) + f".tmp{os.getpid()}")
-        faiss.write_index(self._index, str(tmp))
-        tmp.replace(self.index_path)
-        meta = {"embed_epoch": epoch, "max_id": max_id, "count": count, "embedder": self.embedder.name}
-        tmp_meta = Path(str(self.index_meta_path) + f".tmp{os.getpid()}")
-        tmp_meta.write_text(json.dumps(meta))
-        tmp_meta.replace(self.index_meta_path)
+        ids, vecs = self._index_arrays()
+        if len(ids) != count or ids_digest(ids) != ids_digest(db_ids):
+            print(f"[behaviors] {self.index_path}: the in-memory index does not match the handbook; not saved",
+                  file=sys.stderr, flush=True)
+            self._index = None
+            return
+        write_index_file(self.index_path, ids, vecs, {"embed_epoch": epoch, "max_id": max_id, "count": count,
+                                                      "embedder": self.embedder.name, "dim": self.embedder.dim})
+        if self.index_meta_path.exists():
+            self.index_meta_path.unlink()
         self._index_dirty = False
 
     def close(self) -> None:
@@ -310,7 +407,7 @@ class Handbook:
             return report
         vecs = self.embedder.encode([_embed_text(b.name, b.instruction) for b in behaviors])
         now = time.time()
-        with self._write():
+        with self._index_tx():
             self._check_embedder()
             self._sync_index()
             for b, vec in zip(behaviors, vecs):
@@ -323,7 +420,7 @@ class Handbook:
                          vec.tobytes()))
                     bid = cur.lastrowid
                     self._add_topics(bid, b)
-                    self._index.add_with_ids(vec[None, :], np.array([bid], dtype=np.int64))
+                    self._index_add(self._index, np.array([bid], dtype=np.int64), vec[None, :])
                     self._index_state = (self._index_state[0], bid)
                     report.inserted += 1
                     report.names.append(b.name)
@@ -363,8 +460,7 @@ class Handbook:
             new_vec = self.embedder.encode([_embed_text(name, keep)])[0]
             self.db.execute("UPDATE behaviors SET instruction = ?, embedding = ? WHERE id = ?",
                             (keep, new_vec.tobytes(), bid))
-            self._index.remove_ids(np.array([bid], dtype=np.int64))
-            self._index.add_with_ids(new_vec[None, :], np.array([bid], dtype=np.int64))
+            self._index_replace(bid, new_vec)
             self._bump_epoch()  # other processes' indexes hold the old vector: they rebuild
             self._index_state = (self._index_state[0] + 1, self._index_state[1])
         return name
@@ -482,37 +578,13 @@ class Handbook:
 
     # ------------------------------------------------------------------ JSONL
     def export_jsonl(self, out: Union[str, Path]) -> int:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        items = self.all(provenance=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            for b in items:
-                f.write(json.dumps(b.to_json(), ensure_ascii=False) + "\n")
-        tmp.replace(out)
-        return len(items)
+        """Every behavior with its provenance, one per line; written atomically."""
+        return write_jsonl(out, self.all(provenance=True))
 
-    def import_jsonl(self, path: Union[str, Path]) -> InsertReport:
-        """Every line is validated before anything is written (an error names file and line)."""
-        return self.add_many(read_jsonl(path, self.max_sentences))
-
-
-def read_jsonl(path: Union[str, Path], max_sentences: int = 2) -> list[Behavior]:
-    path = Path(path)
-    if not path.is_file():
-        raise HandbookError(f"{path}: no such file")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(Behavior.from_json(json.loads(line), max_sentences))
-            except json.JSONDecodeError as exc:
-                raise HandbookError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-            except BehaviorError as exc:
-                raise HandbookError(f"{path}:{lineno}: {exc}") from None
-    return out
+    def import_jsonl(self, path: Union[str, Path], max_bytes: int = MAX_IMPORT_BYTES) -> InsertReport:
+        """Every line is read and validated before anything is written (an error names file and
+        line), then all of them go in as one transaction."""
+        return self.add_many(read_jsonl(path, self.max_sentences, max_bytes))
 
 
 def open_handbook(section, create: bool = True) -> Handbook:
