@@ -218,11 +218,11 @@ class AlternatingPair:
             return
         import ray
 
-        if not ray.is_initialized():
-            # a private runtime even when a `ray start` cluster runs on this machine
-            ray.init(address="local", include_dashboard=False, object_store_memory=100_000_000, num_cpus=cpus,
-                     log_to_driver=True, configure_logging=False)
-            self._ray_started = True
+        from metareason.scale.runtime import connect
+
+        # a private runtime on 127.0.0.1 unless Ray is already up (even when a `ray start`
+        # cluster runs on this machine)
+        self._ray_started = connect("local", num_cpus=cpus)
         have_gpus = ray.cluster_resources().get("GPU", 0)
         have_cpus = ray.cluster_resources().get("CPU", 0)
         per_actor = 1 if have_cpus >= 2 else have_cpus / 2
