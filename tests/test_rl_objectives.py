@@ -569,6 +569,7 @@ def test_trls_warnings_are_notes():
     assert objective_notes(RLConfig()) == []
     assert "luspo" in objective_notes(RLConfig(loss_type="luspo"))[0]
     assert objective_notes(RLConfig(loss_type="luspo", importance_sampling_level="sequence")) == []
-    assert "GSPO is loss_type grpo" in objective_notes(RLConfig(loss_type="dapo", importance_sampling_level="sequence"))[0]
+    gspo_note = objective_notes(RLConfig(loss_type="dapo", importance_sampling_level="sequence"))
+    assert "GSPO is loss_type grpo" in gspo_note[0]
     assert "5.0" in objective_notes(RLConfig(loss_type="cispo"))[0]
     assert objective_notes(RLConfig(loss_type="cispo", epsilon_high=5.0)) == []
