@@ -99,6 +99,7 @@ class Server:
     def request_for(self, body) -> Any:
         from metareason.data.chat import ChatTemplateError
         from metareason.generators.batching import Request
+        from metareason.generators.local import render_prompt
 
         if isinstance(body, ChatBody):
             prompts = [[m.model_dump() for m in body.messages]]
@@ -108,7 +109,8 @@ class Server:
                 raise APIError(400, "prompt: must not be empty", param="prompt")
         chat = isinstance(body, ChatBody)
         try:
-            lengths = [self.generator.prompt_tokens(self.generator.render(p)) for p in prompts]
+            fmt = getattr(self.generator, "fmt", None)  # the run's chat format (LocalGenerator)
+            lengths = [self.generator.prompt_tokens(render_prompt(self.generator.tokenizer, p, fmt)) for p in prompts]
         except ChatTemplateError as exc:
             raise APIError(400, f"messages: {exc}", param="messages") from None
         longest = max(lengths)

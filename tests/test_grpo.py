@@ -200,7 +200,7 @@ def test_no_reference_model_at_beta_zero(tmp_path, monkeypatch):
     ({"rewards": {"nope": 1.0}}, {}, r"rl\.rewards\.nope: unknown reward \(registered: .*frac_target"),
     ({}, {"grad_accum": 3}, r"train\.grad_accum: 3 does not divide the 8 completions"),
     ({"num_generations": 1}, {}, r"rl\.num_generations: .*greater than or equal to 2"),
-    ({"loss_type": "bnpo"}, {}, r"rl\.loss_type: "),
+    ({"loss_type": "ppo"}, {}, r"rl\.loss_type: "),
 ])
 def test_config_errors_name_the_field(tmp_path, rl, train, match):
     with pytest.raises(ConfigError, match=match) as err:
