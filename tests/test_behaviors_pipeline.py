@@ -290,9 +290,9 @@ def test_bci_applies_in_a_training_run(tmp_path):
 
     original = sft.encode_examples
 
-    def spy(tokenizer, prompts, completions, max_length):
+    def spy(tokenizer, prompts, completions, max_length, **kw):
         captured.extend(prompts)
-        return original(tokenizer, prompts, completions, max_length)
+        return original(tokenizer, prompts, completions, max_length, **kw)
 
     sft.encode_examples = spy
     try:
