@@ -14,7 +14,27 @@ exactly that for each procedure whose behavior is in its prompt's BCI block and 
 others out long-hand; the programmatic strategist solves long-hand, reflects, and extracts one
 behavior per procedure its solution used.
 
-Params: ``split`` (train | test; disjoint numbers), ``topics`` (default all six).
+Params: ``split`` (train | test; disjoint numbers), ``topics`` (default all six), ``format``,
+``kind``.
+
+**The method format (issue 28)**, ``format: method``. The format above (``short``, the default)
+replaces a derivation by its citation, so "BC-SFT vs SFT" there is "no working vs working". In
+the method format every step keeps its digit work and the two teachers differ only in how they
+name the method:
+
+* plain teacher (:func:`teacher_method`, no behavior in its prompt) restates the procedure's
+  method before the digit work: ``rev 472: write the digits from the last one to the first one:
+  2 7 4 -> 274.``
+* BCI teacher (the same callable, the behaviors in its prompt's block) cites the behavior
+  instead of the restatement and keeps the digit work: ``rev 472: behavior_rev: 2 7 4 -> 274.``
+
+The question names its chain (``Q: fold 472: rev then dbl then dsum``), so a question of a chain
+never trained on (:data:`HELDOUT_TOPICS`: new chains of the same four procedures) is solvable
+by a model that knows the procedures. ``kind: pretrain`` gives long-hand single-procedure
+examples (``Q: rev 472`` -> the restated method and the digit work) for a base that can already
+do each procedure. :func:`bci_prompt` builds the behavior block in the order the chain applies
+the procedures, or (``control=True``) a block of the same number of lines of unrelated behaviors
+(:data:`CONTROL_BEHAVIORS`).
 """
 from __future__ import annotations
 
@@ -38,6 +58,29 @@ TOPICS = {
     "stack": ("sort", "dbl"),
     "sweep": ("dbl", "rev"),
 }
+# new chains of the same procedures, never a training chain: the held-out topics of the BCI arm
+HELDOUT_TOPICS = {
+    "flip": ("dbl", "sort"),
+    "spin": ("rev", "sort"),
+    "churn": ("sort", "rev", "dbl"),
+    "crest": ("dbl", "rev", "dsum"),
+}
+ALL_TOPICS = {**TOPICS, **HELDOUT_TOPICS}
+# the restated method: what the plain teacher writes where the BCI teacher cites the behavior
+METHODS = {
+    "rev": "write the digits from the last one to the first one",
+    "sort": "write the digits from the smallest one to the largest one",
+    "dsum": "add the digits one at a time from the left keeping a running total",
+    "dbl": "double each digit from the right and add the carry of the digit before",
+}
+# unrelated behaviors of the control block (no topic uses them; instructions of similar length)
+CONTROL_BEHAVIORS = {
+    "behavior_neg": "negate the number.",
+    "behavior_inc": "add one to the number.",
+    "behavior_rot": "rotate the digits left.",
+    "behavior_half": "halve the number.",
+}
+FORMATS = ("short", "method")
 _Q = re.compile(r"Q: ([a-z]+) (\d+)")
 _ANSWER = re.compile(r"answer (-?\d+)\s*$")
 
@@ -96,6 +139,64 @@ def prompt_of(topic: str, n: int) -> str:
     return f"Q: {topic} {n}\nA: "
 
 
+# ------------------------------------------------------------------ the method format (issue 28)
+def digit_work(op: str, n: int) -> str:
+    """The digit work of one procedure (``2 7 4 -> 274``), the same in both teachers' answers."""
+    return long_hand(op, n).split(": ", 1)[1][:-1]
+
+
+def method_step(op: str, n: int, cite: bool) -> str:
+    """One procedure of a chain: its method restated (plain) or its behavior cited (BCI); the
+    digit work is kept either way."""
+    head = behavior_name(op) if cite else METHODS[op]
+    return f"{op} {n}: {head}: {digit_work(op, n)}."
+
+
+def solve_method(topic: str, n: int, known: frozenset = frozenset()) -> tuple[str, int]:
+    """The method-format solution; procedures whose behavior name is in ``known`` are cited."""
+    parts, x = [], n
+    for op in ALL_TOPICS[topic]:
+        parts.append(method_step(op, x, behavior_name(op) in known))
+        x = apply(op, x)
+    return " ".join(parts + [f"answer {x}"]), x
+
+
+def method_question(topic: str, n: int) -> str:
+    return f"Q: {topic} {n}: {' then '.join(ALL_TOPICS[topic])}\nA: "
+
+
+def behavior_order(topic: str) -> list[str]:
+    """The behaviors of a topic in the order its chain applies them (first use; no repeats)."""
+    return [behavior_name(op) for op in dict.fromkeys(ALL_TOPICS[topic])]
+
+
+def behavior_block(names: list[str], instructions: dict) -> str:
+    """The kernel's default BCI block (behaviors.prompts.bci / behavior_line), lines in the given order."""
+    from metareason.plugins.behaviors.config import BCI_BLOCK
+
+    lines = "\n".join(f"- {name}: {instructions[name]}" for name in names)
+    return BCI_BLOCK.replace("{behaviors}", lines)
+
+
+def bci_prompt(topic: str, n: int, control: bool = False) -> str:
+    """The question under a behavior block: the chain's behaviors in the order of application, or
+    (``control``) as many unrelated behaviors (:data:`CONTROL_BEHAVIORS`), in a fixed order."""
+    names = behavior_order(topic)
+    if control:
+        instructions = CONTROL_BEHAVIORS
+        names = list(CONTROL_BEHAVIORS)[: len(names)]
+    else:
+        instructions = {behavior_name(op): PROCEDURES[op] for op in PROCEDURES}
+    return behavior_block(names, instructions).replace("{question}", method_question(topic, n))
+
+
+def pretrain_example(op: str, n: int) -> dict:
+    """A long-hand single-procedure example: the restated method and the digit work."""
+    y = apply(op, n)
+    return {"id": f"behavior_chain/pretrain/{op}/{n}", "prompt": f"Q: {op} {n}\nA: ",
+            "completion": f"{method_step(op, n, False)} answer {y}", "answer": str(y), "group": op, "topic": op}
+
+
 def _in_split(n: int, split: str) -> bool:
     return ((n * 2654435761) % 1000 < 800) == (split == "train")
 
@@ -110,15 +211,25 @@ class BehaviorChainTask(Task):
 
 def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
     params = dict(params or {})
-    unknown = sorted(set(params) - {"split", "topics", "name"})
+    unknown = sorted(set(params) - {"split", "topics", "name", "format", "kind"})
     if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: split, topics)")
+        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: split, topics, format, kind)")
+    fmt, kind = params.get("format", "short"), params.get("kind", "chain")
+    if fmt not in FORMATS:
+        raise TaskError(f"params.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if kind not in ("chain", "pretrain"):
+        raise TaskError(f"params.kind: expected chain or pretrain, got {kind!r}")
+    if kind == "pretrain" and fmt != "method":
+        raise TaskError("params.kind: pretrain examples exist in the method format only (params.format: method)")
     split = params.get("split", "train")
     if split not in ("train", "test"):
         raise TaskError(f"params.split: expected train or test, got {split!r}")
-    topics = params.get("topics", list(TOPICS))
-    if not isinstance(topics, list) or not topics or any(t not in TOPICS for t in topics):
-        raise TaskError(f"params.topics: expected a list of {', '.join(TOPICS)}, got {topics!r}")
+    known = ALL_TOPICS if fmt == "method" else TOPICS
+    if kind == "pretrain":
+        known = {op: (op,) for op in PROCEDURES}
+    topics = params.get("topics", list(known if kind == "pretrain" else TOPICS))
+    if not isinstance(topics, list) or not topics or any(t not in known for t in topics):
+        raise TaskError(f"params.topics: expected a list of {', '.join(known)}, got {topics!r}")
     numbers = [n for n in range(100, 1000) if _in_split(n, split)]
     pool = [(t, n) for t in topics for n in numbers]
     rng = random.Random(seed)
@@ -126,6 +237,15 @@ def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
     pool = pool[: min(num_samples, len(pool))] if num_samples else pool
     examples = []
     for t, n in pool:
+        if kind == "pretrain":
+            examples.append(pretrain_example(t, n))
+            continue
+        if fmt == "method":
+            completion, answer = solve_method(t, n)
+            examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": method_question(t, n),
+                             "completion": completion, "answer": str(answer), "group": t, "topic": t,
+                             "heldout": t in HELDOUT_TOPICS})
+            continue
         completion, answer = solve(t, n)
         examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": prompt_of(t, n), "completion": completion,
                          "answer": str(answer), "group": t, "topic": t})
@@ -138,7 +258,7 @@ def _question(prompt: str) -> tuple[str, int]:
     if not found:
         raise ValueError("no 'Q: <topic> <number>' in the prompt")
     topic, n = found[-1]
-    if topic not in TOPICS:
+    if topic not in ALL_TOPICS:
         raise ValueError(f"unknown topic {topic!r}")
     return topic, int(n)
 
@@ -160,3 +280,12 @@ def strategist(prompt, **_) -> str:
         ops = ", ".join(TOPICS[topic])
         return f"Correct. The steps {ops} are generic procedures derived at length each time."
     return solve(topic, n)[0]
+
+
+def teacher_method(prompt, **_) -> str:
+    """The method-format teacher: plain (no behavior in the prompt) it restates each procedure's
+    method before the digit work; under BCI it cites each behavior of its block instead of the
+    restatement and keeps the digit work."""
+    known = frozenset(re.findall(r"behavior_[a-z0-9_]+", prompt.split("Q: ")[0]))
+    topic, n = _question(prompt)
+    return solve_method(topic, n, known)[0]
