@@ -7,7 +7,10 @@ query is the paraphrase of one behavior's three facets in another order ("When t
 asked for, try the first few values (congruence questions)."), and it is a hit at K when that
 behavior is among the top K. Measured: insert throughput (embedding + merge check + SQLite
 write, batches of ``batch``), query latency p50/p99 (one query: embedding + FAISS search + row
-look-up; and the FAISS search alone), recall@1/5/10, index rebuild time from the DB.
+look-up) and each part alone (embedding, FAISS search, SQL row look-up), batched throughput (all
+queries in one ``search_many`` call), recall@1/5/10, index rebuild time from the DB. A hit is the
+target behavior itself: a target that merged into another behavior on insert is a miss, and
+finding the behavior it merged into is reported apart.
 """
 from __future__ import annotations
 
@@ -81,6 +84,25 @@ def generate(n: int):
     return behaviors, queries
 
 
+def score_hits(found: list, targets: list, stored_as: list, ks=(1, 5, 10)) -> dict:
+    """Recall@k over queries: ``found[q]`` the ranked names returned for query q, ``targets[q]`` the
+    name of the behavior it paraphrases, ``stored_as[q]`` the name that behavior was stored under
+    (another one's name when it merged on insert). A hit at k is the target itself among the top k;
+    a target merged into another behavior is a miss, and finding the behavior it merged into is
+    counted apart (``found_merged_into``), never as a hit."""
+    recall = {f"@{k}": 0 for k in ks}
+    merged_found = {f"@{k}": 0 for k in ks}
+    merged = 0
+    for names, target, into in zip(found, targets, stored_as):
+        merged += into != target
+        for k in ks:
+            recall[f"@{k}"] += target in names[:k]
+            merged_found[f"@{k}"] += into != target and into in names[:k]
+    n = max(len(targets), 1)
+    return {"recall": {k: v / n for k, v in recall.items()}, "merged_targets": merged,
+            "found_merged_into": merged_found}
+
+
 def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/results/behaviors-retrieval.json",
                         embedder: str = "minilm", batch: int = 500, quiet: bool = False) -> dict:
     import os
@@ -114,23 +136,39 @@ def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/r
         hb = Handbook(Path(tmp) / "handbook.db", embedder=embedder)
         hb.search("warm", 1)  # rebuilds the index from the DB
         rebuild_s = time.perf_counter() - t0
-        hits = {1: 0, 5: 0, 10: 0}
-        lat, search_lat = [], []
+        # one query at a time: the whole search, then its three parts timed apart
+        lat, embed_lat, faiss_lat, sql_lat, found_names = [], [], [], [], []
         bar = progress(total=len(picked), desc="query", quiet=quiet)
         for i in picked:
             t0 = time.perf_counter()
             found = hb.search(paraphrases[i], 10)
             lat.append(time.perf_counter() - t0)
-            names = [b.name for b, _ in found]
-            for k in hits:
-                hits[k] += stored_name[i] in names[:k]
-            vec = hb.embedder.encode([paraphrases[i]])
+            found_names.append([b.name for b, _ in found])
             t0 = time.perf_counter()
-            hb._index.search(vec, 10)
-            search_lat.append(time.perf_counter() - t0)
+            vec = hb.embedder.encode([paraphrases[i]])
+            embed_lat.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _, ids = hb._index.search(vec, 10)
+            faiss_lat.append(time.perf_counter() - t0)
+            wanted = [int(x) for x in ids[0] if x >= 0]
+            t0 = time.perf_counter()
+            hb.db.execute(f"SELECT {hb._COLS} FROM behaviors WHERE id IN ({','.join('?' * len(wanted))})",
+                          wanted).fetchall()
+            sql_lat.append(time.perf_counter() - t0)
             bar.update(1)
         bar.close()
+        # batched: every query in one search_many call, and its embedding part alone
+        texts = [paraphrases[i] for i in picked]
+        t0 = time.perf_counter()
+        batched = hb.search_many(texts, 10)
+        batch_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        hb.embedder.encode(texts)
+        batch_embed_s = time.perf_counter() - t0
         hb.close()
+    # the batched path should rank as the single one does (a mismatch is a float tie broken apart)
+    batch_mismatch = sum([b.name for b, _ in r] != names for r, names in zip(batched, found_names))
+    hits = score_hits(found_names, [behaviors[i].name for i in picked], [stored_name[i] for i in picked])
 
     def pct(xs, q):
         return float(np.percentile(np.array(xs) * 1000.0, q))
@@ -143,8 +181,13 @@ def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/r
         "insert_batch": batch, "insert_s": insert_s, "insert_per_s": n / insert_s,
         "index_save_s": save_s, "index_rebuild_from_db_s": rebuild_s,
         "queries": len(picked), "query_ms_p50": pct(lat, 50), "query_ms_p99": pct(lat, 99),
-        "faiss_search_ms_p50": pct(search_lat, 50), "faiss_search_ms_p99": pct(search_lat, 99),
-        "recall": {f"@{k}": hits[k] / len(picked) for k in hits},
+        "embed_ms_p50": pct(embed_lat, 50), "embed_ms_p99": pct(embed_lat, 99),
+        "faiss_search_ms_p50": pct(faiss_lat, 50), "faiss_search_ms_p99": pct(faiss_lat, 99),
+        "sql_rows_ms_p50": pct(sql_lat, 50), "sql_rows_ms_p99": pct(sql_lat, 99),
+        "batched_queries_per_s": len(picked) / batch_s, "batched_s": batch_s, "batched_embed_s": batch_embed_s,
+        "batched_rank_mismatches": batch_mismatch,
+        "recall": hits["recall"], "merged_targets": hits["merged_targets"],
+        "found_merged_into": hits["found_merged_into"],
         "query_example": paraphrases[picked[0]], "target_example": behaviors[picked[0]].instruction,
     }
     md = (f"# behaviors: retrieval on a handbook of {n:,} behaviors\n\n"
@@ -153,9 +196,17 @@ def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/r
           f"| behaviors generated / stored (merged on insert) | {n} / {stored} ({n - stored}) |\n"
           f"| insert throughput (embed + merge check + SQLite, batches of {batch}) | {record['insert_per_s']:.0f} behaviors/s ({insert_s:.1f} s) |\n"
           f"| query latency p50 / p99 (embed + FAISS + rows) | {record['query_ms_p50']:.2f} / {record['query_ms_p99']:.2f} ms |\n"
+          f"| embedding one query p50 / p99 | {record['embed_ms_p50']:.2f} / {record['embed_ms_p99']:.2f} ms |\n"
           f"| FAISS search alone p50 / p99 | {record['faiss_search_ms_p50']:.3f} / {record['faiss_search_ms_p99']:.3f} ms |\n"
+          f"| SQL row look-up alone p50 / p99 | {record['sql_rows_ms_p50']:.3f} / {record['sql_rows_ms_p99']:.3f} ms |\n"
+          f"| batched `search_many` ({len(picked)} queries in one call) | {record['batched_queries_per_s']:.0f} queries/s "
+          f"({batch_s:.2f} s, of which embedding {batch_embed_s:.2f} s) |\n"
           f"| index rebuild from the DB | {rebuild_s:.2f} s |\n"
-          + "".join(f"| recall{k} ({len(picked)} held-out paraphrases) | {v:.3f} |\n" for k, v in record["recall"].items())
+          + "".join(f"| recall{k} ({len(picked)} held-out paraphrases; a hit is the target itself) | {v:.3f} |\n"
+                    for k, v in record["recall"].items())
+          + f"| queries whose target was merged into another behavior (never a hit) | {hits['merged_targets']} |\n"
+          + "".join(f"| of those, the behavior it merged into found{k} (reported apart, not a hit) | {v} |\n"
+                    for k, v in hits["found_merged_into"].items())
           + f"\nExample query: \"{record['query_example']}\" -> target \"{record['target_example']}\".\n"
           "Queries paraphrase every facet (domain, technique, goal) with wording never inserted; the 10,000 "
           "behaviors share their templates, so a neighbour differs from the target in one facet only.\n")
