@@ -24,10 +24,16 @@ class MemoryReasonSection(Section):
     init_words: dict[str, str] = {"memory": "memory", "reason": "reason", "answer": "answer"}
     # ^ the word whose embedding (mean of its pieces) starts each type's rows; a type not listed, and
     #   the prefix tokens, start at the vocabulary mean
+    filler: bool = False  # control arm: every step gets n_special untyped <filler_j> tokens instead of its type's
+    filler_name: str = "filler"
+    first_prefix: Literal["prompt", "completion"] = "prompt"
+    # ^ where the first step's prefix tokens go: the end of the prompt (the paper), or the start of the
+    #   completion (chat templates: the prompt transform acts inside the user message, so "completion"
+    #   keeps the prefix in the assistant reply; the model then writes it, in the loss)
     answer_prefix: str = "The answer is: "  # the answer line after its type tokens
     attention_samples: int = Field(16, ge=0)  # eval completions used for the attention heatmap (0: none)
 
-    @field_validator("prefix_name", "memory_name", "reason_name", "answer_name")
+    @field_validator("prefix_name", "memory_name", "reason_name", "answer_name", "filler_name")
     @classmethod
     def _plain_name(cls, v: str) -> str:
         if not _NAME.match(v):
@@ -46,9 +52,11 @@ class MemoryReasonSection(Section):
 
     @model_validator(mode="after")
     def _distinct_names(self):
-        names = [self.prefix_name, self.memory_name, self.reason_name, self.answer_name]
+        names = [self.prefix_name, self.memory_name, self.reason_name, self.answer_name, self.filler_name]
         if len(set(names)) != len(names):
-            raise ValueError("prefix_name, memory_name, reason_name and answer_name must differ")
+            raise ValueError("prefix_name, memory_name, reason_name, answer_name and filler_name must differ")
+        if self.filler and not self.step_tokens:
+            raise ValueError("filler replaces the step-type tokens by untyped ones; it needs step_tokens: true")
         if not self.step_tokens and self.mode in ("prompt-tuning", "lora+prompt-tuning"):
             raise ValueError(f"mode {self.mode!r} tunes the rows of the step tokens; it needs step_tokens: true")
         return self

@@ -66,7 +66,8 @@ def metareason_transform_example(example, config, split):
     else:
         return None
     out = dict(example, cot_steps=steps)
-    out["completion"] = render(steps, str(example["answer"]), _vocabulary(mr), mr.step_tokens, mr.answer_prefix)
+    out["completion"] = render(steps, str(example["answer"]), _vocabulary(mr), mr.step_tokens, mr.answer_prefix,
+                               mr.first_prefix)
     return out
 
 
@@ -75,7 +76,7 @@ def metareason_transform_prompt(prompt, example, config):
     """The prefix tokens follow the prompt (training and generation): the model writes the first
     step's type tokens itself."""
     mr = _section(config)
-    if mr is None or not mr.step_tokens or not mr.n_prefix:
+    if mr is None or not mr.step_tokens or not mr.n_prefix or mr.first_prefix == "completion":
         return None
     return prompt + _vocabulary(mr).prefix
 

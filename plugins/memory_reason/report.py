@@ -20,6 +20,12 @@ def section_markdown(step: int, stats: dict, heatmap: Optional[str]) -> str:
               "| cause | share |", "|---|---|"]
     for cause in ("memory", "reason", "neither"):
         lines.append(f"| {cause} | {stats[f'error_{cause}']:.3f} |")
+    if "error_entity" in stats:
+        lines += ["", "Memory and reason errors split (wrong entity, wrong value, wrong operation, a missing step "
+                  "or one of the other kind, a gold memory step that is not a fact sentence):", "",
+                  "| cause | share |", "|---|---|"]
+        for cause in ("entity", "value", "operation", "structure", "other"):
+            lines.append(f"| {cause} | {stats[f'error_{cause}']:.3f} |")
     lines.append("")
     if heatmap:
         lines += [f"Attention of the answer tokens (mean over heads, answer tokens and completions): "

@@ -70,14 +70,16 @@ def parse_markers(text: str, where: str) -> list[dict]:
     return normalise_steps(steps, where)
 
 
-def render(steps: list[dict], answer: str, voc, step_tokens: bool, answer_prefix: str) -> str:
-    """The SFT completion of typed steps (see the module docstring)."""
+def render(steps: list[dict], answer: str, voc, step_tokens: bool, answer_prefix: str,
+           first_prefix: str = "prompt") -> str:
+    """The SFT completion of typed steps (see the module docstring); ``first_prefix: completion``
+    starts the completion with the first step's prefix tokens instead of leaving them to the prompt."""
     lines = []
     for i, step in enumerate(steps + [{"type": "answer", "text": f"{answer_prefix}{answer}"}]):
         if not step_tokens:
             lines.append(step["text"])
             continue
-        prefix = voc.prefix if i else ""  # the first step's prefix ends the prompt
+        prefix = voc.prefix if i or first_prefix == "completion" else ""  # else the prompt ends with it
         lines.append(f"{prefix}{voc.types[step['type']]} {step['text']}")
     return "\n".join(lines)
 
@@ -90,10 +92,13 @@ def _type_pattern(voc) -> re.Pattern:
 def parse_generated(text: str, voc=None, answer_prefix: str = "The answer is: ") -> list[Step]:
     """The steps of a completion, one per line, typed by their leading type tokens (when any).
 
-    Prefix tokens are skipped; a line with the answer prefix and no type token is the answer.
+    Prefix tokens (and the filler control's untyped tokens) are skipped; a line with the answer
+    prefix and no type token is the answer.
     """
     by_name = {voc.names[t]: t for t in ("memory", "reason", "answer")} if voc is not None else {}
-    prefix_tok = re.compile(r"\s*(?:<" + re.escape(voc.prefix_name) + r"_\d+>\s*)+") if voc is not None else None
+    skip = [voc.prefix_name] + ([voc.filler_name] if getattr(voc, "filler_name", "") else []) if voc is not None else []
+    prefix_tok = (re.compile(r"\s*(?:<(?:" + "|".join(map(re.escape, skip)) + r")_\d+>\s*)+")
+                  if voc is not None else None)
     types = _type_pattern(voc) if voc is not None else None
     steps, pos = [], 0
     for line in text.split("\n"):

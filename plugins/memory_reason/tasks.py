@@ -23,7 +23,9 @@ NAMES = ("Ava", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim",
          "Quin", "Rex", "Sue", "Tom")
 ATTRIBUTES = ("pens", "cups", "keys", "hats")
 OPS = ("sum", "diff")
-_WORLD_KEYS = ("entities", "attributes", "ops", "world_seed", "split", "heldout_fraction", "max_value", "kind")
+_WORLD_KEYS = ("entities", "attributes", "ops", "world_seed", "split", "heldout_fraction", "max_value", "kind",
+               "structures", "val_fraction", "mix")
+KINDS = ("questions", "facts", "recall", "varied", "pretrain")
 
 
 class StepTask(Task):
@@ -88,17 +90,26 @@ def make_world_task(params: dict, seed: int, num_samples: int) -> StepTask:
     if not isinstance(ops, list) or not ops or any(o not in OPS for o in ops):
         raise TaskError(f"params.ops: expected a non-empty list of {', '.join(OPS)}, got {ops!r}")
     split = params.get("split", "train")
-    if split not in ("train", "heldout"):
-        raise TaskError(f"params.split: expected train or heldout, got {split!r}")
+    if split not in ("train", "heldout", "val"):
+        raise TaskError(f"params.split: expected train, val or heldout, got {split!r}")
     frac = params.get("heldout_fraction", 0.2)
     if not isinstance(frac, (int, float)) or not 0 < frac < 1:
         raise TaskError(f"params.heldout_fraction: expected a number in (0, 1), got {frac!r}")
 
     kind = params.get("kind", "questions")
-    if kind not in ("questions", "facts"):
-        raise TaskError(f"params.kind: expected questions or facts, got {kind!r}")
+    if kind not in KINDS:
+        raise TaskError(f"params.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     world = build_world(n_ent, n_attr, world_seed, max_value)
     names = NAMES[:n_ent]
+    if kind in ("recall", "varied", "pretrain"):
+        from metareason.plugins.memory_reason.world import make_task
+
+        task = make_task(kind, params, world, names, ATTRIBUTES[:n_attr], max_value, world_seed, split, frac, seed,
+                         num_samples)
+        task.name, task.world = "memory_world", world
+        return task
+    if split == "val":
+        raise TaskError("params.split: val exists for kind: varied only")
     if kind == "facts":  # one-hop recall of every fact: a "pretraining" corpus of the world
         facts = [_fact(world, e, a) for e in names for a in ATTRIBUTES[:n_attr]]
         rng = random.Random(seed)

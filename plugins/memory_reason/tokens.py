@@ -13,10 +13,12 @@ class Vocabulary:
     types: dict[str, str]  # step type -> its n_special tokens, concatenated
     names: dict[str, str]  # step type -> configured name (memory -> "rag" in the paper's code)
     prefix_name: str
+    filler_name: str = ""  # set in the filler control: every type's run is the same untyped filler tokens
 
     @property
     def all_tokens(self) -> list[str]:
-        return split_tokens(self.prefix) + [t for s in STEP_TYPES for t in split_tokens(self.types[s])]
+        out = split_tokens(self.prefix) + [t for s in STEP_TYPES for t in split_tokens(self.types[s])]
+        return list(dict.fromkeys(out))
 
 
 def split_tokens(run: str) -> list[str]:
@@ -27,6 +29,9 @@ def split_tokens(run: str) -> list[str]:
 def vocabulary(section) -> Vocabulary:
     names = {"memory": section.memory_name, "reason": section.reason_name, "answer": section.answer_name}
     prefix = "".join(f"<{section.prefix_name}_{i}>" for i in range(section.n_prefix))
+    if getattr(section, "filler", False):  # the control arm: as many tokens, no type information
+        run = "".join(f"<{section.filler_name}_{j}>" for j in range(section.n_special))
+        return Vocabulary(prefix, {t: run for t in STEP_TYPES}, names, section.prefix_name, section.filler_name)
     types = {t: "".join(f"<{names[t]}_{j}>" for j in range(section.n_special)) for t in STEP_TYPES}
     return Vocabulary(prefix, types, names, section.prefix_name)
 
@@ -38,6 +43,8 @@ def special_tokens(section) -> list:
 
     voc = vocabulary(section)
     out = [SpecialToken(t) for t in split_tokens(voc.prefix)]
+    if voc.filler_name:  # untyped: the filler rows start at the vocabulary mean, as the prefix rows
+        return out + [SpecialToken(t) for t in split_tokens(voc.types["memory"])]
     for step_type in STEP_TYPES:
         word = section.init_words.get(step_type)
         init = (word,) if word else ()
