@@ -25,11 +25,12 @@ by construction. Training draws a structure uniformly, then the next question of
 (cycling); ``val`` / ``heldout`` take the structures round-robin, so each is represented.
 
 ``pretrain``: the base model's corpus, a mix (``mix``: weights of ``facts``, ``arithmetic``,
-``multi``) of one-hop fact recall (every fact), the arithmetic the questions use (sums up to
+``multi``) of fact recall (every fact, "What do you know about Ava's pens?" -> "Ava has 3 pens."), the arithmetic the questions use (sums up to
 three terms, differences, comparisons, written as the reason steps are) and sentences naming two
 or three entities ("How many pens do Ava and Bo each have?" -> one memory line per entity).
 
-``recall``: every fact exactly once (the base's fact-recall check).
+``recall``: every fact exactly once, worded as in ``pretrain`` (the base's fact-recall check).
+No prompt of ``pretrain`` or ``recall`` is the prompt of a ``varied`` question.
 """
 from __future__ import annotations
 
@@ -181,8 +182,11 @@ def varied_examples(params, world, names, attrs, max_value, world_seed, split, f
 
 # --------------------------------------------------------------------------------- base corpus
 def fact_example(world, e, a) -> dict:
+    """Worded unlike every question ("What do you know about Ava's pens?"), so the base corpus shares
+    no prompt with the questions (the hop question is learned in fine-tuning)."""
     ex = question("hop", (e, a), world)
-    ex.update(id=f"memory_world/fact/{a}/{e}", group="fact", structure="fact")
+    ex.update(id=f"memory_world/fact/{a}/{e}", group="fact", structure="fact",
+              prompt=f"Q: What do you know about {e}'s {a}?\n")
     return ex
 
 
