@@ -42,6 +42,7 @@ def _dispatch_triton_ok() -> bool:
 
 
 from metareason.ops._dispatch import BACKENDS, BackendUnavailableError  # noqa: E402
+from metareason.ops.linear_ce import linear_cross_entropy, linear_token_logps  # noqa: E402
 from metareason.ops.lru_act import LRUActOutput, LRUParams, lru_act  # noqa: E402
 from metareason.ops.mla_decode import mla_decode  # noqa: E402
 
@@ -52,6 +53,8 @@ __all__ = [
     "LRUParams",
     "available_backends",
     "extension",
+    "linear_cross_entropy",
+    "linear_token_logps",
     "lru_act",
     "mla_decode",
 ]
