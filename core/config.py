@@ -105,8 +105,12 @@ class TrainConfig(Section):
     # padding-free packing of SFT batches (core/data/packing.py); auto: on where the model's
     # attention keeps packed examples apart (transformers models, sdpa/eager/flash attention)
     packing: Union[bool, Literal["auto"]] = "auto"
+    # output layer + token loss (SFT) / sampled tokens' log-probs (GRPO) fused in chunks of tokens,
+    # no [tokens, vocab] logits (core/train/fused_ce.py); auto: on where the model's output layer
+    # splits off exactly (transformers models); SFT turns it off once a hook reads outputs.logits
+    fused_ce: Union[bool, Literal["auto"]] = "auto"
 
-    @field_validator("packing", mode="before")
+    @field_validator("packing", "fused_ce", mode="before")
     @classmethod
     def _packing(cls, value):
         if value == "auto" or isinstance(value, bool) or str(value).lower() in ("true", "false"):

@@ -37,6 +37,7 @@ import torch
 from metareason.checkpoint import save_checkpoint
 from metareason.config import ConfigError
 from metareason.plugin_manager import PluginError
+from metareason.train.fused_ce import fused_ce_mode
 from metareason.train.grpo_loss import (completion_logps, group_advantages, group_std, grpo_loss, nanstd,
                                         shared_prompt_logps)
 from metareason.train.loop import RunDriver, check_finite, load_train_examples, prepare_run_dir, seed_everything
@@ -219,7 +220,9 @@ class LogProbs:
     cache in training) :func:`shared_prompt_logps` and ``generate_batch(share_prompts=True)`` are
     used if :func:`shared_prompt_logps` reproduces :func:`completion_logps` on a probe batch
     (checked once, in eval mode; a model whose forward cannot continue from a cache fails it);
-    otherwise the plain forward and a plain prefill.
+    otherwise the plain forward and a plain prefill. Either forward runs with the output layer
+    fused into the log-softmax when ``train.fused_ce`` allows (:mod:`metareason.train.fused_ce`:
+    no ``[B, T, V]`` logits; the loop's hooks get ``logps``, never logits).
     """
 
     def __init__(self, kernel, model):
@@ -227,6 +230,7 @@ class LogProbs:
         self.temperature, self.autocast = rl.temperature, kernel.config.train.autocast
         checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
         self.fn = None if rl.share_prompt_forward and not checkpointing else completion_logps
+        self.fused, self.fused_line = fused_ce_mode(kernel.config.train.fused_ce, model)
 
     @property
     def shared(self) -> bool:
@@ -251,7 +255,7 @@ class LogProbs:
             self.fn = self._choose(model, mb)
         with autocast_context(self.autocast, device):
             return self.fn(model, mb["input_ids"], mb["attention_mask"], mb["width"], temperature=self.temperature,
-                           return_entropy=return_entropy)
+                           return_entropy=return_entropy, fused=self.fused)
 
     @torch.no_grad()
     def no_grad(self, model, mb: dict, device) -> torch.Tensor:
@@ -265,9 +269,9 @@ class LogProbs:
         try:
             with autocast_context(self.autocast, device):
                 args = (model, mb["input_ids"], mb["attention_mask"], mb["width"])
-                plain = completion_logps(*args, temperature=self.temperature).float()
+                plain = completion_logps(*args, temperature=self.temperature, fused=self.fused).float()
                 try:
-                    shared = shared_prompt_logps(*args, temperature=self.temperature).float()
+                    shared = shared_prompt_logps(*args, temperature=self.temperature, fused=self.fused).float()
                 except Exception as exc:  # a model whose forward cannot continue from a cache this way
                     shared, why = None, f"{type(exc).__name__}: {exc}"
         finally:
@@ -454,6 +458,7 @@ def train_grpo(kernel, resume: bool = False, sampler=None) -> dict:
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     logprobs = LogProbs(kernel, model)
+    print(f"[metareason] {logprobs.fused_line}", file=sys.stderr)
     logprobs.decide(model, tokenizer, [kernel.prompt_text(e, tokenizer) for e in examples[:2]], device)
 
     rollout: Optional[Rollout] = None

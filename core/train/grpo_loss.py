@@ -228,7 +228,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: Optional[torch.Tensor], ref_logps:
 
 def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                      logits_to_keep: int, temperature: float = 1.0, chunk_tokens: int = 8192,
-                     return_outputs: bool = False, return_entropy: bool = False):
+                     return_outputs: bool = False, return_entropy: bool = False, fused: bool = False):
     """Log-probs ``[B, logits_to_keep]`` of the last ``logits_to_keep`` tokens of ``input_ids``
     (with ``return_entropy``: ``(logps, entropies)``, see :func:`token_logps`; with
     ``return_outputs`` the model's outputs come last).
@@ -238,17 +238,21 @@ def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     (the sampling distribution, as TRL does). Prompts may be left-padded: with padding in
     ``attention_mask`` the position ids are the mask's cumulative sum (as ``generate`` numbers
     them); without, the mask is not passed at all (a right-padded tail cannot be attended by
-    causal attention), which keeps the fast causal attention path.
+    causal attention), which keeps the fast causal attention path. ``fused``: the model's output
+    layer and the log-softmax run fused from the final hidden states
+    (:class:`metareason.train.fused_ce.HiddenStatesLM`), no ``[B, T, V]`` logits; the returned
+    outputs' ``logits`` are then those hidden states.
     """
+    lm, logps_of = _forward_and_logps(model, fused)
     kwargs = {}
     if attention_mask is not None:
         prompt_part = attention_mask[:, : input_ids.shape[1] - logits_to_keep]
         if not bool(prompt_part.all()):
             kwargs["attention_mask"] = attention_mask
             kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    outputs = model(input_ids=input_ids, logits_to_keep=logits_to_keep + 1, use_cache=False, **kwargs)
-    got = token_logps(outputs.logits[:, :-1], input_ids[:, -logits_to_keep:], temperature, chunk_tokens,
-                      return_entropy)
+    outputs = lm(input_ids=input_ids, logits_to_keep=logits_to_keep + 1, use_cache=False, **kwargs)
+    got = logps_of(outputs.logits[:, :-1], input_ids[:, -logits_to_keep:], temperature, chunk_tokens,
+                   return_entropy)
     if not return_outputs:
         return got
     return (*got, outputs) if return_entropy else (got, outputs)
@@ -256,7 +260,7 @@ def completion_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_
 
 def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor],
                         logits_to_keep: int, temperature: float = 1.0, chunk_tokens: int = 8192,
-                        return_entropy: bool = False):
+                        return_entropy: bool = False, fused: bool = False):
     """:func:`completion_logps` computing each distinct prompt once (rows of a group share it).
 
     Consecutive rows with the same prompt (tokens and mask) form a group: the prompts run once,
@@ -269,6 +273,7 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attenti
 
     from metareason.models.compat import CACHE_KWARG
 
+    model, logps_of = _forward_and_logps(model, fused)
     width = input_ids.shape[1] - logits_to_keep
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -293,7 +298,18 @@ def shared_prompt_logps(model: torch.nn.Module, input_ids: torch.Tensor, attenti
                       + torch.arange(rest.shape[1], device=rest.device)}
         out = model(input_ids=rest, **{CACHE_KWARG: cache}, use_cache=True, **kwargs)
         logits = torch.cat([logits, out.logits], dim=1)
-    return token_logps(logits, input_ids[:, width:], temperature, chunk_tokens, return_entropy)
+    return logps_of(logits, input_ids[:, width:], temperature, chunk_tokens, return_entropy)
+
+
+def _forward_and_logps(model, fused: bool):
+    """(what to call as the model, what turns its ``.logits`` into log-probs): the model and
+    :func:`token_logps`, or (``fused``) its decoder and the fused output layer."""
+    if not fused:
+        return model, token_logps
+    from metareason.train.fused_ce import HiddenStatesLM
+
+    lm = HiddenStatesLM(model)
+    return lm, lm.token_logps
 
 
 def token_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,

@@ -22,6 +22,8 @@ from metareason.config import ConfigError
 from metareason.data.packing import UnpackedOutputs, pack_batch, packing_support, plan
 from metareason.data.tokenize import IGNORE_INDEX, SFTStream, encode_examples
 from metareason.errors import UserError
+from metareason.train.fused_ce import STATE_KEY as FUSED_OFF
+from metareason.train.fused_ce import fused_ce_mode, fused_token_loss, hidden_forward
 from metareason.train.loop import (RunDriver, check_finite, load_train_examples, prepare_run_dir,
                                    seed_everything)
 from metareason.train.optim import build_optimizer, build_scheduler
@@ -33,14 +35,20 @@ def autocast_context(mode: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def shifted_labels(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Labels shifted left (position i is scored on token i + 1; the last on nothing) and the
+    number of positions scored."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted, int((shifted != IGNORE_INDEX).sum())
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over positions whose label is not -100.
 
     Labels are shifted left (not the logits), so the logits are used in place, without a copy.
     """
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    n = int((shifted != IGNORE_INDEX).sum())
+    shifted, n = shifted_labels(labels)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return loss / max(n, 1), n
@@ -69,7 +77,7 @@ def packing_mode(setting, model) -> tuple[bool, str]:
 
 
 def forward_batch(model, batch: dict, labels: torch.Tensor, device, pad_id: int, packing: bool,
-                  autocast: str = "none") -> tuple:
+                  autocast: str = "none", fused: bool = False) -> tuple:
     """The model's forward on one SFT micro-batch and its token loss.
 
     With ``packing`` the batch is packed (:mod:`metareason.data.packing`) when that removes
@@ -77,22 +85,31 @@ def forward_batch(model, batch: dict, labels: torch.Tensor, device, pad_id: int,
     Returns ``(outputs, loss, n, packed)``: ``outputs.logits`` is in the padded ``[B, W, V]``
     layout either way (unpacked lazily for hooks that read it: mcft's format term), ``loss``
     the token-mean cross-entropy over ``n`` label tokens (the same pairs and the same ``n``
-    packed or padded), ``packed`` whether it ran packed.
+    packed or padded), ``packed`` whether it ran packed. With ``fused`` (``train.fused_ce``) the
+    loss comes from the final hidden states through the fused op (:mod:`metareason.train.fused_ce`)
+    and ``outputs.logits`` are only computed if something reads them.
     """
+    forward = hidden_forward if fused else (lambda m, **kw: m(**kw))
     rows = plan(batch["attention_mask"]) if packing else None
     if rows is not None:
         packed = pack_batch(batch["input_ids"], batch["attention_mask"], labels, 0, pad_id, rows)
         with autocast_context(autocast, device):
-            outputs = model(input_ids=packed.input_ids.to(device), position_ids=packed.position_ids.to(device),
-                            use_cache=False)
-        loss, n = token_loss(outputs.logits, packed.labels.to(device))
+            outputs = forward(model, input_ids=packed.input_ids.to(device),
+                              position_ids=packed.position_ids.to(device), use_cache=False)
+            if fused:  # under the forward's autocast state, as the model's own output layer
+                loss, n = fused_token_loss(outputs, packed.labels.to(device))
+        if not fused:
+            loss, n = token_loss(outputs.logits, packed.labels.to(device))
         return UnpackedOutputs(outputs, packed), loss, n, True
     # Batches are right-padded and attention is causal, so no real token attends to padding and
     # pad positions are out of the loss: no attention mask is needed, which keeps the fast
     # causal attention path.
     with autocast_context(autocast, device):
-        outputs = model(input_ids=batch["input_ids"].to(device), use_cache=False)
-    loss, n = token_loss(outputs.logits, labels.to(device))
+        outputs = forward(model, input_ids=batch["input_ids"].to(device), use_cache=False)
+        if fused:  # under the forward's autocast state, as the model's own output layer
+            loss, n = fused_token_loss(outputs, labels.to(device))
+    if not fused:
+        loss, n = token_loss(outputs.logits, labels.to(device))
     return outputs, loss, n, False
 
 
@@ -130,8 +147,10 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
     except ValueError as exc:
         raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
     packing, packing_line = packing_mode(tc.packing, model)
+    fused, fused_line = fused_ce_mode(tc.fused_ce, model)
     if dist.is_main:
         print(f"[metareason] {packing_line}", file=sys.stderr)
+        print(f"[metareason] {fused_line}", file=sys.stderr)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
@@ -144,6 +163,7 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
     run = RunDriver(kernel, run_dir, model, tokenizer, "train", save)
     if resume:
         stream.position = int(run.resume(optimizer, scheduler)["data_position"])
+        fused = fused and run.state.get(FUSED_OFF) is None  # auto turned it off before the checkpoint
     run.start(resume)
     trainable = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -158,12 +178,16 @@ def train_sft(kernel, resume: bool = False, dist=None) -> dict:
                 batch["labels"] = labels
                 mask = batch["attention_mask"]
                 outputs, lm_loss, n, _ = forward_batch(model, batch, labels, device, tokenizer.pad_token_id,
-                                                       packing, tc.autocast)
+                                                       packing, tc.autocast, fused)
                 lm_loss = dist.scale_token_mean(lm_loss, n)
                 loss = lm_loss
                 for name, (weight, term) in collect_extra_losses(kernel, model, batch, outputs, step).items():
                     loss = loss + weight * term / dist.world_size
                     term_sums[name] = term_sums.get(name, 0.0) + float(term.detach()) / tc.grad_accum
+                if fused and tc.fused_ce == "auto" and getattr(outputs, "logits_read", False):
+                    fused, run.state[FUSED_OFF] = False, step  # a hook needs the logits: they exist anyway
+                    print(f"[metareason] train.fused_ce=auto: off from here on (step {step + 1}): a plugin's extra "
+                          "loss reads outputs.logits", file=sys.stderr)
                 check_finite(dist.global_loss(loss), step, run.last_ckpt)
                 (loss / tc.grad_accum).backward()
                 total_loss += float(loss.detach()) / tc.grad_accum
