@@ -1,10 +1,19 @@
-"""Atomic checkpoints: safetensors weights (or PEFT adapters), optimizer, scheduler, RNG states
+"""Durable checkpoints: safetensors weights (or PEFT adapters), optimizer, scheduler, RNG states
 and data position.
 
-A checkpoint is written into a temporary directory next to its final place and renamed into
-``checkpoints/step-NNNNNNN`` only when every file is on disk, so a crash mid-save leaves the
-previous checkpoint as it was. Optimizer/scheduler/RNG states are loaded with
-``torch.load(weights_only=True)``; trainer state is JSON.
+The save protocol leaves at least one complete checkpoint at every instant, and every
+``checkpoints/step-NNNNNNN`` directory is complete:
+
+1. write every file into a fresh ``.tmp-step-N-*`` directory next to its final place;
+2. fsync each file and the directory, then rename it to ``step-N`` and fsync ``checkpoints/``;
+   a re-save of an existing step first renames the old copy to ``.old-step-N-*`` (kept complete
+   until the new one is in place, then removed);
+3. prune to the newest ``keep_last``: each older one is renamed to ``.del-step-N-*``, then removed.
+
+A crash at any point leaves the previous checkpoint (or the new one) as it was.
+:func:`clean_partial` (on ``--resume``) puts an ``.old-step-N`` back when ``step-N`` is missing (a
+crash between the two renames of a re-save) and removes the other leftovers. Optimizer/scheduler/RNG
+states are loaded with ``torch.load(weights_only=True)``; trainer state is JSON.
 """
 from __future__ import annotations
 
@@ -20,7 +29,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from metareason import durable
+
 STEP_DIR = re.compile(r"^step-(\d+)$")
+OLD_DIR = re.compile(r"^\.old-step-(\d+)-")
+PARTIAL_PREFIXES = (".tmp-step-", ".old-step-", ".del-step-")
 TRAINER_STATE = "trainer_state.json"
 OPTIM_STATE = "optimizer.pt"
 SCHED_STATE = "scheduler.pt"
@@ -68,11 +81,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+# The points of the save protocol, in order. ``fault_point`` (tests only) is called at each with
+# ``(point, step)``: the fault-injection test stops the process there and kills it.
+SAVE_POINTS = ("tmp-created", "written", "synced", "old-moved", "renamed", "old-removed", "pruning", "pruned")
+fault_point: Optional[Callable[[str, int], None]] = None
+
+
+def _at(point: str, step: int) -> None:
+    if fault_point is not None:
+        fault_point(point, step)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer: Any,
@@ -87,7 +104,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=root))
+    old = None
     try:
+        _at("tmp-created", step)
         write_weights(model, tokenizer, tmp)
         torch.save(optimizer.state_dict(), tmp / OPTIM_STATE)
         torch.save(scheduler.state_dict(), tmp / SCHED_STATE)
@@ -95,20 +114,42 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, tokenizer:
         (tmp / TRAINER_STATE).write_text(json.dumps(dict(trainer_state, step=step), indent=2))
         if write_extra is not None:
             write_extra(tmp)
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. end of a resumed run): replace whole
+        _at("written", step)
+        durable.fsync_tree(tmp)
+        _at("synced", step)
+        if final.exists():  # re-saving a step (e.g. the end of a resumed run): the old copy stays whole
             old = root / f".old-{final.name}-{os.getpid()}"
             os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+            durable.fsync_dir(root)
+            _at("old-moved", step)
+        os.rename(tmp, final)
+        durable.fsync_dir(root)
     except BaseException:
+        if old is not None and not final.exists():
+            os.rename(old, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(run_dir)[:-keep_last]:
+    _at("renamed", step)
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+        _at("old-removed", step)
+    _prune(root, [p for p in list_checkpoints(run_dir)[:-keep_last] if p != final], step)
     return final
+
+
+def _prune(root: Path, doomed: list[Path], step: int) -> None:
+    """Rename each to ``.del-*`` first, so that every ``step-N`` left is complete, then remove."""
+    gone = []
+    for p in doomed:
+        target = root / f".del-{p.name}-{os.getpid()}"
+        os.rename(p, target)
+        gone.append(target)
+    if gone:
+        durable.fsync_dir(root)
+        _at("pruning", step)
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    _at("pruned", step)
 
 
 def write_weights(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
@@ -133,12 +174,26 @@ def _uses_trainable_tokens(model: torch.nn.Module) -> bool:
 
 
 def clean_partial(run_dir: Path) -> None:
-    """Remove temp directories left by a crash during a save."""
+    """Finish what a crash during a save left: an ``.old-step-N`` whose ``step-N`` is missing is
+    the only complete copy of that step and is renamed back; every other ``.tmp-``, ``.old-`` and
+    ``.del-`` directory is removed."""
     root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith(".tmp-step-") or p.name.startswith(".old-step-"):
-                shutil.rmtree(p, ignore_errors=True)
+    if not root.is_dir():
+        return
+    for p in sorted(root.iterdir()):
+        m = OLD_DIR.match(p.name)
+        if m and p.is_dir() and not (root / f"step-{m.group(1)}").exists():
+            os.rename(p, root / f"step-{m.group(1)}")
+            durable.fsync_dir(root)
+    for p in root.iterdir():
+        if p.name.startswith(PARTIAL_PREFIXES):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def holds_checkpoints(run_dir: Path) -> bool:
+    """A complete checkpoint is there (or one that :func:`clean_partial` puts back)."""
+    root = checkpoints_dir(run_dir)
+    return bool(list_checkpoints(run_dir)) or (root.is_dir() and any(OLD_DIR.match(p.name) for p in root.iterdir()))
 
 
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:

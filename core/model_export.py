@@ -11,7 +11,8 @@ config's ``model.path: DIR`` both load.
 
 QLoRA trains an adapter over 4-bit weights; the export rebuilds the base unquantised in
 ``model.quantization.compute_dtype`` and puts the adapter on that (merged or not), as is usual.
-The directory is written next to ``--out`` and renamed into place when complete.
+The directory is written next to ``--out``, fsynced (files and directory) and renamed into place
+when complete, so a crash or power loss leaves no partial or empty export at ``--out``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from metareason import durable
 from metareason.errors import UserError
 
 
@@ -88,9 +90,11 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
             "run_dir": str(Path(run_dir)), "checkpoint": str(trained.checkpoint), "step": trained.step,
             "merged": bool(is_peft and merge), "adapter": bool(is_peft and not merge),
             "base_dequantized": bool(quantized)}, indent=2))
+        durable.fsync_tree(tmp)  # every file and the directory on disk before the rename publishes them
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
+        durable.fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from metareason import durable
 from metareason.checkpoint import clean_partial, latest_checkpoint, load_training_state, load_weights_into
 from metareason.config import ConfigError, dump_config
 from metareason.errors import UserError
@@ -34,10 +35,10 @@ def seed_everything(seed: int) -> None:
 
 def prepare_run_dir(kernel, resume: bool) -> Path:
     run_dir = kernel.config.run_dir
-    if resume:
+    if resume:  # first finish what a crash during a save left (it may put the only copy back)
+        clean_partial(run_dir)
         if latest_checkpoint(run_dir) is None:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
-        clean_partial(run_dir)
     elif run_dir.exists():
         for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report.md", "plots", "eval_samples.jsonl",
                      "report_sections"):
@@ -47,9 +48,7 @@ def prepare_run_dir(kernel, resume: bool) -> Path:
             elif target.exists():
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(dump_config(kernel.config), encoding="utf-8")
-    tmp.replace(run_dir / "config.yaml")
+    durable.write_text_atomic(run_dir / "config.yaml", dump_config(kernel.config))
     return run_dir
 
 
