@@ -1,6 +1,6 @@
 """The ``metareason`` command line.
 
-    metareason run CONFIG [KEY=VALUE ...] [--resume] [--ray [ADDRESS|local]]
+    metareason run CONFIG [KEY=VALUE ...] [--resume | --overwrite] [--ray [ADDRESS|local]]
     metareason sweep CONFIG --grid KEY=V1,V2 ... [--ray ADDRESS] [--out DIR] [--resume]
     metareason eval CONFIG|RUN_DIR [KEY=VALUE ...]
     metareason export RUN_DIR --out DIR [--checkpoint DIR] [--merge]
@@ -46,8 +46,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_run(args) -> int:
+    from metareason.errors import UserError
     from metareason.kernel import Kernel
 
+    if args.resume and args.overwrite:
+        raise UserError("--resume and --overwrite: give one (continue the run, or delete it and start again)")
     overrides = list(args.overrides) + (["quiet=true"] if args.quiet else [])
     if args.ray is not None and "=" in args.ray:  # `--ray train.lr=1e-3`: an override, not an address
         overrides.append(args.ray)
@@ -56,9 +59,9 @@ def cmd_run(args) -> int:
     if args.ray is not None:
         from metareason.scale.launch import run_on_ray
 
-        metrics = run_on_ray(kernel, args.ray, resume=args.resume)
+        metrics = run_on_ray(kernel, args.ray, resume=args.resume, overwrite=args.overwrite)
     else:
-        metrics = kernel.run(resume=args.resume)
+        metrics = kernel.run(resume=args.resume, overwrite=args.overwrite)
     _print_summary(metrics, kernel.config.run_dir)
     return 0
 
@@ -138,6 +141,9 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML run config, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in a run directory that holds checkpoints (deletes them); without it "
+                        "such a directory is refused")
     p.add_argument("--quiet", action="store_true", help="no progress bars (log lines only)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS|local",
                    help="run on a Ray cluster (scale: section): an address (HOST:PORT, auto) or 'local' "

@@ -224,9 +224,11 @@ class KernelConfig(Section):
 
     @field_validator("name")
     @classmethod
-    def _safe_name(cls, v: str) -> str:
-        if not v or "/" in v or v in (".", ".."):
-            raise ValueError("must be a plain directory name")
+    def _safe_name(cls, v: str) -> str:  # one path component: output_dir/NAME never leaves output_dir
+        if (v in ("", ".", "..") or "/" in v or "\\" in v or any(ord(c) < 32 or ord(c) == 127 for c in v)
+                or v.startswith("-") or v != v.strip() or len(v.encode("utf-8", "surrogatepass")) > 255):
+            raise ValueError("must be one path component: a directory name, not '.' or '..', without '/', "
+                             "'\\' or control characters, no leading '-' or surrounding spaces, at most 255 bytes")
         return v
 
     @property

@@ -182,11 +182,14 @@ class Kernel:
         return model, tokenizer
 
     # ------------------------------------------------------------------ work
-    def run(self, resume: bool = False) -> dict:
-        """Train with the configured algorithm, then evaluate; returns the final metrics."""
+    def run(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Train with the configured algorithm, then evaluate; returns the final metrics.
+
+        ``resume``: continue from the run directory's last checkpoint. Otherwise a run directory
+        that holds checkpoints is refused unless ``overwrite`` (which deletes them)."""
         from metareason.train import run_training
 
-        return run_training(self, resume=resume)
+        return run_training(self, resume=resume, overwrite=overwrite)
 
     def evaluate(self, model=None, tokenizer=None, step: int = 0) -> dict:
         from metareason.evaluate import evaluate

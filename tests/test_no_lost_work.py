@@ -54,6 +54,48 @@ def complete(step_dir: Path) -> bool:
         return False
 
 
+# ------------------------------------------------------------------------- run directories
+def test_a_run_directory_with_checkpoints_is_refused_without_resume_or_overwrite(tmp_path, capsys):
+    cfg = tiny(tmp_path, "kept")
+    Kernel(cfg).run()
+    run_dir = tmp_path / "runs" / "kept"
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"kept: holds checkpoints.*--resume.*--overwrite"):
+        Kernel(cfg).run()
+    path = tmp_path / "kept.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert cli_main(["run", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err, err
+    assert cli_main(["run", str(path), "--resume", "--overwrite"]) == 2
+    assert "give one" in capsys.readouterr().err
+    # nothing was touched
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+    # --overwrite starts again: one fresh copy of every step, the old checkpoints gone
+    assert cli_main(["run", str(path), "--overwrite", "train.max_steps=1"]) == 0
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1]
+    assert [p.name for p in ck.list_checkpoints(run_dir)] == ["step-0000001"]
+    # a directory without checkpoints (e.g. a run that failed before its first save) is reused
+    shutil.rmtree(run_dir / "checkpoints")
+    Kernel(cfg).run()
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "-x", "a\\b", "a\x00b", "tab\there", " lead", "x" * 256,
+                                  "../escape"])
+def test_run_name_is_one_path_component(name):
+    with pytest.raises(ConfigError, match=r"config: name: .*one path component"):
+        load_config(data={"name": name})
+
+
+def test_run_name_accepts_ordinary_names():
+    for name in ("run", "lru-a.s0", "x" * 255, "grpo_1e-3", "..a"):
+        assert load_config(data={"name": name})[0].name == name
+
+
 # ------------------------------------------------------------------------- durability
 def _record(monkeypatch):
     events = []
@@ -177,6 +219,8 @@ def test_resume_puts_back_the_old_copy_of_a_re_saved_step(tmp_path):
     root = tmp_path / "runs" / "resave" / "checkpoints"
     os.rename(root / "step-0000002", root / ".old-step-0000002-4242")
     (root / ".tmp-step-0000002-abc").mkdir()  # the new copy, half written
+    with pytest.raises(UserError, match="holds checkpoints"):
+        Kernel(cfg).run()  # the old copy counts as a checkpoint of the run
     Kernel(cfg).run(resume=True)
     assert sorted(p.name for p in root.iterdir()) == ["step-0000002"] and complete(root / "step-0000002")
 

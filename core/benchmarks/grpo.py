@@ -183,7 +183,7 @@ def _side_ours(args, tmp) -> dict:
             parts[-1]["tokens"] = metrics["rl/completion_length/mean"]
 
     kernel.register(Timer(), name="bench_timer")
-    kernel.run()
+    kernel.run(overwrite=True)
     w = args.warmup
     timed = parts[w:]
     times = _step_times(stamps, w, args.steps)

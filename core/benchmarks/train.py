@@ -119,7 +119,7 @@ def _side_ours(args, tmp) -> dict:
         return real_pack(*a, **k)
 
     sft.packing_mode, sft.pack_batch = mode, pack
-    kernel.run()
+    kernel.run(overwrite=True)
     return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
             "packing": seen["line"], "packed_batches": seen["packed"], "batches": len(tokens),
             "group_by_length": kernel.config.train.group_by_length}

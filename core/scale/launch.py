@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 
-def run_on_ray(kernel, address: str, resume: bool = False) -> dict:
+def run_on_ray(kernel, address: str, resume: bool = False, overwrite: bool = False) -> dict:
     """SFT: Ray Train data-parallel workers. GRPO: the learner here, ``scale.num_workers``
     rollout actors on the cluster."""
     from metareason.scale.runtime import connect
@@ -18,12 +18,12 @@ def run_on_ray(kernel, address: str, resume: bool = False) -> dict:
         if kernel.config.train.algorithm == "sft":
             from metareason.scale.train import run_sft_on_ray
 
-            return run_sft_on_ray(kernel, resume=resume)
+            return run_sft_on_ray(kernel, resume=resume, overwrite=overwrite)
         from metareason.scale.rollout import RolloutPool
         from metareason.train.grpo import train_grpo
 
         with RolloutPool(kernel) as pool:
-            return train_grpo(kernel, resume=resume, sampler=pool)
+            return train_grpo(kernel, resume=resume, sampler=pool, overwrite=overwrite)
     finally:
         if started:
             import ray

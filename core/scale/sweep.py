@@ -77,7 +77,7 @@ def run_trial(payload: dict) -> dict:
     if threads:
         torch.set_num_threads(threads)
     kernel = Kernel(payload["raw"])
-    final = kernel.run()
+    final = kernel.run(overwrite=True)  # a trial Tune runs again starts its run directory again
     rows = read_metrics(kernel.config.run_dir)
     curve = [[r["step"], r["train/loss"]] for r in rows if "train/loss" in r]
     out: dict[str, Any] = {k: float(v) for k, v in final.items() if isinstance(v, (int, float))}

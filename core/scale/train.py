@@ -129,7 +129,7 @@ def train_worker(loop_config: dict) -> None:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def run_sft_on_ray(kernel, resume: bool = False) -> dict:
+def run_sft_on_ray(kernel, resume: bool = False, overwrite: bool = False) -> dict:
     """Run ``kernel``'s SFT config on the connected Ray cluster; returns rank 0's final metrics."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,7 +152,7 @@ def run_sft_on_ray(kernel, resume: bool = False) -> dict:
     storage = scale.storage_path or str(run_dir / "ray")
     # A fresh run starts from an empty run directory and no Ray Train state; the workers then
     # treat any checkpoint they find as a restart to resume from.
-    prepare_run_dir(kernel, resume)
+    prepare_run_dir(kernel, resume, overwrite)
     if not resume and Path(storage, "train").exists():
         shutil.rmtree(Path(storage, "train"))
     resources = worker_resources(scale)

@@ -440,13 +440,13 @@ def build_reference(model) -> Optional[torch.nn.Module]:
 
 
 # ------------------------------------------------------------------------------------------- loop
-def train_grpo(kernel, resume: bool = False, sampler=None) -> dict:
+def train_grpo(kernel, resume: bool = False, sampler=None, overwrite: bool = False) -> dict:
     """``sampler``: who samples the rollouts (see :func:`generate_rollout`); ``None``: this process."""
     cfg = kernel.config
     tc, rl = cfg.train, cfg.rl
     check_rl_config(kernel)
     examples = load_train_examples(kernel)
-    run_dir = prepare_run_dir(kernel, resume)
+    run_dir = prepare_run_dir(kernel, resume, overwrite)
     seed_everything(tc.seed)
     model, tokenizer = kernel.load()
     device = next(model.parameters()).device

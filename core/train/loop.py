@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from metareason import durable
-from metareason.checkpoint import clean_partial, latest_checkpoint, load_training_state, load_weights_into
+from metareason.checkpoint import (clean_partial, holds_checkpoints, latest_checkpoint, load_training_state,
+                                   load_weights_into)
 from metareason.config import ConfigError, dump_config
 from metareason.errors import UserError
 from metareason.metrics import MetricsLogger, progress, read_metrics, truncate_after
@@ -33,13 +34,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_run_dir(kernel, resume: bool) -> Path:
+def prepare_run_dir(kernel, resume: bool, overwrite: bool = False) -> Path:
+    """The run directory, ready for this run: ``resume`` finishes what a crash during a save left
+    and needs a checkpoint; a fresh run refuses a directory that holds checkpoints unless
+    ``overwrite`` (then the earlier run's outputs are deleted). Writes ``config.yaml``
+    durably."""
     run_dir = kernel.config.run_dir
     if resume:  # first finish what a crash during a save left (it may put the only copy back)
         clean_partial(run_dir)
         if latest_checkpoint(run_dir) is None:
             raise UserError(f"--resume: {run_dir} has no checkpoint to resume from")
     elif run_dir.exists():
+        if holds_checkpoints(run_dir) and not overwrite:
+            raise UserError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to continue it, or "
+                            f"--overwrite to delete them and start again")
         for name in ("checkpoints", "metrics.jsonl", "tensorboard", "report.md", "plots", "eval_samples.jsonl",
                      "report_sections"):
             target = run_dir / name

@@ -124,14 +124,14 @@ def encode_sft_examples(kernel, tokenizer, examples: list[dict]):
                            kernel.config.data.max_length, append_eos=append_eos != {False})
 
 
-def train_sft(kernel, resume: bool = False, dist=None) -> dict:
+def train_sft(kernel, resume: bool = False, dist=None, overwrite: bool = False) -> dict:
     """``dist``: a data-parallel worker (:mod:`metareason.scale.dist`); ``None``: one process."""
     from metareason.scale.dist import LOCAL
 
     dist = dist or LOCAL
     cfg = kernel.config
     tc = cfg.train
-    run_dir = prepare_run_dir(kernel, resume)
+    run_dir = prepare_run_dir(kernel, resume, overwrite)
     seed_everything(tc.seed)
     model, tokenizer = kernel.load()
     dist.broadcast_params(model)

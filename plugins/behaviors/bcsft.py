@@ -110,5 +110,5 @@ def run_bcsft(config: str, overrides: list[str], mode: str = "bci", quiet: bool 
     if train:
         student = Kernel(student_config(kernel._raw, path, summary["teacher"]["kept"], name))
         summary["student_run"] = str(student.config.run_dir)
-        summary["student_metrics"] = student.run()
+        summary["student_metrics"] = student.run(overwrite=True)  # the student is trained again with the new data
     return summary

@@ -152,7 +152,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
             cfg.setdefault("eval", {})["at_end"] = False  # the report evaluates every model the same way
             if stage == "mix":
                 cfg["train"]["max_steps"] = MIX_STEPS_FACTOR * kernel.config.train.max_steps
-            Kernel(cfg).run()
+            Kernel(cfg).run(overwrite=True)  # the demo's own run directory: a stage re-run starts it again
         elif stage == "report":
             if "results" in record:  # an earlier report is kept, never silently replaced
                 record.setdefault("history", []).append({"results": record["results"],

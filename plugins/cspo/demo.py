@@ -192,16 +192,16 @@ def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "
         t0 = time.perf_counter()
         print(f"[cspo demo] stage {stage}", file=sys.stderr, flush=True)
         if stage == "sft":
-            Kernel(files["sft"], overrides=overrides).run()
+            Kernel(files["sft"], overrides=overrides).run(overwrite=True)  # a stage re-run starts it again
         elif stage == "takeover":
             record["takeover"] = run_takeover(str(files["takeover"]), overrides + [
                 f"cspo.target_model_name={runs['sft']}", f"cspo.output={takeover_out}"])
         elif stage == "control":
-            Kernel(files["control"], overrides=overrides + [f"model.path={_latest(runs['sft'], 'sft')}"]).run()
+            Kernel(files["control"], overrides=overrides + [f"model.path={_latest(runs['sft'], 'sft')}"]).run(overwrite=True)
         elif stage in ("cspo", "nomask"):
             extra = NOMASK if stage == "nomask" else []
             Kernel(files["cspo"], overrides=overrides + extra + [
-                f"model.path={_latest(runs['control'], 'control')}"]).run()
+                f"model.path={_latest(runs['control'], 'control')}"]).run(overwrite=True)
         if stage != "report":
             record["timings_s"][stage] = round(time.perf_counter() - t0, 1)
     if "report" in todo:

@@ -94,7 +94,7 @@ def run_arm(config: str, overrides: list[str], name: str, arm: dict, data_dir: P
     train_s = None
     if not reused:
         t0 = time.perf_counter()
-        kernel.run()
+        kernel.run(overwrite=True)  # not reused: trained again
         train_s = time.perf_counter() - t0
     rows = [json.loads(l) for l in (kernel.config.run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     last = [r for r in rows if "train/lm_loss" in r][-1]

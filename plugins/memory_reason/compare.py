@@ -39,7 +39,7 @@ def _base(config_dir: Path, output_dir: str, quiet: bool) -> Path:
 
     kernel = Kernel(_config(config_dir, BASE), overrides=[f"output_dir={output_dir}", f"quiet={str(quiet).lower()}"])
     t0 = time.perf_counter()
-    metrics = kernel.run()
+    metrics = kernel.run(overwrite=True)  # the comparison's own run directories
     run_dir = kernel.config.run_dir
     hf = run_dir / "hf"
     if hf.exists():
@@ -63,7 +63,7 @@ def _variant(config_dir: Path, file: str, base: Path, output_dir: str, overrides
            f"train.seed={seed}"] + overrides
     kernel = Kernel(path, overrides=ovr)
     t0 = time.perf_counter()
-    metrics = kernel.run()
+    metrics = kernel.run(overwrite=True)  # the comparison's own run directories
     row = {k: metrics.get(k) for k in KEYS}
     row.update(config=file, seed=seed, run_dir=str(kernel.config.run_dir), wall_s=time.perf_counter() - t0,
                trainable_params=trainable_parameters(kernel.last_model),
