@@ -18,7 +18,8 @@ from metareason.registry import Registry
 
 class Kernel:
     def __init__(self, config: Union[str, Path, dict, KernelConfig, None] = None,
-                 overrides: Optional[list[str]] = None):
+                 overrides: Optional[list[str]] = None, source: Optional[str] = None):
+        """``source``: what errors name for a dict config (default ``config``; a path names itself)."""
         from metareason.config import apply_overrides, read_yaml
 
         if isinstance(config, KernelConfig):
@@ -26,7 +27,7 @@ class Kernel:
         elif isinstance(config, (str, Path)):
             raw, source = read_yaml(config), str(config)
         else:
-            raw, source = copy.deepcopy(config or {}), "config"
+            raw, source = copy.deepcopy(config or {}), source or "config"
         self._source = source
         self._raw = apply_overrides(raw, overrides or [], source)
         config, self.pm = load_config(data=self._raw, source=source)

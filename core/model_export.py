@@ -58,8 +58,10 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     _check_out(out)
     overrides = ["quiet=true", "model.gradient_checkpointing=false", "model.device=cpu"]
     from metareason.config import load_config
+    from metareason.run_plugins import read_run_config
 
-    config, _ = load_config(run_config_file(Path(run_dir)), overrides)
+    cfg = run_config_file(Path(run_dir))
+    config, _ = load_config(data=read_run_config(Path(run_dir), cfg, note=False), overrides=overrides, source=str(cfg))
     model_cfg = config.model
     quantized = model_cfg.quantization.load_in_4bit
     if quantized:  # rebuild the base unquantised; the adapter's keys are the same

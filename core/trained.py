@@ -1,9 +1,11 @@
 """A trained model back from its run directory: the run's config, plugins and seed, then the
 weights of one checkpoint (full weights, or a PEFT adapter on the re-built base).
 
-Used by ``metareason eval``, ``export`` and ``serve``. Seeding before the build matters for runs
-whose base is a random init (``model.arch``) trained with LoRA: the checkpoint holds only the
-adapter, and the same seed gives back the same base.
+Used by ``metareason eval``, ``export`` and ``serve``. The run's config is read as
+:mod:`metareason.run_plugins` says: sections of plugins that are gone and that the run did not
+enable are ignored. Seeding before the build matters for runs whose base is a random init
+(``model.arch``) trained with LoRA: the checkpoint holds only the adapter, and the same seed gives
+back the same base.
 """
 from __future__ import annotations
 
@@ -51,10 +53,12 @@ def load_trained(run_dir: str | Path, checkpoint: Optional[str] = None, override
     """Kernel, model (eval mode not set) and tokenizer of ``run_dir`` at ``checkpoint`` (default: latest)."""
     from metareason.checkpoint import load_weights_into
     from metareason.kernel import Kernel
+    from metareason.run_plugins import read_run_config
     from metareason.train.loop import seed_everything
 
     run_dir = Path(run_dir)
-    kernel = Kernel(run_config_file(run_dir), overrides=list(overrides))
+    cfg = run_config_file(run_dir)
+    kernel = Kernel(read_run_config(run_dir, cfg), overrides=list(overrides), source=str(cfg))
     ckpt = resolve_checkpoint(run_dir, checkpoint)
     seed_everything(kernel.config.train.seed)
     model, tokenizer = kernel.load()

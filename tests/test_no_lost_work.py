@@ -438,3 +438,68 @@ def test_sigkill_at_every_point_of_a_save_and_at_random_points_then_resume_equal
         assert len(runs.kills) >= 20
     finally:
         runs.close()
+
+
+# ------------------------------------------------------------------------- installed plugins change
+def _pip(*args):
+    res = subprocess.run([sys.executable, "-m", "pip", *args, "-q", "--disable-pip-version-check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    import importlib
+
+    importlib.invalidate_caches()
+
+
+def test_a_run_stays_usable_after_a_plugin_it_did_not_enable_is_uninstalled(tmp_path, ext_plugin, capsys):
+    """Made with the external plugin installed: ``bystander`` loaded it (every installed plugin)
+    without using it; ``listed`` named it in ``plugins:``; ``prefixed`` set its section. Then the
+    plugin is uninstalled: eval/export/serve take ``bystander`` with a one-line note and refuse the
+    others with one line naming the plugin and its package."""
+    from metareason.generators.local import load_local_model
+
+    made = {"bystander": tiny(tmp_path, "bystander", plugins=None, max_steps=1),
+            "listed": tiny(tmp_path, "listed", plugins=[ext_plugin], max_steps=1),
+            "prefixed": dict(tiny(tmp_path, "prefixed", plugins=None, max_steps=1), ext_example={"prefix": "Q "})}
+    runs = tmp_path / "runs"
+    for cfg in made.values():
+        Kernel(cfg).run()
+    record = json.loads((runs / "bystander" / "plugins.json").read_text())["plugins"][ext_plugin]
+    assert record == {"package": "metareason-ext-example", "version": "0.3.1", "sections": ["ext_example"],
+                      "enabled": False}
+    assert json.loads((runs / "listed" / "plugins.json").read_text())["plugins"][ext_plugin]["enabled"]
+    assert json.loads((runs / "prefixed" / "plugins.json").read_text())["plugins"][ext_plugin]["enabled"]
+    assert "ext_example" in yaml.safe_load((runs / "bystander" / "config.yaml").read_text())
+    # an older run directory, made before plugins.json: the same rule from config.yaml alone
+    shutil.copytree(runs / "bystander", runs / "old")
+    (runs / "old" / "plugins.json").unlink()
+
+    _pip("uninstall", "-y", "metareason-ext-example")
+    try:
+        capsys.readouterr()
+        for name in ("bystander", "old"):
+            assert cli_main(["eval", str(runs / name)]) == 0
+            notes = [l for l in capsys.readouterr().err.splitlines() if "ext_example" in l]
+            assert len(notes) == 1 and "ignoring section 'ext_example'" in notes[0], notes
+        assert cli_main(["export", str(runs / "bystander"), "--out", str(tmp_path / "hf")]) == 0
+        assert (tmp_path / "hf" / "model.safetensors").is_file()
+        model, _, kind, _ = load_local_model(str(runs / "bystander"), device="cpu")  # what serve loads
+        assert kind == "run"
+        capsys.readouterr()
+        for name in ("listed", "prefixed"):
+            for cmd in (["eval", str(runs / name)], ["export", str(runs / name), "--out", str(tmp_path / name)]):
+                assert cli_main(cmd) == 2
+                err = capsys.readouterr().err.strip()
+                assert len(err.splitlines()) == 1, err
+                assert "plugin 'ext_example'" in err and "metareason-ext-example" in err, err
+            with pytest.raises(UserError, match="plugin 'ext_example' .*metareason-ext-example"):
+                load_local_model(str(runs / name), device="cpu")
+        # without the record, an enabled section still names the plugin (its package unknown: the name)
+        shutil.copytree(runs / "bystander", runs / "old-enabled")
+        (runs / "old-enabled" / "plugins.json").unlink()
+        cfg = yaml.safe_load((runs / "old-enabled" / "config.yaml").read_text())
+        cfg["ext_example"]["enabled"] = True
+        (runs / "old-enabled" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        assert cli_main(["eval", str(runs / "old-enabled")]) == 2
+        assert "plugin 'ext_example' (package ext_example)" in capsys.readouterr().err
+    finally:
+        _pip("install", "--no-deps", "--no-build-isolation", str(EXT_PLUGIN))  # the session's fixture state

@@ -37,8 +37,10 @@ def seed_everything(seed: int) -> None:
 def prepare_run_dir(kernel, resume: bool, overwrite: bool = False) -> Path:
     """The run directory, ready for this run: ``resume`` finishes what a crash during a save left
     and needs a checkpoint; a fresh run refuses a directory that holds checkpoints unless
-    ``overwrite`` (then the earlier run's outputs are deleted). Writes ``config.yaml``
-    durably."""
+    ``overwrite`` (then the earlier run's outputs are deleted). Writes ``config.yaml`` and the
+    plugin record (``plugins.json``) durably."""
+    from metareason.run_plugins import write_record
+
     run_dir = kernel.config.run_dir
     if resume:  # first finish what a crash during a save left (it may put the only copy back)
         clean_partial(run_dir)
@@ -57,6 +59,7 @@ def prepare_run_dir(kernel, resume: bool, overwrite: bool = False) -> Path:
                 target.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     durable.write_text_atomic(run_dir / "config.yaml", dump_config(kernel.config))
+    write_record(run_dir, kernel)
     return run_dir
 
 
