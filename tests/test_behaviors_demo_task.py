@@ -123,3 +123,28 @@ def test_method_format_params_are_checked():
         d.make_task({"topics": ["flip"]}, 0, 5)  # held-out chains exist in the method format only
     assert d.make_task({}, 0, 3)[0]["completion"] == d.solve(d.make_task({}, 0, 3)[0]["topic"],
                                                               int(d.make_task({}, 0, 3)[0]["prompt"].split()[2]))[0]
+
+
+def test_method_format_splits_are_disjoint_and_val_is_carved_from_train():
+    def numbers(split, **kw):
+        return {int(ex["prompt"].split()[2].rstrip(":"))
+                for ex in d.make_task({"format": "method", "split": split, **kw}, 0, 10 ** 6)}
+
+    train, val, test = numbers("train"), numbers("val"), numbers("test")
+    assert train and val and test and not (train & val or train & test or val & test)
+    assert 0.05 < len(val) / (len(train) + len(val)) < 0.15
+    legacy_train = {int(ex["prompt"].split()[2]) for ex in d.make_task({}, 0, 10 ** 6)}
+    assert train | val == legacy_train  # the short format keeps its old split
+    assert numbers("val", kind="pretrain") == val
+    with pytest.raises(TaskError, match="params.split"):
+        d.make_task({"split": "val"}, 0, 5)
+
+
+def test_partial_block_keeps_its_length_and_the_teacher_cites_exactly_what_it_lists():
+    prompt = d.bci_prompt("churn", 472, keep={"rev"})
+    assert block_lines(prompt) == ["behavior_neg", "behavior_rev", "behavior_inc"]
+    heads = [h for _, _, h, _, _ in steps(d.teacher_method(prompt))]
+    assert heads == [d.METHODS["sort"], "behavior_rev", d.METHODS["dbl"]]
+    for topic, chain in d.ALL_TOPICS.items():
+        assert d.bci_prompt(topic, 472, keep=set(chain)) == d.bci_prompt(topic, 472)
+        assert block_lines(d.bci_prompt(topic, 472, keep=set())) == block_lines(d.bci_prompt(topic, 472, control=True))

@@ -14,7 +14,8 @@ exactly that for each procedure whose behavior is in its prompt's BCI block and 
 others out long-hand; the programmatic strategist solves long-hand, reflects, and extracts one
 behavior per procedure its solution used.
 
-Params: ``split`` (train | test; disjoint numbers), ``topics`` (default all six), ``format``,
+Params: ``split`` (train | test; disjoint numbers; the method format adds ``val``, a tenth of the
+training numbers kept out of its train split), ``topics`` (default all six), ``format``,
 ``kind``.
 
 **The method format (issue 28)**, ``format: method``. The format above (``short``, the default)
@@ -178,15 +179,19 @@ def behavior_block(names: list[str], instructions: dict) -> str:
     return BCI_BLOCK.replace("{behaviors}", lines)
 
 
-def bci_prompt(topic: str, n: int, control: bool = False) -> str:
+def bci_prompt(topic: str, n: int, control: bool = False, keep: Optional[set] = None) -> str:
     """The question under a behavior block: the chain's behaviors in the order of application, or
-    (``control``) as many unrelated behaviors (:data:`CONTROL_BEHAVIORS`), in a fixed order."""
+    (``control``) as many unrelated behaviors (:data:`CONTROL_BEHAVIORS`), in a fixed order. With
+    ``keep`` (a set of procedure names) only those behaviors stay; each other line is replaced, in
+    place, by an unrelated behavior, so the block keeps its length and the model has to read it
+    (the training mix of the BCI arm)."""
     names = behavior_order(topic)
+    instructions = {**{behavior_name(op): PROCEDURES[op] for op in PROCEDURES}, **CONTROL_BEHAVIORS}
+    fillers = iter(CONTROL_BEHAVIORS)
     if control:
-        instructions = CONTROL_BEHAVIORS
-        names = list(CONTROL_BEHAVIORS)[: len(names)]
-    else:
-        instructions = {behavior_name(op): PROCEDURES[op] for op in PROCEDURES}
+        names = [next(fillers) for _ in names]
+    elif keep is not None:
+        names = [name if name[len("behavior_"):] in keep else next(fillers) for name in names]
     return behavior_block(names, instructions).replace("{question}", method_question(topic, n))
 
 
@@ -199,6 +204,20 @@ def pretrain_example(op: str, n: int) -> dict:
 
 def _in_split(n: int, split: str) -> bool:
     return ((n * 2654435761) % 1000 < 800) == (split == "train")
+
+
+def _in_val(n: int) -> bool:
+    """A tenth of the training numbers, kept out of the method format's train split: the
+    validation split that chooses every arm's learning rate."""
+    return _in_split(n, "train") and (n * 40503) % 1000 < 100
+
+
+def _numbers(split: str, fmt: str) -> list[int]:
+    if fmt != "method":
+        return [n for n in range(100, 1000) if _in_split(n, split)]
+    if split == "val":
+        return [n for n in range(100, 1000) if _in_val(n)]
+    return [n for n in range(100, 1000) if _in_split(n, split) and not _in_val(n)]
 
 
 class BehaviorChainTask(Task):
@@ -222,15 +241,15 @@ def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
     if kind == "pretrain" and fmt != "method":
         raise TaskError("params.kind: pretrain examples exist in the method format only (params.format: method)")
     split = params.get("split", "train")
-    if split not in ("train", "test"):
-        raise TaskError(f"params.split: expected train or test, got {split!r}")
+    if split not in (("train", "val", "test") if fmt == "method" else ("train", "test")):
+        raise TaskError(f"params.split: expected train or test (or val, in the method format), got {split!r}")
     known = ALL_TOPICS if fmt == "method" else TOPICS
     if kind == "pretrain":
         known = {op: (op,) for op in PROCEDURES}
     topics = params.get("topics", list(known if kind == "pretrain" else TOPICS))
     if not isinstance(topics, list) or not topics or any(t not in known for t in topics):
         raise TaskError(f"params.topics: expected a list of {', '.join(known)}, got {topics!r}")
-    numbers = [n for n in range(100, 1000) if _in_split(n, split)]
+    numbers = _numbers(split, fmt)
     pool = [(t, n) for t in topics for n in numbers]
     rng = random.Random(seed)
     rng.shuffle(pool)
