@@ -1,0 +1,79 @@
+"""memory_reason, issue 29: the experiment's statistics (bootstrap interval over questions, paired
+sign-flip test, exact McNemar, Holm) and the new configs (they parse; the arms differ only where
+the design says)."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metareason import Kernel
+from metareason.config import read_yaml
+from metareason.plugins.memory_reason.stats import (bootstrap_ci, compare, correctness, holm, mcnemar_exact,
+                                                    sign_flip_p)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_mcnemar_exact_on_hand_counts():
+    a = np.array([1] * 8 + [0] * 2 + [1] * 5)
+    b = np.array([0] * 8 + [0] * 2 + [1] * 5)
+    assert mcnemar_exact(a, b) == (8, 0, pytest.approx(2 / 256))
+    assert mcnemar_exact(a, a)[2] == 1.0
+    assert mcnemar_exact(np.array([1, 0]), np.array([0, 1])) == (1, 1, 1.0)
+
+
+def test_sign_flip_and_bootstrap():
+    rng = np.random.default_rng(0)
+    a = (rng.random((3, 400)) < 0.6).astype(float)
+    assert sign_flip_p(a, a) == 1.0
+    better = np.maximum(a, (rng.random((3, 400)) < 0.3))  # a plus some extra right answers
+    assert sign_flip_p(better, a) < 0.001
+    lo, hi = bootstrap_ci(a)
+    assert lo < a.mean() < hi and hi - lo < 0.1
+    res = compare(better, a)
+    assert res["diff"] > 0 and res["ci"][0] > 0 and res["seeds_same_sign"] == 3 and len(res["mcnemar"]) == 3
+    with pytest.raises(ValueError, match="shape"):
+        compare(a, a[:, :10])
+
+
+def test_holm_step_down():
+    assert holm({"h1": 0.01, "h2": 0.03, "h3": 0.04}) == {"h1": True, "h2": False, "h3": False}
+    assert holm({"h1": 0.01, "h2": 0.02, "h3": 0.04}) == {"h1": True, "h2": True, "h3": True}
+
+
+def test_correctness_reads_runs_paired_by_question_id(tmp_path):
+    for seed, scores in enumerate(([1, 0, 1], [0, 0, 1])):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        rows = [{"id": f"q{i}", "score": s} for i, s in reversed(list(enumerate(scores)))]
+        (d / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    m, ids = correctness([tmp_path / "s0", tmp_path / "s1"])
+    assert ids == ["q0", "q1", "q2"] and m.tolist() == [[1, 0, 1], [0, 0, 1]]
+    (tmp_path / "s1" / "eval_samples.jsonl").write_text(json.dumps({"id": "q9", "score": 1}) + "\n")
+    with pytest.raises(ValueError, match="differ"):
+        correctness([tmp_path / "s0", tmp_path / "s1"])
+
+
+ARMS = ("plain", "tokens_full", "filler", "plain_lora", "tokens_lora_pt")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/memory_reason/varied").glob("*.yaml"))
+                         + sorted((ROOT / "configs/memory_reason/smollm2").glob("*.yaml")), ids=lambda p: p.name)
+def test_new_configs_parse(path):
+    Kernel(path)
+
+
+def test_arms_share_data_steps_and_schedule_and_lora_targets():
+    raw = {a: read_yaml(ROOT / f"configs/memory_reason/varied/{a}.yaml") for a in ARMS}
+    for a in ARMS:
+        assert raw[a]["data"] == raw["plain"]["data"]
+        assert {k: v for k, v in raw[a]["train"].items() if k != "lr"} == \
+            {k: v for k, v in raw["plain"]["train"].items() if k != "lr"}
+    assert raw["plain_lora"]["model"]["lora"] == raw["tokens_lora_pt"]["model"]["lora"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= set(raw["plain_lora"]["model"]["lora"]["target_modules"])
+    assert raw["filler"]["memory_reason"] == dict(raw["tokens_full"]["memory_reason"], filler=True)
+    smol = {a: read_yaml(ROOT / f"configs/memory_reason/smollm2/{a}.yaml") for a in ("plain_lora", "tokens_lora_pt")}
+    assert smol["plain_lora"]["model"] == smol["tokens_lora_pt"]["model"]
+    assert smol["plain_lora"]["data"] == smol["tokens_lora_pt"]["data"]
+    assert smol["tokens_lora_pt"]["memory_reason"]["first_prefix"] == "completion"
