@@ -29,6 +29,14 @@ def _compare(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from metareason.plugins.mcft.experiment import run_experiment
+
+    run_experiment(args.config, list(args.overrides), out=args.out, quick=args.quick, quiet=args.quiet,
+                   reuse=args.reuse, arms=args.arms)
+    return 0
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("mcft", help="masked critique fine-tuning: critique data, evaluation, the comparison")
     sub = p.add_subparsers(dest="mcft_command", metavar="SUBCOMMAND", required=True)
@@ -58,3 +66,17 @@ def add_commands(subparsers) -> None:
                                                          "and the same model/data/train/mcft config")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_compare)
+
+    s = sub.add_parser("experiment", help="issue 30: a base that solves the task, a small critique set, threshold / "
+                                          "bf_beta / solution-SFT / answer-SFT arms, lr chosen on validation, "
+                                          "several seeds, McNemar -> bench/results/mcft-experiment.md/json")
+    s.add_argument("config", nargs="?", default="configs/mcft/experiment.yaml",
+                   help="base config of every run, with an experiment: section (seeds, lrs, steps, sizes)")
+    s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
+    s.add_argument("--arms", default=None, help="comma list of arm names (default all: t0,t0.1,t0.2,t0.3,bf0,"
+                                                "solution_sft,answer_sft)")
+    s.add_argument("--out", default="bench/results/mcft-experiment", help="report path without suffix (.md and .json)")
+    s.add_argument("--quick", action="store_true", help="every stage at a miniature size (a smoke test, not a measurement)")
+    s.add_argument("--reuse", action="store_true", help="skip training a run whose directory holds its final checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_experiment)

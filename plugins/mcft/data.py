@@ -8,7 +8,8 @@ against instead of ``answer``) and ``group``; other fields are kept in the examp
 Params::
 
     path: data/critiques.jsonl   # .csv or .jsonl (.json lines)
-    target: critique             # critique: the full MCFT format; answer: <ans>\\boxed{a}</ans> only
+    target: critique             # critique: the full MCFT format; answer: <ans>\\boxed{a}</ans> only;
+                                 # solution: <think><reasoning>…</reasoning></think><ans>…</ans> (no critique)
     template: null               # prompt template with {system} {prompt} {cot} (default: the seed's)
     system: null                 # system instruction (default: the seed's)
     shuffle: true                # seeded shuffle before taking num_samples
@@ -27,7 +28,7 @@ from metareason.data.base import Task, TaskError
 from metareason.data.jsonl_task import load_records
 from metareason.plugins.mcft.answers import extract_answer, is_correct
 from metareason.plugins.mcft.format import (DEFAULT_TEMPLATE, SYSTEM_INSTRUCTION, build_answer_only,
-                                            build_completion, build_prompt)
+                                            build_completion, build_prompt, build_solution_only)
 
 REQUIRED = ("prompt", "cot", "critique", "reasoning", "answer")
 _KNOWN = ("path", "target", "template", "system", "shuffle", "name")
@@ -111,8 +112,8 @@ def make_task(params: dict, seed: int, num_samples: int) -> MCFTTask:
     if not isinstance(path, str) or not path:
         raise TaskError("params.path: required (a .csv or .jsonl file of critiques)")
     target = params.get("target", "critique")
-    if target not in ("critique", "answer"):
-        raise TaskError(f"params.target: expected critique or answer, got {target!r}")
+    if target not in ("critique", "answer", "solution"):
+        raise TaskError(f"params.target: expected critique, answer or solution, got {target!r}")
     template = params.get("template") or DEFAULT_TEMPLATE
     system = params.get("system")
     system = SYSTEM_INSTRUCTION if system is None else system
@@ -131,6 +132,7 @@ def make_task(params: dict, seed: int, num_samples: int) -> MCFTTask:
         except (KeyError, IndexError, ValueError) as exc:
             raise TaskError(f"params.template: cannot be filled ({exc}); use {{system}} {{prompt}} {{cot}}") from None
         completion = (build_completion(r["critique"], r["reasoning"], r["answer"]) if target == "critique"
+                      else build_solution_only(r["reasoning"], r["answer"]) if target == "solution"
                       else build_answer_only(r["answer"]))
         examples.append(dict(r, question=r["prompt"], prompt=prompt, completion=completion,
                              group=str(r.get("group") or "all")))

@@ -49,6 +49,12 @@ def build_completion(critique: str, reasoning: str, answer: str) -> str:
             f"{ANS}\\boxed{{{answer}}}{ANS_END}")
 
 
+def build_solution_only(reasoning: str, answer: str) -> str:
+    """The target of the "SFT on the correct solution" baseline (issue 30): the teacher's solution
+    and answer in the format, without the critique."""
+    return f"{THINK}{REASONING}{reasoning}{REASONING_END}{THINK_END}{ANS}\\boxed{{{answer}}}{ANS_END}"
+
+
 def build_answer_only(answer: str) -> str:
     """The target of the "SFT on answers alone" baseline: the answer part of the format."""
     return f"{ANS}\\boxed{{{answer}}}{ANS_END}"

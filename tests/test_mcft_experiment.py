@@ -1,0 +1,185 @@
+"""`metareason mcft experiment` (issue 30): the statistics (exact McNemar, seed t-intervals, the
+entropy threshold chosen on validation), the driver's choices on synthetic evaluations (lr and
+best threshold chosen on validation, never on test; every seed trained with its own train.seed
+from the same base for the same steps) and the quick mode end to end through the CLI."""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+
+from metareason.plugins.mcft import experiment as ex
+from metareason.plugins.mcft.data import make_task
+from tests.conftest import run_cli
+from tests.test_mcft import write_rows
+
+ENV = {"METAREASON_PLUGINS": "mcft", "OMP_NUM_THREADS": "1"}
+
+
+def test_mcnemar_is_the_exact_two_sided_binomial_test():
+    assert ex.mcnemar_p(0, 0) == 1.0
+    assert ex.mcnemar_p(0, 5) == pytest.approx(2 / 32)
+    for b, c in ((1, 9), (9, 1), (3, 4), (0, 12), (7, 20)):
+        assert ex.mcnemar_p(b, c) == pytest.approx(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+    assert ex.paired({"a": True, "b": False, "c": True}, {"a": False, "b": True, "c": True}) == (1, 1)
+    assert ex.paired({"a": True, "b": False}, {"a": False, "b": True}, ids={"b"}) == (0, 1)
+
+
+def test_seed_interval_is_the_t_interval_of_the_mean():
+    vals = [0.5, 0.6, 0.8]
+    got = ex.seed_interval(vals)
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(vals) / 3, scale=stats.sem(vals))
+    assert got["mean"] == pytest.approx(sum(vals) / 3) and got["n"] == 3
+    assert (got["lo"], got["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    one = ex.seed_interval([0.4])
+    assert one["mean"] == 0.4 and math.isnan(one["lo"])
+
+
+def test_entropy_threshold_maximises_youden_j_for_wrong_answers():
+    ent = [0.2, 0.3, 0.9, 1.0, 0.4, 1.2]
+    correct = [True, True, False, False, True, False]
+    t = ex.choose_entropy_threshold(ent, correct)
+    assert 0.4 <= t < 0.9  # every wrong flagged, no right one
+    assert t == 0.4
+    assert ex.choose_entropy_threshold([0.1, 0.2], [True, True]) == 0.2  # one class: flag nothing
+
+
+def test_solution_target_is_the_solution_without_the_critique(tmp_path):
+    data = tmp_path / "d.jsonl"
+    rows = write_rows(data, n=3)
+    ex_sol = make_task({"path": str(data), "target": "solution", "shuffle": False}, 0, 3)
+    r, e = rows[0], ex_sol[0]
+    assert e["completion"] == (f"<think><reasoning>{r['reasoning']}</reasoning></think>"
+                               f"<ans>\\boxed{{{r['answer']}}}</ans>")
+    assert "<critique>" not in e["completion"]
+    crit = make_task({"path": str(data), "target": "critique", "shuffle": False}, 0, 3)[0]
+    assert crit["prompt"] == e["prompt"] and r["critique"] in crit["completion"]
+
+
+# ------------------------------------------------------------------ the driver, synthetic evaluations
+N = 10
+LRS = [1.0e-3, 3.0e-3]
+BONUS_VAL = {"t0.2": 2}         # t0.2 is the best threshold on validation ...
+BONUS_TEST = {"t0.3": 3}        # ... t0.3 on test: bf0 must take 0.2
+
+
+def _k(split, arm, lr, seed):
+    if split == "val":  # lr 1e-3 wins on validation, 3e-3 on test
+        return 4 + (2 if lr == 1.0e-3 else 0) + BONUS_VAL.get(arm, 0)
+    return 3 + (2 if lr == 3.0e-3 else 0) + seed + BONUS_TEST.get(arm, 0)
+
+
+def _offset(arm):
+    return sum(map(ord, arm)) % N
+
+
+def synthetic_samples(split, arm, lr, seed):
+    k, off = _k(split, arm, lr, seed), _offset(arm)
+    out = []
+    for i in range(N):
+        correct = (i + off) % N < k
+        out.append({"id": f"{split}{i}", "correct": correct, "well_formed": True, "group": f"level_{1 + i % 3}",
+                    "attempt_correct": i % 2 == 0,
+                    # val: wrong 2.0 / right 1.0 (Youden picks 1.0); test: wrong 1.5 / right 0.5
+                    "mean_entropy": (2.0 if not correct else 1.0) if split == "val" else (1.5 if not correct else 0.5)})
+    return out
+
+
+def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_base(raw, exp, root, reuse, quiet):
+        return {"model": "BASE", "reused": False, "accuracy": 0.99, "steps": 1, "run_dir": "b", "train_s": 0,
+                "metrics": {}}
+
+    def fake_train(cfg, reuse):
+        trained.append(cfg)
+        return Path(cfg["name"]), 0.0, False
+
+    def fake_eval(cfg, run_dir, data_dir, target):
+        m = re.fullmatch(r".*?-(t[0-9.]+|bf0|solution_sft|answer_sft)-lr([0-9.e-]+)-s(\d+)", cfg["name"])
+        arm, lr, seed = m.group(1), float(m.group(2)), int(m.group(3))
+        return {s: {"samples": synthetic_samples(s, arm, lr, seed), "metrics": {}} for s in ("val", "test")}
+
+    monkeypatch.setattr(ex, "train_base", fake_base)
+    monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})
+    monkeypatch.setattr(ex, "_train", fake_train)
+    monkeypatch.setattr(ex, "evaluate_arm", fake_eval)
+    cfg = yaml.safe_load(open("configs/mcft/experiment.yaml"))
+    cfg["output_dir"] = str(tmp_path)
+    cfg["experiment"].update(seeds=[0, 1, 2], lrs=LRS, steps=7)
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rec = ex.run_experiment(str(path), [], out=str(tmp_path / "res"), quiet=True, log=lambda m: None)
+    arms = rec["arms"]
+    assert list(arms) == ["t0", "t0.1", "t0.2", "t0.3", "bf0", "solution_sft", "answer_sft"]
+    assert all(a["lr"] == 1.0e-3 for a in arms.values())  # validation, not test (test prefers 3e-3)
+    assert rec["best_threshold"] == 0.2 and arms["bf0"]["threshold"] == 0.2 and arms["bf0"]["bf_beta"] == 0.0
+    # every run: from the base, the same steps; the grid with the first seed, then each seed at its lr
+    for c in trained:
+        seed = int(c["name"].rsplit("-s", 1)[1])
+        assert c["train"]["seed"] == seed and c["train"]["max_steps"] == 7 and c["model"]["path"] == "BASE"
+    per_arm = {}
+    for c in trained:
+        per_arm.setdefault(c["name"].split("-lr")[0].rsplit("-", 1)[-1], []).append((c["train"]["lr"], c["train"]["seed"]))
+    assert per_arm["t0.2"] == [(1.0e-3, 0), (3.0e-3, 0), (1.0e-3, 1), (1.0e-3, 2)]
+    mc = {c["name"]: c["mcft"] for c in trained}
+    assert {(v["threshold"], v["bf_beta"]) for k, v in mc.items() if "-t0.1-" in k} == {(0.1, 0.05)}
+    assert {c["data"]["train"][0]["params"]["target"] for c in trained if "solution_sft" in c["name"]} == {"solution"}
+    # entropy threshold from validation (1.0; test alone would give 0.5), applied to test
+    s0 = arms["t0"]["seeds"]["0"]
+    assert s0["entropy_threshold"] == 1.0
+    assert s0["entropy_flag/recall"] == 1.0 and s0["entropy_flag/precision"] == 1.0
+    # intervals across seeds: test accuracy (3 + 0 + seed) / 10 at lr 1e-3 for t0
+    accs = [(3 + s) / N for s in (0, 1, 2)]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(accs) / 3, scale=stats.sem(accs))
+    t = arms["t0"]["test"]["accuracy"]
+    assert t["mean"] == pytest.approx(sum(accs) / 3) and (t["lo"], t["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    # McNemar of t0.3 against t0, pooled over seeds, computed here independently
+    b = c = 0
+    for seed in (0, 1, 2):
+        ref = {x["id"]: x["correct"] for x in synthetic_samples("test", "t0", 1.0e-3, seed)}
+        arm = {x["id"]: x["correct"] for x in synthetic_samples("test", "t0.3", 1.0e-3, seed)}
+        b += sum(ref[i] and not arm[i] for i in ref)
+        c += sum(arm[i] and not ref[i] for i in ref)
+    pooled = arms["t0.3"]["mcnemar"]["vs_t0"]["all"]["pooled"]
+    assert (pooled["b_ref_only"], pooled["c_arm_only"]) == (b, c) and b + c > 0
+    assert pooled["p"] == pytest.approx(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+    assert set(arms["t0.3"]["mcnemar"]["vs_t0"]["attempt_wrong"]["per_seed"]) == {"0", "1", "2"}
+    assert "vs_t0.2" in arms["bf0"]["mcnemar"] and "vs_solution_sft" in arms["t0.2"]["mcnemar"]
+    md = (tmp_path / "res.md").read_text()
+    assert "| t0.2 | 0.2 | 0.05 | critique | 0.001 |" in md and "McNemar" in md
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_stage_end_to_end(tmp_path):
+    out = tmp_path / "res" / "exp"
+    r = run_cli("mcft", "experiment", "configs/mcft/experiment.yaml", f"output_dir={tmp_path / 'runs'}", "--quick",
+                "--quiet", "--out", str(out), env=ENV)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(out.with_suffix(".json").read_text())
+    assert rec["quick"] and rec["seeds"] == [0, 1] and len(rec["lrs"]) == 2
+    assert list(rec["arms"]) == ["t0", "t0.1", "t0.2", "t0.3", "bf0", "solution_sft", "answer_sft"]
+    assert rec["data"]["train"]["rows"] == 12 and rec["data"]["val"]["rows"] == 6 and rec["data"]["test"]["rows"] == 8
+    assert rec["data"]["test"]["groups"] == ["level_1", "level_2", "level_3"]
+    base_model = rec["base"]["model"]
+    assert (Path(base_model) / "config.json").exists() and rec["base"]["accuracy"] is not None
+    for name, a in rec["arms"].items():
+        assert set(a["seeds"]) == {"0", "1"} and set(a["lr_grid_val_accuracy"]) == {f"{lr:g}" for lr in rec["lrs"]}
+        for key in ("accuracy", "accuracy/attempt_wrong", "accuracy/level_1", "accuracy/level_3"):
+            assert {"mean", "lo", "hi", "sd", "n"} <= set(a["test"][key]) and a["test"][key]["n"] == 2
+        assert {"precision", "recall", "auroc", "threshold"} <= set(a["entropy"])
+        for seed, s in a["seeds"].items():
+            written = yaml.safe_load((Path(s["run_dir"]) / "config.yaml").read_text())
+            assert written["train"]["seed"] == int(seed) and written["train"]["lr"] == a["lr"]
+            assert written["model"]["path"] == base_model and written["train"]["max_steps"] == rec["steps"]
+            assert written["mcft"]["threshold"] == a["threshold"] and written["mcft"]["bf_beta"] == a["bf_beta"]
+            assert len(s["correct"]) == 8
+        if name != "t0":
+            p = a["mcnemar"]["vs_t0"]["all"]["pooled"]["p"]
+            assert 0.0 <= p <= 1.0
+    md = out.with_suffix(".md").read_text()
+    assert "QUICK" in md and "McNemar" in md and "| solution_sft |" in md
