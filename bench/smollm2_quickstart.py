@@ -142,7 +142,10 @@ def write_report(summary: dict, wall: str, out: Path) -> None:
         "",
         f"On the {u['questions']} eval questions that do not occur in the training data: exact answers "
         f"{u['base_exact']}/{u['questions']} before, {u['trained_exact']}/{u['questions']} after "
-        f"(mean task score after: {u['trained_mean_score']:.3f}).",
+        f"(mean task score after: {u['trained_mean_score']:.3f}). Questions recur when the space is small, "
+        "so the recurring ones are mostly one-digit problems: this split mixes memorisation with difficulty"
+        + (" (and GRPO drew only train.max_steps x train.batch_size prompts from the pool)." if "grpo" in s["name"]
+           else "."),
         "",
         f"Paired on the same questions (exact McNemar): right only before {m['base_only']}, right only after "
         f"{m['trained_only']}, p = {m['p_value']:.2g}.",
