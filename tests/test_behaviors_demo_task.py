@@ -148,3 +148,37 @@ def test_partial_block_keeps_its_length_and_the_teacher_cites_exactly_what_it_li
     for topic, chain in d.ALL_TOPICS.items():
         assert d.bci_prompt(topic, 472, keep=set(chain)) == d.bci_prompt(topic, 472)
         assert block_lines(d.bci_prompt(topic, 472, keep=set())) == block_lines(d.bci_prompt(topic, 472, control=True))
+
+
+def test_block_conditions_and_answer_kinds_of_the_task():
+    def task(**params):
+        return d.make_task({"format": "method", "split": "test", "topics": list(d.ALL_TOPICS), **params}, 7, 10 ** 6)
+
+    plain, cited = task(), task(answers="cited")
+    by_block = {b: task(block=b) for b in d.BLOCKS}
+    assert [ex["id"] for ex in plain] == [ex["id"] for ex in cited] == [ex["id"] for ex in by_block["control"]]
+    for p, c, o, s, k in zip(plain, cited, by_block["ordered"], by_block["shuffled"], by_block["control"]):
+        assert p["prompt"] == c["prompt"] == d.method_question(p["topic"], int(p["id"].rsplit("/", 1)[1]))
+        assert "behavior_" not in p["completion"] and c["completion"] == o["completion"]  # BC-SFT data: cited answers, bare prompts
+        assert block_lines(o["prompt"]) == d.behavior_order(o["topic"])
+        assert sorted(block_lines(s["prompt"])) == sorted(block_lines(o["prompt"]))
+        assert block_lines(s["prompt"]) != block_lines(o["prompt"]) or len(block_lines(o["prompt"])) == 1
+        assert k["completion"] == p["completion"] and len(block_lines(k["prompt"])) == len(block_lines(o["prompt"]))
+        assert p["answer"] == c["answer"] == o["answer"] == k["answer"]
+    for t in (plain, cited, *by_block.values()):
+        assert all(t.score(ex["completion"], ex) == 1.0 for ex in t)
+    mix = list(by_block["mix"])
+    kinds = {"none": 0, "full": 0, "partial": 0}
+    for ex in mix:
+        lines = block_lines(ex["prompt"])
+        full = d.behavior_order(ex["topic"])
+        kinds["none" if not lines else "full" if lines == full else "partial"] += 1
+        assert len(lines) in (0, len(full))
+        cited_here = re.findall(r"behavior_[a-z]+", ex["completion"])
+        assert cited_here == [n for n in lines if n in full]  # cites exactly what its block lists, in order
+    assert all(abs(v / len(mix) - 1 / 3) < 0.06 for v in kinds.values()), kinds
+    assert [ex["prompt"] for ex in mix] == [ex["prompt"] for ex in task(block="mix")]  # seeded
+    with pytest.raises(TaskError, match="params.block"):
+        d.make_task({"format": "method", "block": "random"}, 0, 5)
+    with pytest.raises(TaskError, match="params.block / params.answers"):
+        d.make_task({"block": "ordered"}, 0, 5)

@@ -82,6 +82,9 @@ CONTROL_BEHAVIORS = {
     "behavior_half": "halve the number.",
 }
 FORMATS = ("short", "method")
+# method format: the block in each question's prompt, and whose answer is the completion
+BLOCKS = ("none", "ordered", "shuffled", "control", "mix")
+ANSWERS = ("teacher", "plain", "cited")
 _Q = re.compile(r"Q: ([a-z]+) (\d+)")
 _ANSWER = re.compile(r"answer (-?\d+)\s*$")
 
@@ -153,6 +156,12 @@ def method_step(op: str, n: int, cite: bool) -> str:
     return f"{op} {n}: {head}: {digit_work(op, n)}."
 
 
+def apply_chain(topic: str, n: int) -> int:
+    for op in ALL_TOPICS[topic]:
+        n = apply(op, n)
+    return n
+
+
 def solve_method(topic: str, n: int, known: frozenset = frozenset()) -> tuple[str, int]:
     """The method-format solution; procedures whose behavior name is in ``known`` are cited."""
     parts, x = [], n
@@ -195,6 +204,41 @@ def bci_prompt(topic: str, n: int, control: bool = False, keep: Optional[set] = 
     return behavior_block(names, instructions).replace("{question}", method_question(topic, n))
 
 
+def shuffled_prompt(topic: str, n: int) -> str:
+    """The ordered block's lines rotated by one (reversed for two behaviors, a derangement for
+    three): the same content in an order other than the chain's."""
+    names = behavior_order(topic)
+    names = names[1:] + names[:1]
+    instructions = {behavior_name(op): PROCEDURES[op] for op in PROCEDURES}
+    return behavior_block(names, instructions).replace("{question}", method_question(topic, n))
+
+
+def block_prompt(block: str, topic: str, n: int, rng: Optional[random.Random] = None) -> str:
+    """The prompt of a question under one block condition (:data:`BLOCKS`). ``mix`` (the BCI arm's
+    training mix) draws with ``rng``: a third question only, a third the ordered block, a third
+    a partial block (a non-empty proper subset of the chain's behaviors kept, the others replaced
+    by unrelated lines; a one-behavior chain gets the ordered block instead)."""
+    if block == "none":
+        return method_question(topic, n)
+    if block == "ordered":
+        return bci_prompt(topic, n)
+    if block == "shuffled":
+        return shuffled_prompt(topic, n)
+    if block == "control":
+        return bci_prompt(topic, n, control=True)
+    if block == "mix":
+        rng = rng or random.Random(0)
+        pick = rng.randrange(3)
+        ops = list(dict.fromkeys(ALL_TOPICS[topic]))
+        if pick == 0:
+            return method_question(topic, n)
+        if pick == 1 or len(ops) < 2:
+            return bci_prompt(topic, n)
+        keep = set(rng.sample(ops, rng.randint(1, len(ops) - 1)))
+        return bci_prompt(topic, n, keep=keep)
+    raise ValueError(f"unknown block {block!r}")
+
+
 def pretrain_example(op: str, n: int) -> dict:
     """A long-hand single-procedure example: the restated method and the digit work."""
     y = apply(op, n)
@@ -230,9 +274,9 @@ class BehaviorChainTask(Task):
 
 def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
     params = dict(params or {})
-    unknown = sorted(set(params) - {"split", "topics", "name", "format", "kind"})
+    unknown = sorted(set(params) - {"split", "topics", "name", "format", "kind", "block", "answers"})
     if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: split, topics, format, kind)")
+        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: split, topics, format, kind, block, answers)")
     fmt, kind = params.get("format", "short"), params.get("kind", "chain")
     if fmt not in FORMATS:
         raise TaskError(f"params.format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -240,6 +284,13 @@ def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
         raise TaskError(f"params.kind: expected chain or pretrain, got {kind!r}")
     if kind == "pretrain" and fmt != "method":
         raise TaskError("params.kind: pretrain examples exist in the method format only (params.format: method)")
+    block, answers = params.get("block", "none"), params.get("answers", "teacher")
+    if block not in BLOCKS:
+        raise TaskError(f"params.block: expected one of {', '.join(BLOCKS)}, got {block!r}")
+    if answers not in ANSWERS:
+        raise TaskError(f"params.answers: expected one of {', '.join(ANSWERS)}, got {answers!r}")
+    if (block != "none" or answers != "teacher") and (fmt != "method" or kind != "chain"):
+        raise TaskError("params.block / params.answers: only for method-format chains (format: method, kind: chain)")
     split = params.get("split", "train")
     if split not in (("train", "val", "test") if fmt == "method" else ("train", "test")):
         raise TaskError(f"params.split: expected train or test (or val, in the method format), got {split!r}")
@@ -255,15 +306,20 @@ def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
     rng.shuffle(pool)
     pool = pool[: min(num_samples, len(pool))] if num_samples else pool
     examples = []
+    mix_rng = random.Random(f"mix/{seed}")
     for t, n in pool:
         if kind == "pretrain":
             examples.append(pretrain_example(t, n))
             continue
         if fmt == "method":
-            completion, answer = solve_method(t, n)
-            examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": method_question(t, n),
-                             "completion": completion, "answer": str(answer), "group": t, "topic": t,
-                             "heldout": t in HELDOUT_TOPICS})
+            prompt = block_prompt(block, t, n, mix_rng)
+            if answers == "teacher":
+                completion = teacher_method(prompt)
+            else:
+                completion = solve_method(t, n, frozenset(behavior_order(t)) if answers == "cited" else frozenset())[0]
+            examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": prompt, "completion": completion,
+                             "answer": str(apply_chain(t, n)), "group": t, "topic": t,
+                             "heldout": t in HELDOUT_TOPICS, "block": block})
             continue
         completion, answer = solve(t, n)
         examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": prompt_of(t, n), "completion": completion,
