@@ -398,6 +398,7 @@ def tiny_run(tmp_path, name, plugin=None, **train):
 
     cfg = tiny(tmp_path, name, **dict({"max_steps": 2, "grad_accum": 1, "save_every": 0, "warmup_steps": 0},
                                       **train))
+    cfg["eval"] = {"at_end": False}
     kernel = Kernel(cfg)
     if plugin is not None:
         kernel.register(plugin, name="reader")
@@ -448,3 +449,31 @@ def test_a_grpo_run_uses_the_fused_log_probs(tmp_path, capsys, monkeypatch):
     kernel(tiny(tmp_path, max_steps=1, rl={"beta": 0.1, "num_iterations": 2})).run()
     assert "train.fused_ce=auto: on" in capsys.readouterr().err
     assert seen and all(seen)
+
+
+def test_a_resumed_run_keeps_auto_off(tmp_path, monkeypatch, capsys):
+    """Once ``auto`` turned the fusion off, the checkpoint says so and a resumed run starts off
+    (its first step computes what the uninterrupted run computed)."""
+    import metareason.train.sft as sft
+    from metareason.train.sft import token_loss
+    from tests.test_train import tiny
+
+    class Reader:
+        @hookimpl
+        def metareason_extra_losses(self, batch, outputs):
+            return {"again": (0.5, token_loss(outputs.logits, batch["labels"])[0])}
+
+    def kernel(steps):
+        cfg = tiny(tmp_path, "resume", max_steps=steps, grad_accum=1, save_every=0, warmup_steps=0)
+        k = Kernel(dict(cfg, eval={"at_end": False}))
+        k.register(Reader(), name="reader")
+        return k
+
+    kernel(1).run()
+    seen = []
+    real = sft.forward_batch
+    monkeypatch.setattr(sft, "forward_batch", lambda *a: seen.append(a[-1]) or real(*a))
+    capsys.readouterr()
+    kernel(2).run(resume=True)
+    assert seen == [False]
+    assert "off from here on" not in capsys.readouterr().err

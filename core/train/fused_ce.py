@@ -205,17 +205,26 @@ class HiddenStatesLM:
 # ------------------------------------------------------------------------------- the switch
 @torch.no_grad()
 def probe(model) -> Optional[str]:
-    """Why the split does not reproduce the model's logits on a short probe input (None: it does)."""
+    """Why the split does not reproduce the model's logits on a short probe input (None: it does).
+
+    Runs in training mode, the loops' (an eval-mode forward is not side-effect free everywhere:
+    bitsandbytes repacks 4-bit weights for CPU inference on its first one), both forwards from
+    the same RNG state, so dropout draws the same masks."""
     split = HeadSplit(model)
     device = next(model.parameters()).device
     vocab = split.weight_bias()[0].shape[0]
     ids = (torch.arange(12, device=device) * 7 % vocab).unsqueeze(0)
     was_training = model.training
-    model.eval()
+    model.train()
     try:
-        ref = model(input_ids=ids, use_cache=False).logits.float()
-        weight, bias = split.weight_bias()
-        mine = F.linear(split.decoder(input_ids=ids, use_cache=False).last_hidden_state, weight, bias).float()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            ref = model(input_ids=ids, use_cache=False).logits.float()
+            torch.manual_seed(0)
+            weight, bias = split.weight_bias()
+            mine = F.linear(split.decoder(input_ids=ids, use_cache=False).last_hidden_state, weight, bias).float()
+    except Exception as exc:  # noqa: BLE001 - a model the split cannot call is one it cannot fuse
+        return f"the probe forward failed: {type(exc).__name__}: {exc}"
     finally:
         model.train(was_training)
     if ref.shape != mine.shape:
