@@ -182,3 +182,9 @@ def test_block_conditions_and_answer_kinds_of_the_task():
         d.make_task({"format": "method", "block": "random"}, 0, 5)
     with pytest.raises(TaskError, match="params.block / params.answers"):
         d.make_task({"block": "ordered"}, 0, 5)
+
+
+def test_eval_groups_name_the_block_condition():
+    for block in d.BLOCKS:
+        ex = d.make_task({"format": "method", "split": "test", "topics": ["flip"], "block": block}, 0, 1)[0]
+        assert ex["group"] == ("flip" if block in ("none", "mix") else f"{block}/flip") and ex["block"] == block

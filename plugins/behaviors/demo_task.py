@@ -318,7 +318,8 @@ def make_task(params: dict, seed: int, num_samples: int) -> BehaviorChainTask:
             else:
                 completion = solve_method(t, n, frozenset(behavior_order(t)) if answers == "cited" else frozenset())[0]
             examples.append({"id": f"behavior_chain/{t}/{n}", "prompt": prompt, "completion": completion,
-                             "answer": str(apply_chain(t, n)), "group": t, "topic": t,
+                             "answer": str(apply_chain(t, n)),
+                             "group": t if block in ("none", "mix") else f"{block}/{t}", "topic": t,
                              "heldout": t in HELDOUT_TOPICS, "block": block})
             continue
         completion, answer = solve(t, n)
