@@ -183,3 +183,118 @@ def test_quick_mode_runs_every_stage_end_to_end(tmp_path):
             assert 0.0 <= p <= 1.0
     md = out.with_suffix(".md").read_text()
     assert "QUICK" in md and "McNemar" in md and "| solution_sft |" in md
+
+
+# ------------------------------------------------------------------ the real-model pieces
+def chat_solver(prompt, **kw):
+    """A base generator that records what it is given (JSON lines in $MCFT_SEEN) and answers the
+    user turn's question. (A file: the generator may import this module under another name.)"""
+    import os
+
+    from metareason.plugins.mcft.teacher import noisy_solver
+
+    with open(os.environ["MCFT_SEEN"], "a") as f:
+        f.write(json.dumps(prompt) + "\n")
+    question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+    return noisy_solver(question, **kw)
+
+
+def test_arithmetic_teacher_points_to_the_first_wrong_equation_then_the_final_answer():
+    from metareason.plugins.mcft.format import DEFAULT_TEACHER_PROMPT as T
+    from metareason.plugins.mcft.teacher import arithmetic_critique, arithmetic_teacher
+
+    crit, reasoning, ans = arithmetic_critique("Calculate 5 - 33 - 65.",
+                                               "First 5 - 33 = -28.\nThen -28 - 65 = -92.\nSo \\boxed{-92}.")
+    assert crit == "The step -28 - 65 = -92 is wrong: -28 - 65 = -93."
+    assert (reasoning, ans) == ("5 - 33 = -28; -28 - 65 = -93.", -93)
+    # a restated chain is checked whole, not from its middle
+    assert arithmetic_critique("Calculate 5 - 33 - 65.", "5 - 33 - 65 = -93")[0] == "The final answer -93 is correct."
+    assert arithmetic_critique("Calculate 8 - 2.", "It is 4.")[0] == "The final answer 4 is wrong: it should be 6."
+    assert arithmetic_critique("Calculate 8 - 2.", "no idea")[0] == "The attempt gives no final answer."
+    # the attempt may span lines: everything after "Attempt:" is read
+    out = arithmetic_teacher(T.format(prompt="Calculate 0 - 2.", cot="Let us see.\nSo, 0 - 2 = 2."))
+    assert out == "<critique>The step 0 - 2 = 2 is wrong: 0 - 2 = -2.</critique><reasoning>0 - 2 = -2.</reasoning>" \
+                  "<ans>\\boxed{-2}</ans>"
+
+
+def test_base_attempts_in_chat_messages_and_test_groups_per_task(tmp_path, monkeypatch):
+    from metareason.plugins.mcft.critiques import build_critiques
+    from metareason import Kernel
+
+    cfg = yaml.safe_load(open("configs/mcft/experiment.yaml"))
+    exp = dict(ex.DEFAULTS, **cfg.pop("experiment"))
+    exp.update(n_train=4, n_val=2, test_task=[
+        {"task": "causal_loop", "seed": 5, "num_samples": 3, "group": "easy", "params": {"levels": [1], "split": "test"}},
+        {"task": "causal_loop", "seed": 6, "num_samples": 2, "group": "hard", "params": {"levels": [3], "split": "test"}}])
+    cfg.update(output_dir=str(tmp_path))
+    cfg["generators"]["base"] = {"type": "python", "function": "tests.test_mcft_experiment:chat_solver"}
+    cfg["mcft"]["base_system_prompt"] = "SYS"
+    seen_file = tmp_path / "seen.jsonl"
+    monkeypatch.setenv("MCFT_SEEN", str(seen_file))
+
+    def seen():
+        got = [json.loads(l) for l in seen_file.read_text().splitlines()]
+        seen_file.unlink()
+        return got
+
+    summary = ex.build_data(cfg, exp, tmp_path / "data", quiet=True)
+    got = seen()
+    assert got and all(isinstance(p, list) and p[0] == {"role": "system", "content": "SYS"}
+                       and p[1]["role"] == "user" for p in got)
+    test = [json.loads(l) for l in (tmp_path / "data" / "critiques-test.jsonl").read_text().splitlines()]
+    assert [r["group"] for r in test] == ["easy"] * 3 + ["hard"] * 2
+    assert summary["test"]["groups"] == ["easy", "hard"] and summary["train"]["rows"] == 4
+    assert summary["val"]["rows"] == 2 and 0 <= summary["test"]["copy_attempt_accuracy"] <= 1
+    train = [json.loads(l) for l in (tmp_path / "data" / "critiques-train.jsonl").read_text().splitlines()]
+    val = [json.loads(l) for l in (tmp_path / "data" / "critiques-val.jsonl").read_text().splitlines()]
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    # without base_system_prompt the generator gets the bare question, as before
+    cfg["mcft"].pop("base_system_prompt")
+    k = Kernel(dict(cfg, data={"train": [{"task": "causal_loop", "num_samples": 2, "params": {"levels": [1]}}]}))
+    build_critiques(k, "train", tmp_path / "x.jsonl", quiet=True)
+    got = seen()
+    assert got and all(isinstance(p, str) for p in got)
+
+
+def test_mcft_tags_start_as_distinct_rows_so_lora_can_tell_them_apart(tmp_path):
+    from metareason import Kernel
+    from metareason.plugins.mcft.format import TAGS
+    from tests.conftest import TINY_LLAMA
+
+    k = Kernel({"quiet": True, "output_dir": str(tmp_path), "plugins": ["mcft"], "mcft": {"enabled": True},
+                "model": {"arch": dict(TINY_LLAMA), "tokenizer": {"type": "char"}}})
+    model, tok = k.load()
+    rows = model.get_input_embeddings().weight
+    ids = [tok.convert_tokens_to_ids(t) for t in TAGS]
+    assert len({tuple(rows[i].tolist()) for i in ids}) == len(TAGS)
+
+
+def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monkeypatch):
+    trained = []
+
+    def no_base(*a, **k):
+        raise AssertionError("experiment.base_model is set: no base is trained")
+
+    def fake_eval(cfg, run_dir, data_dir, target):
+        seed = cfg["train"]["seed"]
+        return {s: {"samples": synthetic_samples(s, "t0", cfg["train"]["lr"], seed), "metrics": {}}
+                for s in ("val", "test")}
+
+    monkeypatch.setattr(ex, "train_base", no_base)
+    monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})
+    monkeypatch.setattr(ex, "_train", lambda cfg, reuse: (trained.append(cfg), (Path(cfg["name"]), 0.0, False))[1])
+    monkeypatch.setattr(ex, "evaluate_arm", fake_eval)
+    base = tmp_path / "instruct"
+    base.mkdir()
+    cfg = yaml.safe_load(open("configs/mcft/experiment.yaml"))
+    cfg["output_dir"] = str(tmp_path)
+    cfg["experiment"].update(seeds=[0, 1], lrs=LRS, base_model=str(base), base_eval_task=None, base_min_accuracy=0.5)
+    path = tmp_path / "e.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(Exception, match="base's accuracy was not measured"):
+        ex.run_experiment(str(path), [], out=str(tmp_path / "res"), quiet=True, arms="t0", log=lambda m: None)
+    cfg["experiment"]["base_min_accuracy"] = 0.0
+    path.write_text(yaml.safe_dump(cfg))
+    rec = ex.run_experiment(str(path), [], out=str(tmp_path / "res"), quiet=True, arms="t0", log=lambda m: None)
+    assert rec["base"]["model"] == str(base.resolve()) and rec["base"]["steps"] == 0
+    assert trained and all(c["model"]["path"] == str(base.resolve()) and "arch" not in c["model"] for c in trained)

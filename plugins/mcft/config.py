@@ -23,6 +23,9 @@ class MCFTSection(Section):
     attempts: int = Field(1, gt=0)  # base attempts per question
     base_max_tokens: int = Field(256, gt=0)
     base_temperature: float = Field(1.0, ge=0.0)
+    # set: the base generator gets chat messages [system, user question] (rendered in its model's
+    # chat template) instead of the bare question string -- a real instruct model's own attempts
+    base_system_prompt: Optional[str] = None
     teacher_max_tokens: int = Field(512, gt=0)
     output: Optional[str] = None  # critiques JSONL (default: runs/<name>/critiques-<split>.jsonl)
 

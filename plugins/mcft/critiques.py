@@ -44,7 +44,10 @@ def build_critiques(kernel, split: str = "train", out=None, quiet: bool = False)
     bar = progress(total=len(examples), desc="critiques", quiet=quiet or cfg.quiet)
     for start in range(0, len(examples), CHUNK):
         chunk = examples[start: start + CHUNK]
-        attempts = base.generate([e["prompt"] for e in chunk], n=sec.attempts, max_new_tokens=sec.base_max_tokens,
+        questions = [e["prompt"] if sec.base_system_prompt is None else
+                     [{"role": "system", "content": sec.base_system_prompt}, {"role": "user", "content": e["prompt"]}]
+                     for e in chunk]
+        attempts = base.generate(questions, n=sec.attempts, max_new_tokens=sec.base_max_tokens,
                                  temperature=sec.base_temperature, seed=cfg.train.seed)
         pairs = [(chunk[a.prompt_index], a) for a in attempts]
         prompts = [sec.teacher_prompt.format(prompt=e["prompt"], cot=a.text) for e, a in pairs]

@@ -5,7 +5,8 @@ Stages, all under ``runs/<name>/`` (every run directory is kept, so a stage that
 is reused with ``--reuse``):
 
 1. **base**: the config's model trained on plain solutions (``experiment.base_task``), then
-   exported (``base-model/``); every arm starts from it. Its held-out accuracy is recorded and
+   exported (``base-model/``); every arm starts from it. Or ``experiment.base_model``: a model
+   directory used as it is (the SmolLM2 part: the instruct model, critiqued on its own attempts). Its held-out accuracy is recorded and
    checked against ``experiment.base_min_accuracy`` (a refusal, unless ``--quick``).
 2. **critique data**: ``mcft critiques`` on ``n_train + n_val`` training questions (split by a
    seeded shuffle into train and validation rows) and on ``n_test`` test questions
@@ -56,6 +57,7 @@ DEFAULTS = {
     "base_eval_task": {"task": "causal_loop", "num_samples": 200, "seed": 99, "params": {"levels": [1], "split": "test"}},
     "base_train": {"max_steps": 3000, "batch_size": 32, "lr": 1.0e-3},
     "base_min_accuracy": 0.95,
+    "base_model": None,  # a model directory to start every arm from instead of training a base
     "split_seed": 0,
 }
 QUICK = {
@@ -187,17 +189,65 @@ def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> di
             "accuracy": acc, "metrics": metrics, "steps": b["train"]["max_steps"]}
 
 
-def build_data(raw: dict, exp: dict, data_dir: Path, quiet: bool) -> dict:
+def given_base(raw: dict, exp: dict) -> dict:
+    """``experiment.base_model``: every arm starts from this model directory (e.g. a pretrained
+    instruct model); its accuracy on ``base_eval_task`` is measured when that is set."""
+    from metareason.kernel import Kernel
+
+    path = str(Path(os.path.expanduser(exp["base_model"])).resolve())
+    acc = metrics = None
+    if exp.get("base_eval_task"):
+        b = copy.deepcopy(raw)
+        b["model"] = dict(b.get("model", {}), path=path)
+        b["model"].pop("arch", None)
+        b["data"] = dict(b.get("data", {}), eval=[exp["base_eval_task"]])
+        b["mcft"] = dict(b.get("mcft", {}), enabled=True)
+        kernel = Kernel(b)
+        model, tok = kernel.load()
+        metrics = kernel.evaluate(model, tok)
+        acc = metrics.get("eval/accuracy")
+    return {"run_dir": None, "model": path, "train_s": None, "reused": True, "accuracy": acc,
+            "metrics": metrics, "steps": 0}
+
+
+def _test_specs(exp: dict) -> list[tuple[dict, Optional[str]]]:
+    """``experiment.test_task``: one task spec or a list; each may name a ``group`` (e.g. a
+    harder level of the same task) that its rows are counted under."""
+    specs = exp["test_task"] if isinstance(exp["test_task"], list) else [exp["test_task"]]
+    out = []
+    for spec in specs:
+        spec = dict(spec)
+        group = spec.pop("group", None)
+        out.append((dict(spec, num_samples=spec.get("num_samples", exp["n_test"])), group))
+    return out
+
+
+def build_data(raw: dict, exp: dict, data_dir: Path, quiet: bool, reuse: bool = False) -> dict:
+    """Critique rows for train / val / test under ``data_dir`` (kept, with ``summary.json``, for
+    ``--reuse``: two drivers started with ``--reuse`` and different ``--arms`` share them)."""
     from metareason.kernel import Kernel
     from metareason.plugins.mcft.critiques import build_critiques
 
+    done = data_dir / "summary.json"
+    if reuse and done.exists():
+        return json.loads(done.read_text(encoding="utf-8"))
+    tests = _test_specs(exp)
     c = copy.deepcopy(raw)
     c["data"] = dict(c.get("data", {}),
                      train=[dict(exp["train_task"], num_samples=exp["n_train"] + exp["n_val"])],
-                     eval=[dict(exp["test_task"], num_samples=exp["n_test"])])
+                     eval=[spec for spec, _ in tests])
     kernel = Kernel(c)
     summary = {"pool": build_critiques(kernel, "train", data_dir / "critiques-pool.jsonl", quiet),
                "test": build_critiques(kernel, "eval", data_dir / "critiques-test.jsonl", quiet)}
+    if any(g is not None for _, g in tests):  # rows come in the order of the specs
+        rows, i = _read_jsonl(data_dir / "critiques-test.jsonl"), 0
+        sec = kernel.config.mcft
+        for k, (_, group) in enumerate(tests):
+            n = len(kernel.build_task(kernel.config.data.eval[k])) * sec.attempts
+            for r in rows[i: i + n]:
+                r["group"] = group or r.get("group", "all")
+            i += n
+        _write_jsonl(data_dir / "critiques-test.jsonl", rows)
     pool = _read_jsonl(data_dir / "critiques-pool.jsonl")
     order = list(range(len(pool)))
     random.Random(exp["split_seed"]).shuffle(order)  # validation questions never in training
@@ -210,6 +260,11 @@ def build_data(raw: dict, exp: dict, data_dir: Path, quiet: bool) -> dict:
                           "attempts_correct": sum(r["attempt_correct"] for r in rows)}
     test = _read_jsonl(data_dir / "critiques-test.jsonl")
     summary["test"]["groups"] = sorted({r.get("group", "all") for r in test})
+    usable = [r for r in test if r["answer_match"]]
+    # the trivial reference: answer with the attempt's own answer
+    summary["test"]["copy_attempt_accuracy"] = (sum(bool(r["attempt_correct"]) for r in usable) / len(usable)
+                                                if usable else None)
+    done.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
@@ -373,7 +428,9 @@ def render(record: dict) -> str:
         "the mean across seeds.", "",
         f"Base: accuracy {record['base']['accuracy']} on its held-out plain questions "
         f"(required {record['base_min_accuracy']}), {record['base']['steps']} steps.", "",
-        "Data: " + ", ".join(f"{k}: {v['rows']} rows" for k, v in record["data"].items() if "rows" in v), "",
+        "Data: " + ", ".join(f"{k}: {v['rows']} rows" for k, v in record["data"].items() if "rows" in v)
+        + f"; copying the attempt's answer scores {record['data'].get('test', {}).get('copy_attempt_accuracy')} "
+        "on test", "",
         "| arm | threshold | bf_beta | target | lr | test accuracy | attempt wrong | format | val accuracy | "
         "entropy thr (val) | precision | recall | AUROC |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -419,11 +476,15 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench/results/
     raw = apply_overrides(raw, overrides, config)
     if quick:
         exp.update(QUICK)
-        raw["model"] = dict(raw.get("model", {}), arch=dict(QUICK_MODEL))
+        if not exp.get("base_model"):  # a given base (a real model) stays as it is
+            raw["model"] = dict(raw.get("model", {}), arch=dict(QUICK_MODEL))
         raw["generation"] = dict(raw.get("generation", {}), max_new_tokens=8)
         raw["train"] = dict(raw.get("train", {}), batch_size=4, warmup_steps=0, log_every=1)
         raw["name"] = f"{raw.get('name', 'mcft-experiment')}-quick"
     raw["quiet"] = quiet or raw.get("quiet", False)
+    for gen in (raw.get("generators") or {}).values():  # `local` generator paths: ~ allowed here
+        if isinstance(gen, dict) and isinstance(gen.get("path"), str):
+            gen["path"] = os.path.expanduser(gen["path"])
     all_arms = arm_list(exp)
     names = list(all_arms) if not arms else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in names if a not in all_arms]
@@ -438,14 +499,18 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench/results/
     root = Kernel(raw).config.run_dir
     t0 = time.perf_counter()
     log("base")
-    base = train_base(raw, exp, root, reuse, quiet)
-    if not quick and (base["accuracy"] is None or base["accuracy"] < exp["base_min_accuracy"]):
+    base = given_base(raw, exp) if exp.get("base_model") else train_base(raw, exp, root, reuse, quiet)
+    if not quick and exp["base_min_accuracy"] > 0 and (base["accuracy"] is None
+                                                       or base["accuracy"] < exp["base_min_accuracy"]):
+        if base["accuracy"] is None:
+            raise UserError(f"experiment.base_min_accuracy {exp['base_min_accuracy']}: the base's accuracy was not "
+                            "measured (set experiment.base_eval_task, or base_min_accuracy: 0)")
         raise UserError(f"base accuracy {base['accuracy']} < experiment.base_min_accuracy "
                         f"{exp['base_min_accuracy']}: train the base longer (experiment.base_train)")
     reuse = reuse and base["reused"]  # a retrained base: every arm trains again
     log("critique data")
     data_dir = root / "data"
-    data = build_data(raw, exp, data_dir, quiet)
+    data = build_data(raw, exp, data_dir, quiet, reuse)
     results = {}
     best_threshold = best_arm = None
     for name in names:

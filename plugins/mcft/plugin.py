@@ -46,7 +46,9 @@ def metareason_special_tokens(config):
     from metareason.models import SpecialToken
     from metareason.plugins.mcft.format import TAGS
 
-    return [SpecialToken(t) for t in TAGS]
+    # each tag's rows start at the mean of its spelled-out pieces ("</ critique >"), not all at the
+    # same vocabulary mean: under LoRA (frozen, tied embeddings) identical rows could never be told apart
+    return [SpecialToken(t, init_from=(t.replace("<", "< ").replace(">", " >"),)) for t in TAGS]
 
 
 @hookimpl

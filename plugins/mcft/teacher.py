@@ -199,3 +199,79 @@ def noisy_solver(prompt, *, seed=None, sample_index=0, **_) -> str:
     except ProgramError:  # an error that breaks the program (modulus by zero): keep the clean one
         rounds, answer = clean, _answer
     return f"{solution_text(rounds)};answer:{answer}"
+
+
+# ------------------------------------------------------------------ reasoning-gym arithmetic
+# an equation of the attempt: a chain ``a op b [op c ...] = r`` (not starting inside a number)
+_EQUATION = re.compile(r"(?<!\d)(?<!\d\.)((?:-?\d+\s*[+\-*×]\s*)+-?\d+)\s*=\s*(-?\d+)(?!\d|\.\d)")
+
+
+def _arith_value(expr: str) -> tuple[int, list[str]]:
+    """Value of an integer expression of + - * (and parentheses) with its left-to-right steps
+    (``a op b = c``) when it has only + and -; a parser over ``ast``, never ``eval``."""
+    import ast
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -ev(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a - b if isinstance(node.op, ast.Sub) else a * b
+        raise ProgramError(f"unsupported expression: {expr!r}")
+
+    value = ev(ast.parse(expr.replace("×", "*"), mode="eval"))
+    toks = re.findall(r"\d+|[+\-*()×]", expr)
+    steps = []
+    plain = (toks and not any(t in "*()×" for t in toks) and len(toks) % 2 == 1
+             and all(t.isdigit() for t in toks[::2]) and all(not t.isdigit() for t in toks[1::2]))
+    if plain:
+        acc = int(toks[0])
+        for op, num in zip(toks[1::2], toks[2::2]):
+            new = acc + int(num) if op == "+" else acc - int(num)
+            steps.append(f"{acc} {op} {num} = {new}")
+            acc = new
+    return value, steps or [f"{expr} = {value}"]
+
+
+def arithmetic_critique(question: str, attempt: str) -> tuple[str, str, int]:
+    """``(critique, reasoning, answer)`` for a reasoning-gym ``basic_arithmetic`` question
+    ("Calculate 5 - 33 - 65.") and a free-text attempt: the first equation ``a op b ... = c`` of the
+    attempt whose result is wrong, else the attempt's final answer (``\\boxed{}``, "the answer
+    is", or its last integer) right or wrong, or that it gives none."""
+    from metareason.plugins.mcft.answers import extract_answer
+
+    m = re.search(r"Calculate\s+(.+?)\.?\s*$", question.strip(), re.DOTALL)
+    if not m:
+        raise ProgramError(f"not an arithmetic question: {question!r}")
+    value, steps = _arith_value(m.group(1))
+    for lhs, c in _EQUATION.findall(attempt):
+        lhs = " ".join(lhs.split())
+        true = _arith_value(lhs)[0]
+        if int(c) != true:
+            crit = f"The step {lhs} = {c} is wrong: {lhs} = {true}."
+            break
+    else:
+        got = extract_answer(attempt)
+        nums = re.findall(r"-?\d+(?:\.\d+)?", got if got is not None else attempt)
+        if not nums:
+            crit = "The attempt gives no final answer."
+        elif float(nums[-1]) == value:
+            crit = f"The final answer {nums[-1]} is correct."
+        else:
+            crit = f"The final answer {nums[-1]} is wrong: it should be {value}."
+    return crit, "; ".join(steps) + ".", value
+
+
+def arithmetic_teacher(prompt, **_) -> str:
+    """Generator callable for reasoning-gym arithmetic: reads ``Problem:`` (one line) and
+    everything after ``Attempt:`` (the attempt may span lines) of the default teacher prompt."""
+    question = _field(prompt, "Problem")
+    m = re.search(r"^Attempt:[ \t]*(.*)\Z", prompt, re.MULTILINE | re.DOTALL)
+    if not m:
+        raise ProgramError("the teacher prompt has no 'Attempt:' line")
+    text, reasoning, answer = arithmetic_critique(question, m.group(1))
+    return f"<critique>{text}</critique><reasoning>{reasoning}</reasoning><ans>\\boxed{{{answer}}}</ans>"
