@@ -77,3 +77,29 @@ def test_arms_share_data_steps_and_schedule_and_lora_targets():
     assert smol["plain_lora"]["model"] == smol["tokens_lora_pt"]["model"]
     assert smol["plain_lora"]["data"] == smol["tokens_lora_pt"]["data"]
     assert smol["tokens_lora_pt"]["memory_reason"]["first_prefix"] == "completion"
+
+
+@pytest.mark.slow
+def test_experiment_quick_runs_every_stage_and_reports_paired_tests(tmp_path):
+    """The issue-29 driver end to end with 2 steps per run: a base per seed (exported, gates
+    recorded), the lr grid on validation, held-out runs (seed 0 re-evaluates the grid run), the
+    report with per-structure accuracy, fine attribution and the paired H1/H2 tests; a second call
+    resumes without training again."""
+    from metareason.plugins.memory_reason.experiment import run_experiment
+
+    kw = dict(config_dir=ROOT / "configs/memory_reason/varied", output_dir=tmp_path / "runs", seeds=(0, 1),
+              arms=("tokens_full", "filler"), out=str(tmp_path / "res"), quiet=True, quick=True,
+              n_val=3, n_heldout=9, grid=(1e-3,))
+    rec = run_experiment(**kw)
+    state = json.loads((tmp_path / "runs/experiment.json").read_text())
+    assert set(state["bases"]) == {"0", "1"}
+    assert all(Path(b["hf"], "config.json").exists() for b in state["bases"].values())
+    assert state["chosen"] == {"tokens_full": "0.001", "filler": "0.001"}
+    assert state["heldout"]["filler|0"]["run_dir"] == state["grid"]["filler"]["0.001"]["run_dir"]
+    assert Path(state["grid"]["filler"]["0.001"]["run_dir"], "eval_samples_val.jsonl").exists()
+    assert rec["n_questions"] == 9 and set(rec["tests"]) == {"H2"}
+    assert len(rec["arms"]["filler"]["per_seed"]) == 2 and len(rec["arms"]["filler"]["by_structure"]) == 9
+    assert "H2: tokens_full vs filler" in (tmp_path / "res.md").read_text()
+    mtime = Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples.jsonl").stat().st_mtime
+    run_experiment(**kw)  # resumes: nothing trained or evaluated again
+    assert Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples.jsonl").stat().st_mtime == mtime
