@@ -97,6 +97,9 @@ def test_experiment_quick_runs_every_stage_and_reports_paired_tests(tmp_path):
     assert state["chosen"] == {"tokens_full": "0.001", "filler": "0.001"}
     assert state["heldout"]["filler|0"]["run_dir"] == state["grid"]["filler"]["0.001"]["run_dir"]
     assert Path(state["grid"]["filler"]["0.001"]["run_dir"], "eval_samples_val.jsonl").exists()
+    recall_rows = Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples_recall.jsonl").read_text().splitlines()
+    assert len(recall_rows) == 48 and 0 <= state["heldout"]["filler|1"]["recall"] <= 1
+    assert "fact recall" in (tmp_path / "res.md").read_text()
     assert rec["n_questions"] == 9 and set(rec["tests"]) == {"H2"}
     assert len(rec["arms"]["filler"]["per_seed"]) == 2 and len(rec["arms"]["filler"]["by_structure"]) == 9
     assert "H2: tokens_full vs filler" in (tmp_path / "res.md").read_text()

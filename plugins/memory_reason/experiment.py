@@ -8,7 +8,8 @@ Stages (each resumable: finished runs are recorded in ``<output-dir>/experiment.
 * ``grid``: per arm and learning rate, a run on the seed-0 base evaluated on the validation split;
   the arm's lr = the best validation accuracy (a tie: the smaller lr);
 * ``heldout``: per seed and arm, a run at the chosen lr evaluated on the held-out questions (seed 0
-  re-evaluates the grid run of the chosen lr on held-out instead of training it again);
+  re-evaluates the grid run of the chosen lr on held-out instead of training it again), then its
+  recall of every fact (forgetting; samples in ``eval_samples_recall.jsonl``);
 * ``report``: accuracy per arm (per seed, mean, bootstrap interval, per structure), the paired
   comparisons H1 (B vs A), H2 (B vs C), H3 (E vs D) with Holm, and the fine error attribution,
   recomputed from each run's ``eval_samples.jsonl`` -> ``<out>.json`` and ``<out>.md``.
@@ -29,6 +30,7 @@ HYPOTHESES = {"H1": ("tokens_full", "plain"), "H2": ("tokens_full", "filler"), "
 WORLD = "entities: 16, attributes: 3, world_seed: 0"
 QUICK_ARITH = ("data.eval=[{task: memory_world, num_samples: 20, "
                f"params: {{kind: pretrain, mix: {{arithmetic: 1}}, {WORLD}}}}}]")
+RECALL = f"data.eval=[{{task: memory_world, num_samples: 1000, params: {{kind: recall, {WORLD}}}}}]"
 QUICK = ["train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0", "generation.max_new_tokens=8"]
 
 
@@ -143,8 +145,22 @@ class Experiment:
                     metrics, run_dir = self._run(f"{arm}.yaml", f"{arm}-lr{lr}-s{seed}",
                                                  [f"model.path={self._base_path(seed)}", f"train.seed={seed}",
                                                   f"train.lr={lr}", eval_override("heldout", self.n_heldout)])
-                self.state["heldout"][key] = {"accuracy": metrics["eval/accuracy"], "run_dir": str(run_dir), "lr": lr}
+                recall = self._recall(Path(run_dir))
+                self.state["heldout"][key] = {"accuracy": metrics["eval/accuracy"], "run_dir": str(run_dir), "lr": lr,
+                                              "recall": recall}
                 self._save()
+
+    def _recall(self, run_dir: Path) -> float:
+        """Fact recall of a fine-tuned run (forgetting), its samples kept as eval_samples_recall.jsonl;
+        eval_samples.jsonl stays the held-out one."""
+        from metareason.evaluate import evaluate_target
+
+        held, keep = run_dir / "eval_samples.jsonl", run_dir / "eval_samples_heldout.jsonl"
+        held.replace(keep)
+        metrics, _ = evaluate_target(str(run_dir), [RECALL], quiet=self.quiet)
+        held.replace(run_dir / "eval_samples_recall.jsonl")
+        keep.replace(held)
+        return metrics["eval/accuracy"]
 
     def report(self, out: str) -> dict:
         from metareason.benchmarks import write_record
@@ -191,6 +207,7 @@ def report_record(state: dict, arms, seeds, config_dir: Path, n_heldout: int) ->
         keys = ("error_entity", "error_value", "error_operation", "error_structure", "error_neither", "type_accuracy",
                 "steps")
         rows[arm] = {"label": ARMS[arm], "lr": runs[0]["lr"], "per_seed": [float(x) for x in mat.mean(1)],
+                     "recall": float(np.mean([r.get("recall", float("nan")) for r in runs])),
                      "mean": float(mat.mean()), "ci": bootstrap_ci(mat), "by_structure": by_structure,
                      "macro": float(np.mean(list(by_structure.values()))) if by_structure else None,
                      **{k: float(np.mean([st[k] for st in stats if k in st])) if any(k in st for st in stats)
@@ -220,12 +237,12 @@ def markdown(record: dict) -> str:
                  f"{a} {lr} (val: " + ", ".join(f"{k} {_f(v)}" for k, v in record["grid"].get(a, {}).items()) + ")"
                  for a, lr in record["chosen_lr"].items()), "",
              "| arm | lr | accuracy (95% CI) | per seed | macro over structures | err. entity | err. value | "
-             "err. operation | err. structure | err. neither | type acc. |", "|---" * 11 + "|"]
+             "err. operation | err. structure | err. neither | type acc. | fact recall |", "|---" * 12 + "|"]
     for r in record["arms"].values():
         lines.append(f"| {r['label']} | {r['lr']} | {_f(r['mean'])} ({_f(r['ci'][0])}-{_f(r['ci'][1])}) | "
                      f"{', '.join(_f(x) for x in r['per_seed'])} | {_f(r['macro'])} | {_f(r['error_entity'])} | "
                      f"{_f(r['error_value'])} | {_f(r['error_operation'])} | {_f(r['error_structure'])} | "
-                     f"{_f(r['error_neither'])} | {_f(r['type_accuracy'])} |")
+                     f"{_f(r['error_neither'])} | {_f(r['type_accuracy'])} | {_f(r['recall'])} |")
     lines += ["", "| hypothesis | difference (95% CI) | sign-flip p | Holm rejects null | "
               "McNemar per seed (a>b, b>a, p) |", "|---|---|---|---|---|"]
     for h, t in record["tests"].items():
