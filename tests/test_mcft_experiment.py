@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from scipy import stats
 
 from metareason.plugins.mcft import experiment as ex
 from metareason.plugins.mcft.data import make_task
@@ -19,21 +18,38 @@ from tests.test_mcft import write_rows
 ENV = {"METAREASON_PLUGINS": "mcft", "OMP_NUM_THREADS": "1"}
 
 
+def binom_two_sided(k, n):
+    """Exact two-sided binomial p at 1/2, summing every outcome as unlikely as k (the definition)."""
+    pk = math.comb(n, k)
+    return min(1.0, sum(math.comb(n, i) for i in range(n + 1) if math.comb(n, i) <= pk) / 2 ** n)
+
+
+def t_interval(vals):
+    """95% t-interval of the mean (t_{0.975} from published tables: df 2 -> 4.302653, 4 -> 2.776445)."""
+    n = len(vals)
+    mean = sum(vals) / n
+    sem = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) / math.sqrt(n)
+    t = {2: 4.302653, 4: 2.776445}[n - 1]
+    return mean - t * sem, mean + t * sem
+
+
 def test_mcnemar_is_the_exact_two_sided_binomial_test():
     assert ex.mcnemar_p(0, 0) == 1.0
     assert ex.mcnemar_p(0, 5) == pytest.approx(2 / 32)
     for b, c in ((1, 9), (9, 1), (3, 4), (0, 12), (7, 20)):
-        assert ex.mcnemar_p(b, c) == pytest.approx(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+        assert ex.mcnemar_p(b, c) == pytest.approx(binom_two_sided(min(b, c), b + c))
+    assert ex.mcnemar_p(1, 9) == pytest.approx(2 * 11 / 1024)
     assert ex.paired({"a": True, "b": False, "c": True}, {"a": False, "b": True, "c": True}) == (1, 1)
     assert ex.paired({"a": True, "b": False}, {"a": False, "b": True}, ids={"b"}) == (0, 1)
 
 
 def test_seed_interval_is_the_t_interval_of_the_mean():
-    vals = [0.5, 0.6, 0.8]
-    got = ex.seed_interval(vals)
-    lo, hi = stats.t.interval(0.95, 2, loc=sum(vals) / 3, scale=stats.sem(vals))
-    assert got["mean"] == pytest.approx(sum(vals) / 3) and got["n"] == 3
-    assert (got["lo"], got["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+    for vals in ([0.5, 0.6, 0.8], [0.1, 0.4, 0.2, 0.3, 0.35]):
+        got = ex.seed_interval(vals)
+        lo, hi = t_interval(vals)
+        assert got["mean"] == pytest.approx(sum(vals) / len(vals)) and got["n"] == len(vals)
+        assert (got["lo"], got["hi"]) == (pytest.approx(lo, abs=1e-6), pytest.approx(hi, abs=1e-6))
+    assert ex.t975(60) == pytest.approx(2.000298, abs=1e-4) and ex.t975(1000) == pytest.approx(1.962339, abs=1e-4)
     one = ex.seed_interval([0.4])
     assert one["mean"] == 0.4 and math.isnan(one["lo"])
 
@@ -135,7 +151,7 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
     assert s0["entropy_flag/recall"] == 1.0 and s0["entropy_flag/precision"] == 1.0
     # intervals across seeds: test accuracy (3 + 0 + seed) / 10 at lr 1e-3 for t0
     accs = [(3 + s) / N for s in (0, 1, 2)]
-    lo, hi = stats.t.interval(0.95, 2, loc=sum(accs) / 3, scale=stats.sem(accs))
+    lo, hi = t_interval(accs)
     t = arms["t0"]["test"]["accuracy"]
     assert t["mean"] == pytest.approx(sum(accs) / 3) and (t["lo"], t["hi"]) == (pytest.approx(lo), pytest.approx(hi))
     # McNemar of t0.3 against t0, pooled over seeds, computed here independently
@@ -147,7 +163,7 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
         c += sum(arm[i] and not ref[i] for i in ref)
     pooled = arms["t0.3"]["mcnemar"]["vs_t0"]["all"]["pooled"]
     assert (pooled["b_ref_only"], pooled["c_arm_only"]) == (b, c) and b + c > 0
-    assert pooled["p"] == pytest.approx(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
+    assert pooled["p"] == pytest.approx(binom_two_sided(min(b, c), b + c))
     assert set(arms["t0.3"]["mcnemar"]["vs_t0"]["attempt_wrong"]["per_seed"]) == {"0", "1", "2"}
     assert "vs_t0.2" in arms["bf0"]["mcnemar"] and "vs_solution_sft" in arms["t0.2"]["mcnemar"]
     md = (tmp_path / "res.md").read_text()
