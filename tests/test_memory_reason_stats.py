@@ -79,6 +79,17 @@ def test_arms_share_data_steps_and_schedule_and_lora_targets():
     assert smol["tokens_lora_pt"]["memory_reason"]["first_prefix"] == "completion"
 
 
+def test_lr_is_chosen_by_validation_accuracy_ties_to_the_smaller():
+    from metareason.plugins.memory_reason.experiment import choose_lr
+
+    res = {"0.003": {"val_accuracy": 0.5}, "0.0003": {"val_accuracy": 0.4}, "0.001": {"val_accuracy": 0.6}}
+    assert choose_lr(res) == "0.001"
+    res["0.003"]["val_accuracy"] = 0.6
+    assert choose_lr(res) == "0.001"
+    res["0.0003"]["val_accuracy"] = 0.6
+    assert choose_lr(res) == "0.0003"
+
+
 @pytest.mark.slow
 def test_experiment_quick_runs_every_stage_and_reports_paired_tests(tmp_path):
     """The issue-29 driver end to end with 2 steps per run: a base per seed (exported, gates
@@ -96,7 +107,13 @@ def test_experiment_quick_runs_every_stage_and_reports_paired_tests(tmp_path):
     assert all(Path(b["hf"], "config.json").exists() for b in state["bases"].values())
     assert state["chosen"] == {"tokens_full": "0.001", "filler": "0.001"}
     assert state["heldout"]["filler|0"]["run_dir"] == state["grid"]["filler"]["0.001"]["run_dir"]
-    assert Path(state["grid"]["filler"]["0.001"]["run_dir"], "eval_samples_val.jsonl").exists()
+    val_ids = {json.loads(x)["id"] for x in Path(state["grid"]["filler"]["0.001"]["run_dir"],
+                                                 "eval_samples_val.jsonl").read_text().splitlines()}
+    from metareason.plugins.memory_reason.tasks import make_world_task
+
+    world = {"kind": "varied", "entities": 16, "attributes": 3, "world_seed": 0}
+    all_val = {e["id"] for e in make_world_task(dict(world, split="val"), 1, 10**4).examples}
+    assert len(val_ids) == 3 and val_ids <= all_val
     recall_rows = Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples_recall.jsonl").read_text().splitlines()
     assert len(recall_rows) == 48 and 0 <= state["heldout"]["filler|1"]["recall"] <= 1
     assert "fact recall" in (tmp_path / "res.md").read_text()

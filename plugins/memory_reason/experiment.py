@@ -39,6 +39,11 @@ def eval_override(split: str, n: int) -> str:
             f"params: {{kind: varied, split: {split}, {WORLD}}}}}]")
 
 
+def choose_lr(results: dict) -> str:
+    """The lr (a key such as ``"0.001"``) with the best validation accuracy; a tie: the smaller lr."""
+    return max(sorted(results, key=float), key=lambda k: results[k]["val_accuracy"])  # max keeps the first
+
+
 class Experiment:
     def __init__(self, config_dir, output_dir, seeds, arms, overrides=(), quiet=False, quick=False, gates=True,
                  n_val=300, n_heldout=700, grid=None):
@@ -122,8 +127,7 @@ class Experiment:
                 (run_dir / "eval_samples.jsonl").replace(run_dir / "eval_samples_val.jsonl")
                 results[f"{lr:g}"] = {"val_accuracy": metrics["eval/accuracy"], "run_dir": str(run_dir)}
                 self._save()
-            best = max(sorted(results, key=float), key=lambda k: results[k]["val_accuracy"])  # first max: smaller lr
-            self.state["chosen"][arm] = best
+            self.state["chosen"][arm] = choose_lr(results)
             self._save()
 
     def heldout(self):
