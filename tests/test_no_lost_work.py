@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -229,7 +230,7 @@ def test_resume_puts_back_the_old_copy_of_a_re_saved_step(tmp_path):
 ZYGOTE = textwrap.dedent("""
     # Imports once, then forks one child per request: each child is a training run that the test
     # (another process) may SIGKILL; a request may ask the child to stop at a point of the save protocol.
-    import json, os, sys, time, traceback
+    import faulthandler, json, os, sys, time, traceback
     from pathlib import Path
     import torch
     torch.set_num_threads(1)
@@ -247,6 +248,7 @@ ZYGOTE = textwrap.dedent("""
         pid = os.fork()
         if pid == 0:
             os.dup2(2, 1)  # stdout is the zygote's channel to the test
+            faulthandler.dump_traceback_later(req["limit_s"], exit=True)  # a stuck run shows where, then ends
             code = 0
             try:
                 if req.get("pause"):
@@ -254,6 +256,7 @@ ZYGOTE = textwrap.dedent("""
 
                     def stop(p, s):
                         if (p, s) == (point, step):
+                            faulthandler.cancel_dump_traceback_later()
                             Path(req["flag"]).write_text(p)
                             while True:
                                 time.sleep(1)  # the test kills the process here
@@ -275,29 +278,43 @@ ZYGOTE = textwrap.dedent("""
 class Runs:
     """Training runs in children of a zygote process (one import for every run)."""
 
+    LIMIT_S = 180  # a run takes seconds; one stuck this long dumps its stack to the log and ends
+
     def __init__(self, tmp_path):
         script = tmp_path / "zygote.py"
         script.write_text(ZYGOTE)
         self.log = open(tmp_path / "zygote.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=REPO,
+                                     stderr=self.log, text=True, cwd=REPO, start_new_session=True,
                                      env=dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1"))
         self.flag = tmp_path / "paused.flag"
         self.kills = []
+        self.pid = None
 
     def start(self, config: Path, resume: bool, pause=None) -> int:
         self.flag.unlink(missing_ok=True)
-        req = {"config": str(config), "resume": resume, "pause": pause, "flag": str(self.flag)}
+        req = {"config": str(config), "resume": resume, "pause": pause, "flag": str(self.flag),
+               "limit_s": self.LIMIT_S}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, f"the zygote died: {self.tail()}"
-        return json.loads(line)["pid"]
+        self.pid = json.loads(self._line())["pid"]
+        return self.pid
+
+    def _line(self) -> str:
+        """The zygote's next line; a run is ended by its own limit (LIMIT_S), so this never blocks for long."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], self.LIMIT_S + 60)
+        line = self.proc.stdout.readline() if ready else ""
+        assert line, f"no answer from the zygote: {self.tail()}"
+        return line
 
     def wait(self) -> int:
-        line = self.proc.stdout.readline()
-        assert line, f"the zygote died: {self.tail()}"
-        return json.loads(line)["exit"]
+        return json.loads(self._line())["exit"]
+
+    def wait_for(self, path: Path, why: str, timeout: float = LIMIT_S) -> None:
+        t0 = time.monotonic()
+        while not path.exists():
+            assert time.monotonic() - t0 < timeout, f"{why}: {path.name} never appeared: {self.tail()}"
+            time.sleep(0.002)
 
     def kill(self, pid: int, why: str) -> None:
         os.kill(pid, signal.SIGKILL)
@@ -308,12 +325,9 @@ class Runs:
         self.start(config, resume)
         assert self.wait() == 0, f"run (resume={resume}) failed after kills {self.kills}: {self.tail()}"
 
-    def run_until_paused(self, config: Path, resume: bool, pause, timeout=120.0) -> None:
+    def run_until_paused(self, config: Path, resume: bool, pause) -> None:
         pid = self.start(config, resume, pause)
-        t0 = time.monotonic()
-        while not self.flag.exists():
-            assert time.monotonic() - t0 < timeout, f"never reached {pause}: {self.tail()}"
-            time.sleep(0.01)
+        self.wait_for(self.flag, f"never reached {pause}")
         self.kill(pid, f"{pause[0]}@{pause[1]}")
 
     def tail(self) -> str:
@@ -322,7 +336,15 @@ class Runs:
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # the zygote's own session: it and any run a failed test left paused
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
         self.log.close()
 
 
@@ -416,8 +438,7 @@ def test_sigkill_at_every_point_of_a_save_and_at_random_points_then_resume_equal
                     pid = runs.start(path, resume=kill > 0)
                     left = (duration - startup) * (steps - done) / steps
                     if kill == 0:  # --resume needs a first checkpoint: kill the first process after it
-                        while not (run_dir / "checkpoints" / "step-0000001").exists():
-                            time.sleep(0.002)
+                        runs.wait_for(run_dir / "checkpoints" / "step-0000001", f"{run_dir.name}: first save")
                     else:
                         left += startup
                     time.sleep(rng.uniform(0, left))
