@@ -144,6 +144,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sum_e = e.sum(dim=-1, keepdim=True)
             total += (m + sum_e.log() - picked).sum()  # logsumexp - logit[target]
             if not grads:
+                del z, e
                 continue
             g = e.div_(sum_e)  # softmax
             g.scatter_add_(1, t, torch.full_like(t, -1, dtype=g.dtype))  # - onehot
@@ -151,6 +152,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s: s + chunk])
             _accumulate(gw, gb, gl, h, first=s == 0)
+            del z, e, g, gl  # before the next chunk's logits exist: one [chunk, V] buffer at a time
         _zero_if_empty(hidden.shape[0], gw, gb)
         # kept on ctx, not saved for backward: backward scales them in place (no second weight-sized
         # buffer), so a second backward through this graph is refused below
@@ -187,6 +189,7 @@ class _LinearTokenLogps(torch.autograd.Function):
             lse[s: s + chunk] = log_z
             if want_entropy:
                 ent[s: s + chunk] = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
+            del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)
@@ -212,11 +215,11 @@ class _LinearTokenLogps(torch.autograd.Function):
                 z = _chunk_logits(h, weight, bias, T)
                 lz = lse[s: s + chunk, None]
                 if g_ent is not None:
-                    p = (z - lz).exp_()
+                    grad = (z - lz).exp_()  # p
                     # d logp / dz = onehot - p;  d H / dz = -p * (z - E_p[z]),  E_p[z] = lse - H
                     mean_z = lz - ent[s: s + chunk, None]
                     z.sub_(mean_z).mul_(g_ent[s: s + chunk, None].to(z.dtype)).add_(g)
-                    grad = p.mul_(z).neg_()
+                    grad.mul_(z).neg_()
                 else:
                     grad = z.sub_(lz).exp_().mul_(-g)  # -g * softmax, in place of the logits
                 grad.scatter_add_(1, t, g)
@@ -226,6 +229,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 if gh is not None:
                     torch.mm(gl, weight, out=gh[s: s + chunk])
                 _accumulate(gw, gb, gl, h, first=s == 0)
+                del z, grad, gl
             _zero_if_empty(hidden.shape[0], gw, gb)
         return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
                 None, None, None, None)
