@@ -36,8 +36,10 @@ $(VENV)/.installed-test: $(INSTALL_INPUTS) requirements/lock.txt
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# --overwrite: each `make demo` starts runs/quickstart afresh (a plain `metareason run` refuses
+# a run directory that holds checkpoints)
 demo: $(VENV)/.installed
-	$(VENV)/bin/metareason run configs/quickstart.yaml
+	$(VENV)/bin/metareason run configs/quickstart.yaml --overwrite
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
