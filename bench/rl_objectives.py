@@ -107,9 +107,9 @@ def train_and_eval(cfg: dict, runs: Path) -> dict:
     return out
 
 
-def test_eval(run_dir: Path, spec: dict) -> dict:
+def test_eval(run_dir: Path, spec: dict, tag: str = "test") -> dict:
     """The run's final model on the held-out test problems (once; then read back)."""
-    path = run_dir / "test_summary.json"
+    path = run_dir / f"{tag}_summary.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
     from metareason.evaluate import evaluate
@@ -117,8 +117,8 @@ def test_eval(run_dir: Path, spec: dict) -> dict:
 
     trained = load_trained(run_dir, None, ["quiet=true", "data.eval=" + json.dumps([spec])])
     metrics = evaluate(trained.kernel, trained.model, trained.tokenizer, step=trained.step,
-                       write_samples=run_dir / "test_samples.jsonl")
-    samples = read_jsonl(run_dir / "test_samples.jsonl")
+                       write_samples=run_dir / f"{tag}_samples.jsonl")
+    samples = read_jsonl(run_dir / f"{tag}_samples.jsonl")
     out = {"accuracy": metrics["eval/accuracy"], "correct": {s["id"]: s["score"] >= 1.0 for s in samples}}
     path.write_text(json.dumps(out), encoding="utf-8")
     return out
@@ -175,37 +175,82 @@ def main(argv=None) -> int:
                         "correct": {s: t["correct"] for s, t in tests.items()}}
         print(f"[rl-objectives] {obj}: lr {lr:g}, test {[round(t['accuracy'], 3) for t in tests.values()]}",
               file=sys.stderr)
-    write_report(results, seeds, Path(args.out), args.quick)
+    # the reference every objective starts from: the base itself on the same two problem sets
+    base_ref = {"validation": test_eval(base.parents[1], validation_spec(args.quick), "validation")["accuracy"],
+                "test": test_eval(base.parents[1], test_spec(args.quick), "test")["accuracy"]}
+    write_report(results, seeds, Path(args.out), args.quick, base_ref)
     return 0
 
 
-def write_report(results: dict, seeds: list[int], out: Path, quick: bool) -> None:
+def holm(pvalues: dict[str, float]) -> dict[str, float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone)."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for i, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[key]))
+        adjusted[key] = running
+    return adjusted
+
+
+def write_report(results: dict, seeds: list[int], out: Path, quick: bool, base_ref: dict | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     ref = results.get("grpo")
-    lines = [f"# RL objectives on the quickstart task{' (quick smoke, not a measurement)' if quick else ''}", "",
-             "Command: `python bench/rl_objectives.py" + (" --quick" if quick else "") + "`. Protocol: the module "
-             "docstring of bench/rl_objectives.py and docs/grpo.md.", "",
-             "| objective | lr (chosen on validation) | test accuracy, mean [min, max] over seeds | "
-             "steps to mean reward 0.7 (per seed) | vs grpo: right only there / only here, McNemar p |",
-             "|---|---|---|---|---|"]
-    for obj, r in results.items():
-        accs = list(r["test"].values())
-        mean = sum(accs) / len(accs)
-        reach = [steps_to(c, 0.7) for c in r["curves"].values()]
-        cmp = "—"
-        if ref is not None and obj != "grpo":
-            b = c = 0
-            for s in seeds:
-                for qid, ok in r["correct"][s].items():
-                    other = ref["correct"][s].get(qid)
+    paired, raw = {}, {}
+    if ref is not None:
+        for obj, r in results.items():
+            if obj == "grpo":
+                continue
+            b = c = 0  # b: right under grpo only, c: right under this objective only (seeds pooled)
+            for seed in seeds:
+                for qid, ok in r["correct"][seed].items():
+                    other = ref["correct"][seed].get(qid)
                     b += bool(other and not ok)
                     c += bool(ok and other is False)
-            cmp = f"{b} / {c}, p = {mcnemar(b, c):.2g}"
-        lines.append(f"| {obj} | {r['lr']:g} | {mean:.3f} [{min(accs):.3f}, {max(accs):.3f}] | "
-                     f"{', '.join('-' if x is None else str(x) for x in reach)} | {cmp} |")
+            paired[obj] = (b, c)
+            raw[obj] = mcnemar(b, c)
+    adjusted = holm(raw) if raw else {}
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    lines = [f"# RL objectives on the quickstart task{' (quick smoke, not a measurement)' if quick else ''}", "",
+             "Command: `python bench/rl_objectives.py" + (" --quick" if quick else "") + "` (two drivers on "
+             "disjoint `--objectives`, then one over all of them, which reuses every finished run and writes "
+             "this report). Protocol, written before the runs: docs/grpo.md, \"Objectives compared\", and "
+             "the module docstring of bench/rl_objectives.py.", ""]
+    if base_ref is not None:
+        lines += [f"Reference, the base every objective starts from (no RL): validation accuracy "
+                  f"{base_ref['validation']:.3f}, test accuracy {base_ref['test']:.3f} (greedy, the same problems).", ""]
+    lines += ["| objective | validation accuracy at " + " / ".join(f"{lr:g}" for lr in LR_GRID[: len(next(iter(results.values()))['validation'])])
+              + " (seed 0) | lr chosen | test accuracy per seed | mean [min, max] | mean reward, steps 1-10 → 51-60 "
+              "(seeds averaged) | steps to mean reward 0.7 (per seed) | vs grpo: right only under grpo / only here "
+              "| McNemar p (Holm) | above grpo on every seed |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for obj, r in results.items():
+        accs = [r["test"][seed] for seed in seeds]
+        curves = list(r["curves"].values())
+        first = mean([mean([x for _, x in c[:10]]) for c in curves])
+        last = mean([mean([x for _, x in c[-10:]]) for c in curves])
+        reach = [steps_to(c, 0.7) for c in curves]
+        val = " / ".join(f"{v:.3f}" for v in r["validation"].values())
+        if obj in paired:
+            b, c = paired[obj]
+            cmp, pv = f"{b} / {c}", f"{raw[obj]:.2g} ({adjusted[obj]:.2g})"
+            every = "yes" if all(r["test"][seed] > ref["test"][seed] for seed in seeds) else "no"
+        else:
+            cmp = pv = every = "—"
+        lines.append(f"| {obj} | {val} | {r['lr']:g} | {', '.join(f'{a:.3f}' for a in accs)} | "
+                     f"{mean(accs):.3f} [{min(accs):.3f}, {max(accs):.3f}] | {first:.3f} → {last:.3f} | "
+                     f"{', '.join('-' if x is None else str(x) for x in reach)} | {cmp} | {pv} | {every} |")
+    winners = [o for o in paired if adjusted[o] < 0.05 and all(results[o]["test"][s] > ref["test"][s] for s in seeds)]
+    lines += ["", "**Verdict (the rule fixed in advance: above grpo on every seed and Holm-adjusted McNemar p < 0.05):** "
+              + (", ".join(winners) + " learned faster than grpo here." if winners else
+                 "no objective is distinguishable from grpo at this budget."), ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     slim = {o: {k: v for k, v in r.items() if k != "correct"} for o, r in results.items()}
-    out.with_suffix(".json").write_text(json.dumps(slim, indent=1) + "\n", encoding="utf-8")
+    record = {"objectives": slim, "base": base_ref, "mcnemar": {o: {"b": paired[o][0], "c": paired[o][1], "p": raw[o],
+              "p_holm": adjusted[o]} for o in paired}, "winners": winners}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     _plot(results, out.with_name(out.name + "-reward.png"))
     print(f"[rl-objectives] wrote {out.with_suffix('.md')}", file=sys.stderr)
 
@@ -221,9 +266,12 @@ def _plot(results: dict, path: Path) -> None:
         curves = list(r["curves"].values())
         steps = [s for s, _ in curves[0]]
         mean = [sum(c[i][1] for c in curves) / len(curves) for i in range(min(len(c) for c in curves))]
-        ax.plot(steps[: len(mean)], mean, label=obj)
+        window = min(10, len(mean))  # 10 steps = 5 rollouts (num_iterations 2): one batch of prompts is noisy
+        smooth = [sum(mean[max(0, i - window + 1): i + 1]) / len(mean[max(0, i - window + 1): i + 1])
+                  for i in range(len(mean))]
+        ax.plot(steps[: len(smooth)], smooth, label=obj)
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (seeds averaged)")
+    ax.set_ylabel("mean reward (seeds averaged, trailing mean over 10 steps)")
     ax.legend()
     fig.savefig(path, dpi=100)
     plt.close(fig)
