@@ -180,17 +180,15 @@ def rl_loss_mask(kernel, completion_ids: torch.Tensor, completion_mask: torch.Te
     mask = completion_mask.bool().clone()
     if truncated is not None:
         mask &= ~truncated.bool().unsqueeze(1)
-    caller = kernel.hook.metareason_rl_loss_mask
-    for impl in caller.get_hookimpls():
-        args = {"completion_ids": completion_ids, "completion_mask": completion_mask.bool(), "tokenizer": tokenizer,
-                "config": kernel.config}
-        got = impl.function(*[args[a] for a in impl.argnames])
+    got_each = kernel.call_each("metareason_rl_loss_mask", completion_ids=completion_ids,
+                                completion_mask=completion_mask.bool(), tokenizer=tokenizer, config=kernel.config)
+    for plugin_name, got in got_each:
         if got is None:
             continue
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(mask.shape):
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise PluginError(f"plugin '{impl.plugin_name}' hook 'metareason_rl_loss_mask' returned {shape}, "
-                              f"expected a [B, T] = {tuple(mask.shape)} mask", plugin=impl.plugin_name)
+            raise PluginError(f"plugin '{plugin_name}' hook 'metareason_rl_loss_mask' returned {shape}, "
+                              f"expected a [B, T] = {tuple(mask.shape)} mask", plugin=plugin_name)
         mask &= got.to(mask.device).bool()
     return mask
 
