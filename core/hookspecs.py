@@ -231,7 +231,7 @@ def metareason_on_eval(kernel: "Kernel", step: int, metrics: dict) -> None:
 
 @hookspec
 def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict], model: Any,
-                               tokenizer: Any) -> None:
+                               tokenizer: Any) -> Optional[dict[str, float]]:
     """The scored generations of an evaluation, before ``metareason_on_eval``.
 
     ``model`` and ``tokenizer`` are the ones that generated them (e.g. to inspect attention).
@@ -240,6 +240,13 @@ def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict],
     ``completion``, ``answer``, ``score``, ``gen_tokens`` and ``example`` (the source dict).
     Lets a plugin see what the model wrote per example (e.g. count what a completion refers
     to, split by correctness); treat the dicts as read-only.
+
+    Return ``None`` or ``{name: number}``: metrics of these samples. They join the evaluation's
+    metrics (what ``evaluate`` returns, ``metrics.jsonl``, the ``metrics`` that
+    ``metareason_on_eval`` sees, the run's ``report.md``) under ``name`` when it starts with
+    ``eval/``, else under ``eval/<name>``; use your plugin's name in it (``eval/myplugin/...``).
+    A name the kernel or another plugin already set is an error, so is a value that is no number.
+    Keep per-run state here, not in module globals.
     """
 
 
