@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from metareason.config import ConfigError, KernelConfig, load_config, validate_config
+from metareason.config import ConfigError, KernelConfig, config_source, load_config, validate_config
 from metareason.plugin_manager import PluginError
 from metareason.registry import Registry
 
@@ -23,7 +23,7 @@ class Kernel:
         from metareason.config import apply_overrides, read_yaml
 
         if isinstance(config, KernelConfig):
-            raw, source = config.model_dump(mode="python"), getattr(config, "_source", "config")
+            raw, source = config.model_dump(mode="python"), config_source(config)
         elif isinstance(config, (str, Path)):
             raw, source = read_yaml(config), str(config)
         else:
@@ -35,6 +35,17 @@ class Kernel:
         self._registries: Optional[dict[str, Registry]] = None
         self._generators: dict[str, Any] = {}
         self.train_tasks: list[Any] = []  # the data.train tasks, once training examples are loaded
+
+    @property
+    def source(self) -> str:
+        """What error messages name for this run's config: its file, or ``config`` for a dict."""
+        return self._source
+
+    @property
+    def raw_config(self) -> dict:
+        """A deep copy of the config as given (after overrides, before validation and defaults):
+        the base of a derived run's config (``Kernel(derived)``), unknown to no plugin section."""
+        return copy.deepcopy(self._raw)
 
     # ------------------------------------------------------------------ plugins
     @property

@@ -388,7 +388,7 @@ def _f(x: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ setup
 def check_rl_config(kernel) -> None:
     """One-line ConfigErrors for what pydantic cannot check (registry names, divisibility)."""
-    cfg, src = kernel.config, kernel._source
+    cfg, src = kernel.config, kernel.source
     rl, tc = cfg.rl, cfg.train
     if not rl.rewards:
         raise ConfigError(f"{src}: rl.rewards: no reward functions configured for train.algorithm: grpo "
@@ -452,7 +452,7 @@ def train_grpo(kernel, resume: bool = False, sampler=None, overwrite: bool = Fal
     try:
         stream = PromptStream(examples, tc.batch_size, tc.seed)
     except ValueError as exc:
-        raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
+        raise ConfigError(f"{kernel.source}: data.train: {exc}") from None
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     logprobs = LogProbs(kernel, model)
