@@ -44,7 +44,7 @@ class Kernel:
     @property
     def raw_config(self) -> dict:
         """A deep copy of the config as given (after overrides, before validation and defaults):
-        the base of a derived run's config (``Kernel(derived)``), unknown to no plugin section."""
+        the base of a derived run's config (edit it, then ``Kernel(derived)``)."""
         return copy.deepcopy(self._raw)
 
     # ------------------------------------------------------------------ plugins
@@ -130,7 +130,7 @@ class Kernel:
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs) -> Any:
         """Run a chained hook: each plugin gets the previous plugin's value (``None`` keeps it)."""
         for _, call in self._implementations(hook_name):
-            result = call(**kwargs, **{value_name: value})
+            result = call(**{**kwargs, value_name: value})
             if result is not None:
                 value = result
         return value
