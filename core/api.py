@@ -22,7 +22,8 @@ Config and source
     ``load_config``, ``read_yaml``, ``apply_overrides`` (dotted ``a.b=value`` overrides),
     ``dump_config``, ``config_source(config)`` (what errors name: the file, or ``config``).
 Data and tokenisation
-    ``Task`` (indexable examples + ``score``), ``load_records`` (JSONL rows with line numbers),
+    ``Task`` (indexable examples + ``score``), ``ListTask`` (a task from a list of example dicts
+    and a scorer), ``load_records`` (JSONL rows with line numbers),
     ``extract_answer`` / ``answers_match`` (the final answer of a completion, compared with a
     gold one), ``make_causal_loop_task`` / ``parse_causal_loop_answer`` (the built-in synthetic
     task), ``PLAIN_CHAT`` (no chat template), ``SpecialToken`` (a token a plugin adds to the
@@ -77,6 +78,7 @@ _NAMES: dict[str, str] = {
     "config_source": "metareason.config:config_source",
     # data and tokenisation
     "Task": "metareason.data.base:Task",
+    "ListTask": "metareason.data.base:ListTask",
     "load_records": "metareason.data.jsonl_task:load_records",
     "extract_answer": "metareason.data.jsonl_task:extract_answer",
     "answers_match": "metareason.data.jsonl_task:answers_match",
@@ -148,7 +150,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same objects as the
     from metareason.checkpoint import checkpoints_dir, latest_checkpoint, load_weights_into
     from metareason.config import (ConfigError, ModelConfig, Section, apply_overrides, config_source, dump_config,
                                    load_config, read_yaml)
-    from metareason.data.base import Task, TaskError
+    from metareason.data.base import ListTask, Task, TaskError
     from metareason.data.causal_loop import make_task as make_causal_loop_task
     from metareason.data.causal_loop import parse_answer as parse_causal_loop_answer
     from metareason.data.chat import PLAIN as PLAIN_CHAT
