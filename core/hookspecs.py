@@ -8,7 +8,8 @@ the specs below; it is found through the entry-point group ``metareason``::
     my_method = "my_package.plugin"
 
 or registered programmatically with ``Kernel(config).register(obj)``. An implementation may
-accept any subset of a hook's arguments (pluggy passes only the names it asks for).
+accept any subset of a hook's arguments (pluggy passes only the names it asks for). A plugin
+imports from the kernel only ``metareason.api`` (``hookimpl`` included; docs/writing-a-plugin.md).
 
 Conventions
 -----------
@@ -17,6 +18,9 @@ Conventions
 * "Chained" hooks (prompt transform, SFT labels, model preparation) run one plugin after the
   other; each receives what the previous one returned (return ``None`` to keep it unchanged).
 * Masks returned by ``metareason_rl_loss_mask`` are AND-ed with the kernel's own mask.
+* Metrics returned by ``metareason_on_eval_samples`` join the evaluation's metrics and report.
+* ``kernel.call_each(hook_name, **kwargs)`` calls every implementation of a hook and returns
+  ``(plugin name, result)`` pairs (``None`` results included), in pluggy's call order.
 * An exception raised inside a hook is re-raised as ``metareason.plugin_manager.PluginError`` naming
   the plugin and the hook.
 * Spec arguments have no default values: pluggy before 1.6 leaves an argument with a default out
