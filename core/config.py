@@ -372,8 +372,13 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
                 raise ConfigError(f"{source}: config section {name!r} is contributed by two plugins")
             sections[name] = model
     config = validate_config(raw, sections, source)
-    config._source = source  # type: ignore[attr-defined]
+    config._source = source  # type: ignore[attr-defined]  # read through config_source()
     return config, pm
+
+
+def config_source(config: Any) -> str:
+    """What error messages name for a loaded config: its file, or ``config`` (a dict's default)."""
+    return getattr(config, "_source", "config")
 
 
 def dump_config(config: BaseModel) -> str:

@@ -2,14 +2,15 @@
 
 Metrics: ``eval/accuracy`` (all eval examples), ``eval/accuracy/<group>``, ``eval/gen_tokens``
 (mean generated tokens) and ``eval/gen_tokens/<group>``; with several eval tasks the group
-is prefixed by the task name when groups would collide.
+is prefixed by the task name when groups would collide; plus the metrics that plugins return
+from ``metareason_on_eval_samples`` or add in ``metareason_on_eval``.
 """
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from metareason.config import ConfigError
 
@@ -36,7 +37,7 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
 
     pairs = build_eval_examples(kernel)
     if not pairs:
-        raise ConfigError(f"{kernel._source}: data.eval: no eval tasks configured")
+        raise ConfigError(f"{kernel.source}: data.eval: no eval tasks configured")
     examples = [ex for _, ex in pairs]
     fmt = kernel.chat_format(tokenizer)
     prompts = [kernel.prompt_text(ex, tokenizer, fmt) for ex in examples]
@@ -63,11 +64,38 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
         tmp = write_samples.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         tmp.replace(write_samples)
-    kernel.pm.hook.metareason_on_eval_samples(
-        kernel=kernel, step=step, samples=[dict(r, example=ex) for r, (_, ex) in zip(rows, pairs)],
-        model=model, tokenizer=tokenizer)
+    returned = kernel.call_each("metareason_on_eval_samples", kernel=kernel, step=step, model=model,
+                                tokenizer=tokenizer,
+                                samples=[dict(r, example=ex) for r, (_, ex) in zip(rows, pairs)])
+    metrics.update(plugin_metrics(returned, metrics))
     kernel.pm.hook.metareason_on_eval(kernel=kernel, step=step, metrics=metrics)
     return metrics
+
+
+def plugin_metrics(returned: list[tuple[str, Any]], metrics: dict) -> dict[str, float]:
+    """The metrics ``metareason_on_eval_samples`` implementations returned, checked: a key without
+    the ``eval/`` prefix gets it; a value must be a number; a key may not overwrite the kernel's
+    or another plugin's metric."""
+    from metareason.plugin_manager import PluginError
+
+    hook, out, owner = "metareason_on_eval_samples", {}, {}
+    for plugin, got in returned:
+        if got is None:
+            continue
+        if not isinstance(got, dict):
+            raise PluginError(f"plugin '{plugin}' hook '{hook}' returned {type(got).__name__}, expected None or "
+                              f"a dict of metrics", plugin=plugin, hook=hook)
+        for key, value in got.items():
+            name = key if str(key).startswith("eval/") else f"eval/{key}"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise PluginError(f"plugin '{plugin}' hook '{hook}': metric {key!r} is {type(value).__name__}, "
+                                  f"expected a number", plugin=plugin, hook=hook)
+            if name in metrics or name in out:
+                by = f"plugin '{owner[name]}'" if name in owner else "the kernel"
+                raise PluginError(f"plugin '{plugin}' hook '{hook}': metric {name!r} is already set by {by}",
+                                  plugin=plugin, hook=hook)
+            out[name], owner[name] = float(value), plugin
+    return out
 
 
 def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str] = None,

@@ -8,7 +8,8 @@ the specs below; it is found through the entry-point group ``metareason``::
     my_method = "my_package.plugin"
 
 or registered programmatically with ``Kernel(config).register(obj)``. An implementation may
-accept any subset of a hook's arguments (pluggy passes only the names it asks for).
+accept any subset of a hook's arguments (pluggy passes only the names it asks for). A plugin
+imports from the kernel only ``metareason.api`` (``hookimpl`` included; docs/writing-a-plugin.md).
 
 Conventions
 -----------
@@ -17,6 +18,9 @@ Conventions
 * "Chained" hooks (prompt transform, SFT labels, model preparation) run one plugin after the
   other; each receives what the previous one returned (return ``None`` to keep it unchanged).
 * Masks returned by ``metareason_rl_loss_mask`` are AND-ed with the kernel's own mask.
+* Metrics returned by ``metareason_on_eval_samples`` join the evaluation's metrics and report.
+* ``kernel.call_each(hook_name, **kwargs)`` calls every implementation of a hook and returns
+  ``(plugin name, result)`` pairs (``None`` results included), in pluggy's call order.
 * An exception raised inside a hook is re-raised as ``metareason.plugin_manager.PluginError`` naming
   the plugin and the hook.
 * Spec arguments have no default values: pluggy before 1.6 leaves an argument with a default out
@@ -231,7 +235,7 @@ def metareason_on_eval(kernel: "Kernel", step: int, metrics: dict) -> None:
 
 @hookspec
 def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict], model: Any,
-                               tokenizer: Any) -> None:
+                               tokenizer: Any) -> Optional[dict[str, float]]:
     """The scored generations of an evaluation, before ``metareason_on_eval``.
 
     ``model`` and ``tokenizer`` are the ones that generated them (e.g. to inspect attention).
@@ -240,6 +244,13 @@ def metareason_on_eval_samples(kernel: "Kernel", step: int, samples: list[dict],
     ``completion``, ``answer``, ``score``, ``gen_tokens`` and ``example`` (the source dict).
     Lets a plugin see what the model wrote per example (e.g. count what a completion refers
     to, split by correctness); treat the dicts as read-only.
+
+    Return ``None`` or ``{name: number}``: metrics of these samples. They join the evaluation's
+    metrics (what ``evaluate`` returns, ``metrics.jsonl``, the ``metrics`` that
+    ``metareason_on_eval`` sees, the run's ``report.md``) under ``name`` when it starts with
+    ``eval/``, else under ``eval/<name>``; use your plugin's name in it (``eval/myplugin/...``).
+    A name the kernel or another plugin already set is an error, so is a value that is no number.
+    Keep per-run state here, not in module globals.
     """
 
 

@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-from metareason.config import ConfigError, KernelConfig, load_config, validate_config
+from metareason.config import ConfigError, KernelConfig, config_source, load_config, validate_config
 from metareason.plugin_manager import PluginError
 from metareason.registry import Registry
 
@@ -23,7 +23,7 @@ class Kernel:
         from metareason.config import apply_overrides, read_yaml
 
         if isinstance(config, KernelConfig):
-            raw, source = config.model_dump(mode="python"), getattr(config, "_source", "config")
+            raw, source = config.model_dump(mode="python"), config_source(config)
         elif isinstance(config, (str, Path)):
             raw, source = read_yaml(config), str(config)
         else:
@@ -35,6 +35,17 @@ class Kernel:
         self._registries: Optional[dict[str, Registry]] = None
         self._generators: dict[str, Any] = {}
         self.train_tasks: list[Any] = []  # the data.train tasks, once training examples are loaded
+
+    @property
+    def source(self) -> str:
+        """What error messages name for this run's config: its file, or ``config`` for a dict."""
+        return self._source
+
+    @property
+    def raw_config(self) -> dict:
+        """A deep copy of the config as given (after overrides, before validation and defaults):
+        the base of a derived run's config (edit it, then ``Kernel(derived)``)."""
+        return copy.deepcopy(self._raw)
 
     # ------------------------------------------------------------------ plugins
     @property
@@ -62,14 +73,13 @@ class Kernel:
                 sections[sec] = model
         self.config = validate_config(self._raw, sections, self._source)
 
-    def _fill(self, hook_name: str, registry: Registry, transform: Optional[Callable] = None) -> Registry:
-        caller = getattr(self.pm.hook, hook_name)
-        for impl in caller.get_hookimpls():
-            def register(name, *obj, _plugin=impl.plugin_name):
+    def _fill(self, hook_name: str, registry: Registry) -> Registry:
+        # registration order (the reverse of pluggy's call order): a duplicate names the later plugin
+        for plugin_name, call in reversed(self._implementations(hook_name)):
+            def register(name, *obj, _plugin=plugin_name):
                 registry.register(name, obj[0] if len(obj) == 1 else obj, _plugin)
 
-            args = {"register": register}
-            impl.function(*[args[a] for a in impl.argnames])
+            call(register=register)
         return registry
 
     @property
@@ -100,12 +110,27 @@ class Kernel:
             self._generators[name] = build_generator(self, name)
         return self._generators[name]
 
+    def _implementations(self, hook_name: str) -> list[tuple[str, Callable[..., Any]]]:
+        """``(plugin name, call)`` per implementation of ``hook_name`` in pluggy's call order (the
+        last registered first); ``call(**kwargs)`` passes each implementation the arguments it names."""
+        caller = getattr(self.pm.hook, hook_name, None)
+        if caller is None:
+            raise PluginError(f"no hook named {hook_name!r}")
+
+        def bind(impl):
+            return lambda **kwargs: impl.function(*[kwargs[a] for a in impl.argnames])
+
+        return [(impl.plugin_name, bind(impl)) for impl in reversed(caller.get_hookimpls())]
+
+    def call_each(self, hook_name: str, **kwargs) -> list[tuple[str, Any]]:
+        """Call every implementation of ``hook_name``; ``[(plugin name, result)]`` in pluggy's call
+        order, ``None`` results included (``pm.hook.<name>(...)`` drops them and the names)."""
+        return [(name, call(**kwargs)) for name, call in self._implementations(hook_name)]
+
     def chain(self, hook_name: str, value_name: str, value: Any, **kwargs) -> Any:
         """Run a chained hook: each plugin gets the previous plugin's value (``None`` keeps it)."""
-        caller = getattr(self.pm.hook, hook_name)
-        for impl in reversed(caller.get_hookimpls()):
-            args = dict(kwargs, **{value_name: value})
-            result = impl.function(*[args[a] for a in impl.argnames])
+        for _, call in self._implementations(hook_name):
+            result = call(**{**kwargs, value_name: value})
             if result is not None:
                 value = result
         return value

@@ -72,6 +72,10 @@ def plugin_sections(run_dir: Path) -> list[str]:
     return lines
 
 
+# the kernel's own eval metrics (the table above); any other eval/ key comes from a plugin
+KERNEL_EVAL_METRICS = ("eval/accuracy", "eval/gen_tokens", "eval/num_samples")
+
+
 def write_report(run_dir: Path, config: Any, rows: list[dict]) -> Path:
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
@@ -115,6 +119,10 @@ def write_report(run_dir: Path, config: Any, rows: list[dict]) -> Path:
             lines += ["![accuracy per group](plots/accuracy.png)", ""]
         if _plot_groups(last, "eval/gen_tokens/", "mean generated tokens", plots / "tokens.png"):
             lines += ["![tokens per group](plots/tokens.png)", ""]
+        more = sorted(k for k in last if k.startswith("eval/") and not k.startswith(KERNEL_EVAL_METRICS))
+        if more:
+            lines += ["Other evaluation metrics (from plugins):", "", "| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {last[k]:.4g} |" for k in more if isinstance(last[k], (int, float))] + [""]
     lines += plugin_sections(run_dir)
     path = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"

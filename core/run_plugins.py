@@ -42,8 +42,8 @@ def plugin_record(kernel) -> dict[str, dict]:
 
     pm, config = kernel.pm, kernel.config
     sections: dict[str, list[str]] = {}
-    for impl in pm.hook.metareason_config_sections.get_hookimpls():
-        sections.setdefault(impl.plugin_name, []).extend(sorted(impl.function() or {}))
+    for plugin_name, got in kernel.call_each("metareason_config_sections"):
+        sections.setdefault(plugin_name, []).extend(sorted(got or {}))
     listed = set(config.plugins or []) | set(ALWAYS_ENABLED)
     out = {}
     for name, info in sorted(pm.infos.items()):

@@ -118,3 +118,31 @@ def test_hookspec_arguments_have_no_defaults():
             defaults = [p.name for p in inspect.signature(fn).parameters.values()
                         if p.default is not inspect.Parameter.empty]
             assert not defaults, f"{name}: arguments with defaults {defaults}"
+
+
+def test_call_each_names_every_implementation_and_keeps_none_results():
+    class Counts:
+        def __init__(self, got):
+            self.got = got
+
+        @hookimpl
+        def metareason_on_eval(self, kernel, step, metrics):
+            return None if self.got is None else {"n": self.got + step}
+
+    kernel = Kernel({"plugins": []})
+    kernel.register(Counts(1), name="one")
+    kernel.register(Counts(None), name="quiet")
+    kernel.register(Counts(3), name="three")
+    got = kernel.call_each("metareason_on_eval", kernel=kernel, step=10, metrics={})
+    # pluggy's call order (the last registered first); a None result stays, named
+    assert got[:3] == [("three", {"n": 13}), ("quiet", None), ("one", {"n": 11})]
+    assert [name for name, _ in got] == [name for name, _ in kernel._implementations("metareason_on_eval")]
+    with pytest.raises(PluginError, match="no hook named 'metareason_nope'"):
+        kernel.call_each("metareason_nope")
+
+
+def test_call_each_errors_name_the_plugin():
+    kernel = Kernel({"plugins": []})
+    kernel.register(Exploding(), name="exploding")
+    with pytest.raises(PluginError, match="plugin 'exploding' failed in hook 'metareason_register_rewards'"):
+        kernel.call_each("metareason_register_rewards", register=lambda *a: None)

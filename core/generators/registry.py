@@ -18,15 +18,15 @@ def build_generator(kernel: Any, name: str):
     entries = kernel.config.generators
     if name not in entries:
         known = ", ".join(sorted(entries)) or "none configured"
-        raise ConfigError(f"{kernel._source}: generators: no generator named {name!r} ({known})")
+        raise ConfigError(f"{kernel.source}: generators: no generator named {name!r} ({known})")
     spec = entries[name]
     registry = kernel.registries["generator"]
     if spec.type not in registry.names():
-        raise ConfigError(f"{kernel._source}: generators.{name}.type: unknown backend {spec.type!r} "
+        raise ConfigError(f"{kernel.source}: generators.{name}.type: unknown backend {spec.type!r} "
                           f"(available: {', '.join(sorted(registry.names()))})")
     config_model, factory = registry.get(spec.type)
     try:
         cfg = config_model.model_validate(spec.model_dump())
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, kernel._source, prefix=f"generators.{name}")) from None
+        raise ConfigError(format_validation_error(exc, kernel.source, prefix=f"generators.{name}")) from None
     return factory(cfg, name)

@@ -142,7 +142,7 @@ class RolloutPool:
             ray.util.remove_placement_group(self.pg)
             raise UserError(f"scale: {n} rollout workers of {bundle} ({scale.placement_strategy}) cannot be placed "
                             f"on the Ray cluster within {self.timeout_s:g} s (it has {ray.cluster_resources()})") from None
-        raw = absolute_paths(kernel._raw, os.getcwd())
+        raw = absolute_paths(kernel.raw_config, os.getcwd())
         raw["quiet"] = True
         custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU")}
         cls = ray.remote(RolloutWorker)

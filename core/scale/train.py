@@ -140,14 +140,14 @@ def run_sft_on_ray(kernel, resume: bool = False, overwrite: bool = False) -> dic
     cfg = kernel.config
     scale = cfg.scale
     if cfg.train.batch_size < scale.num_workers:
-        raise UserError(f"{kernel._source}: train.batch_size: {cfg.train.batch_size} rows cannot be split over "
+        raise UserError(f"{kernel.source}: train.batch_size: {cfg.train.batch_size} rows cannot be split over "
                         f"scale.num_workers={scale.num_workers} workers")
     from metareason.scale.runtime import worker_resources
 
     from metareason.train.loop import prepare_run_dir
 
     cwd = os.getcwd()
-    raw = absolute_paths(kernel._raw, cwd)
+    raw = absolute_paths(kernel.raw_config, cwd)
     run_dir = Path(raw["output_dir"]) / cfg.name
     storage = scale.storage_path or str(run_dir / "ray")
     # A fresh run starts from an empty run directory and no Ray Train state; the workers then

@@ -180,17 +180,15 @@ def rl_loss_mask(kernel, completion_ids: torch.Tensor, completion_mask: torch.Te
     mask = completion_mask.bool().clone()
     if truncated is not None:
         mask &= ~truncated.bool().unsqueeze(1)
-    caller = kernel.hook.metareason_rl_loss_mask
-    for impl in caller.get_hookimpls():
-        args = {"completion_ids": completion_ids, "completion_mask": completion_mask.bool(), "tokenizer": tokenizer,
-                "config": kernel.config}
-        got = impl.function(*[args[a] for a in impl.argnames])
+    got_each = kernel.call_each("metareason_rl_loss_mask", completion_ids=completion_ids,
+                                completion_mask=completion_mask.bool(), tokenizer=tokenizer, config=kernel.config)
+    for plugin_name, got in got_each:
         if got is None:
             continue
         if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(mask.shape):
             shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            raise PluginError(f"plugin '{impl.plugin_name}' hook 'metareason_rl_loss_mask' returned {shape}, "
-                              f"expected a [B, T] = {tuple(mask.shape)} mask", plugin=impl.plugin_name)
+            raise PluginError(f"plugin '{plugin_name}' hook 'metareason_rl_loss_mask' returned {shape}, "
+                              f"expected a [B, T] = {tuple(mask.shape)} mask", plugin=plugin_name)
         mask &= got.to(mask.device).bool()
     return mask
 
@@ -390,7 +388,7 @@ def _f(x: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ setup
 def check_rl_config(kernel) -> None:
     """One-line ConfigErrors for what pydantic cannot check (registry names, divisibility)."""
-    cfg, src = kernel.config, kernel._source
+    cfg, src = kernel.config, kernel.source
     rl, tc = cfg.rl, cfg.train
     if not rl.rewards:
         raise ConfigError(f"{src}: rl.rewards: no reward functions configured for train.algorithm: grpo "
@@ -454,7 +452,7 @@ def train_grpo(kernel, resume: bool = False, sampler=None, overwrite: bool = Fal
     try:
         stream = PromptStream(examples, tc.batch_size, tc.seed)
     except ValueError as exc:
-        raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
+        raise ConfigError(f"{kernel.source}: data.train: {exc}") from None
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
     logprobs = LogProbs(kernel, model)

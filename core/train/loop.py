@@ -66,7 +66,7 @@ def prepare_run_dir(kernel, resume: bool, overwrite: bool = False) -> Path:
 def load_train_examples(kernel) -> list[dict]:
     specs = kernel.config.data.train
     if not specs:
-        raise ConfigError(f"{kernel._source}: data.train: no training tasks configured")
+        raise ConfigError(f"{kernel.source}: data.train: no training tasks configured")
     examples: list[dict] = []
     kernel.train_tasks = []
     for i, spec in enumerate(specs):

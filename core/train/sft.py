@@ -145,7 +145,7 @@ def train_sft(kernel, resume: bool = False, dist=None, overwrite: bool = False) 
     try:
         stream = SFTStream(examples, encoded, tc.batch_size, tc.seed, tokenizer.pad_token_id, tc.group_by_length)
     except ValueError as exc:
-        raise ConfigError(f"{kernel._source}: data.train: {exc}") from None
+        raise ConfigError(f"{kernel.source}: data.train: {exc}") from None
     packing, packing_line = packing_mode(tc.packing, model)
     fused, fused_line = fused_ce_mode(tc.fused_ce, model)
     if dist.is_main:

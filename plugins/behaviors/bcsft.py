@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 from metareason.plugins.behaviors.bci import render_block, retrieve
 from metareason.plugins.behaviors.calls import stage_call
 
@@ -24,7 +24,7 @@ MODES = ("bci", "plain")
 
 def teacher_data(kernel, pairs: list[tuple[object, dict]], mode: str, out: Path, handbook=None,
                  quiet: bool = False) -> dict:
-    from metareason.metrics import progress
+    from metareason.api import progress
     from metareason.plugins.behaviors.examples import section_of
 
     if mode not in MODES:
@@ -97,7 +97,7 @@ def student_config(raw: dict, data_path: Path, num_samples: int, name: Optional[
 
 def run_bcsft(config: str, overrides: list[str], mode: str = "bci", quiet: bool = False,
               out: Optional[str] = None, name: Optional[str] = None, train: bool = True) -> dict:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.behaviors.examples import load_examples, section_of
 
     kernel = Kernel(config, overrides=overrides + (["quiet=true"] if quiet else []))
@@ -108,7 +108,7 @@ def run_bcsft(config: str, overrides: list[str], mode: str = "bci", quiet: bool 
         name = f"{kernel.config.name}-{'bcsft' if mode == 'bci' else 'sft'}"
     summary = {"teacher": teacher_data(kernel, pairs, mode, path, quiet=quiet)}
     if train:
-        student = Kernel(student_config(kernel._raw, path, summary["teacher"]["kept"], name))
+        student = Kernel(student_config(kernel.raw_config, path, summary["teacher"]["kept"], name))
         summary["student_run"] = str(student.config.run_dir)
         summary["student_metrics"] = student.run(overwrite=True)  # the student is trained again with the new data
     return summary

@@ -10,7 +10,7 @@ import json
 import re
 import sys
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 
 def _section(args):
@@ -18,10 +18,10 @@ def _section(args):
 
     if getattr(args, "config", None):
         from metareason.plugins.behaviors.examples import section_of
-        from metareason.config import load_config
+        from metareason.api import load_config
 
         config, _ = load_config(args.config, list(getattr(args, "set", None) or []))
-        section = section_of(type("K", (), {"config": config, "_source": args.config})())
+        section = section_of(type("K", (), {"config": config, "source": args.config})())
     else:
         section = BehaviorsSection()
     update = {}
@@ -44,7 +44,7 @@ def _print(obj) -> None:
 
 # ------------------------------------------------------------------ pipeline commands
 def _extract(args) -> int:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.behaviors.examples import load_examples, section_of
     from metareason.plugins.behaviors.store import open_handbook
     from metareason.plugins.behaviors.strategist import ExtractionReport, extract_behaviors
@@ -67,7 +67,7 @@ def _extract(args) -> int:
 def _improve(args) -> int:
     from pathlib import Path
 
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.behaviors.examples import load_examples, section_of
     from metareason.plugins.behaviors.improve import self_improve
 

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from metareason.config import Section
+from metareason.api import Section
 
 SOLVE_PROMPT = (
     "Solve the problem step by step, then give the final answer on a last line as 'answer: <value>'.\n"

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 STAGES = ("extract", "teacher", "mix", "sft", "bcsft", "report")
 #: the mix model learns two formats from one pass over the questions (half each); it trains for
@@ -40,7 +40,7 @@ EXTRACT_QUESTIONS = 120
 
 
 def _latest(run_dir: Path) -> Path:
-    from metareason.checkpoint import latest_checkpoint
+    from metareason.api import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -49,7 +49,7 @@ def _latest(run_dir: Path) -> Path:
 
 
 def _steps(run_dir: Path) -> int:
-    from metareason.checkpoint import latest_checkpoint
+    from metareason.api import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     return int(ckpt.name.split("-")[-1]) if ckpt is not None and ckpt.name.split("-")[-1].isdigit() else -1
@@ -66,10 +66,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
-    from metareason.checkpoint import load_weights_into
-    from metareason.data.tokenize import prompt_ids
-    from metareason.evaluate import evaluate
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, evaluate, load_weights_into, prompt_ids
 
     kernel = Kernel(run_dir / "config.yaml", overrides=["quiet=true", f"behaviors.bci.enabled={str(bci).lower()}"])
     model, tok = kernel.load()
@@ -88,8 +85,7 @@ def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
 
 def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: str = "bench/results/behaviors-demo.json",
              quiet: bool = False, overrides: Optional[list[str]] = None) -> dict:
-    from metareason.benchmarks import cpu_name, write_record
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, cpu_name, write_record
     from metareason.plugins.behaviors.bcsft import student_config, teacher_data
     from metareason.plugins.behaviors.examples import load_examples, section_of
     from metareason.plugins.behaviors.store import open_handbook
@@ -147,7 +143,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
         elif stage in ("mix", "sft", "bcsft"):
             data = {"mix": files["mix"], "sft": files["plain"], "bcsft": files["bci"]}[stage]
             n = len(_rows(data))
-            cfg = student_config(kernel._raw, data, n, f"behaviors-demo-{stage}")
+            cfg = student_config(kernel.raw_config, data, n, f"behaviors-demo-{stage}")
             cfg["behaviors"]["bci"]["enabled"] = stage == "mix"  # mix: the hook prepends blocks in training
             cfg.setdefault("eval", {})["at_end"] = False  # the report evaluates every model the same way
             if stage == "mix":

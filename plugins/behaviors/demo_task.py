@@ -43,7 +43,7 @@ import random
 import re
 from typing import Optional
 
-from metareason.data.base import Task, TaskError
+from metareason.api import Task, TaskError
 
 PROCEDURES = {
     "rev": "reverse the digits.",

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 _CACHE: dict[str, "Embedder"] = {}
 _LOCK = threading.Lock()

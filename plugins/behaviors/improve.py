@@ -32,7 +32,7 @@ def _mean(xs) -> float:
 
 def self_improve(kernel, pairs: list[tuple[object, dict]], out: Optional[Path] = None, quiet: bool = False,
                  handbook=None) -> dict:
-    from metareason.metrics import progress
+    from metareason.api import progress
     from metareason.plugins.behaviors.examples import section_of
 
     section = section_of(kernel)

@@ -54,15 +54,14 @@ def pair(a: dict, b: dict, condition_a: str = None, condition_b: str = None) -> 
 def mcnemar(pairs: Iterable[tuple[dict, dict]]) -> dict:
     """Exact two-sided McNemar test: ``only_a`` / ``only_b`` are the questions only the first /
     only the second got right; p from the binomial(only_a + only_b, 1/2) distribution."""
+    from metareason.api import mcnemar_exact
+
     only_a = only_b = 0
     for x, y in pairs:
         ra, rb = x["score"] >= 1.0, y["score"] >= 1.0
         only_a += ra and not rb
         only_b += rb and not ra
-    n = only_a + only_b
-    k = min(only_a, only_b)
-    p = 1.0 if n == 0 else min(1.0, 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n)
-    return {"only_a": only_a, "only_b": only_b, "p_value": p}
+    return {"only_a": only_a, "only_b": only_b, "p_value": mcnemar_exact(only_a, only_b)}
 
 
 def wilcoxon_tokens(pairs: Sequence[tuple[dict, dict]]) -> dict:

@@ -23,7 +23,7 @@ from typing import Iterable, Union
 
 import numpy as np
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 MAGIC = b"MRBHIDX1"
 FORMAT = 1

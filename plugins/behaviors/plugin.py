@@ -12,7 +12,7 @@ and the ``metareason behaviors`` commands. Active only with ``behaviors.enabled:
 """
 from __future__ import annotations
 
-from metareason.hookspecs import hookimpl
+from metareason.api import hookimpl
 
 
 def _section(config):

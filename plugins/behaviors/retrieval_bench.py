@@ -108,8 +108,7 @@ def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/r
     import os
     import platform
 
-    from metareason.benchmarks import cpu_name, write_record
-    from metareason.metrics import progress
+    from metareason.api import cpu_name, progress, write_record
     from metareason.plugins.behaviors.store import Handbook
 
     behaviors, paraphrases = generate(n)
@@ -148,12 +147,11 @@ def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/r
             vec = hb.embedder.encode([paraphrases[i]])
             embed_lat.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            _, ids = hb._index.search(vec, 10)
+            _, ids = hb.index_search(vec, 10)
             faiss_lat.append(time.perf_counter() - t0)
             wanted = [int(x) for x in ids[0] if x >= 0]
             t0 = time.perf_counter()
-            hb.db.execute(f"SELECT {hb._COLS} FROM behaviors WHERE id IN ({','.join('?' * len(wanted))})",
-                          wanted).fetchall()
+            hb.rows(wanted)
             sql_lat.append(time.perf_counter() - t0)
             bar.update(1)
         bar.close()

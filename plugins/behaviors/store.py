@@ -561,6 +561,19 @@ class Handbook:
         return [[(self._row(rows[int(i)]), float(s)) for s, i in zip(srow, irow) if int(i) in rows]
                 for srow, irow in zip(scores, ids)]
 
+    def index_search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The FAISS part of a search alone: ``(scores, ids)`` of the top ``k`` per row of ``vecs``
+        (id -1 where fewer), on the index as the last search left it (no sync with the DB)."""
+        if self._index is None:
+            raise HandbookError(f"{self.path}: no index yet (run a search first)")
+        return self._index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+
+    def rows(self, ids: Sequence[int]) -> list[tuple]:
+        """The SQL part of a search alone: the DB rows of behavior ids ``ids``."""
+        ids = [int(i) for i in ids]
+        return self.db.execute(f"SELECT {self._COLS} FROM behaviors WHERE id IN ({','.join('?' * len(ids))})",
+                               ids).fetchall()
+
     def stats(self) -> dict:
         n, retrieved, cited, correct = self.db.execute(
             "SELECT count(*), coalesce(sum(retrieved),0), coalesce(sum(cited),0), coalesce(sum(cited_correct),0) "

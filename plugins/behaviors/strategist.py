@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 from metareason.plugins.behaviors.behavior import Provenance, parse_extraction, trace_hash
 from metareason.plugins.behaviors.calls import CallFailure, stage_call
 from metareason.plugins.behaviors.config import fill
@@ -45,7 +45,7 @@ def example_id(ex: dict, i: int) -> str:
 
 def extract_behaviors(generator, examples: list[dict], handbook, section, quiet: bool = False,
                       report: Optional[ExtractionReport] = None) -> ExtractionReport:
-    from metareason.metrics import progress
+    from metareason.api import progress
 
     report = report or ExtractionReport()
     report.examples += len(examples)

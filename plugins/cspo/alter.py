@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 from metareason.plugins.cspo.segments import CONTROL_CLOSE, CONTROL_OPEN, parse_segments, strip_segments
 
 DECISIONS = ("continue", "conclude", "revise")
@@ -133,9 +133,7 @@ class HFAlter(GeneratorAlter):
 
     def __init__(self, path: str, prompt_template: str, max_tokens: int, device: str = "auto",
                  dtype: str = "float32", trust_remote_code: bool = False):
-        from metareason.config import ModelConfig
-        from metareason.generators.local import LocalGenerator
-        from metareason.models.loader import build_model, load_tokenizer, resolve_device
+        from metareason.api import LocalGenerator, ModelConfig, build_model, load_tokenizer, resolve_device
 
         cfg = ModelConfig(path=path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         try:
@@ -154,7 +152,7 @@ def build_alter(name: str, cfg: Any, device: str = "auto", dtype: str = "float32
     from metareason.plugins.cspo.config import PROGRAMMATIC
 
     if cfg.alter_generator:
-        from metareason.kernel import Kernel
+        from metareason.api import Kernel
 
         kernel = Kernel({"plugins": plugins, "quiet": True, "generators": generators or {}})
         generator = kernel.generator(cfg.alter_generator)

@@ -16,8 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from metareason.config import read_yaml
-from metareason.errors import UserError
+from metareason.api import UserError, read_yaml
 
 
 # ------------------------------------------------------------------------------------ target
@@ -28,7 +27,7 @@ def resolve_target(config: Any) -> tuple[dict, Optional[str]]:
     latest checkpoint, LoRA adapters included), a checkpoint directory inside a run, or a
     local Hugging Face model directory; unset, the run's own ``model`` section is the target.
     """
-    from metareason.checkpoint import latest_checkpoint
+    from metareason.api import latest_checkpoint
 
     raw = config.model_dump(mode="json")
     raw["quiet"] = True
@@ -85,7 +84,7 @@ class TargetRunner:
                  threads: Optional[int] = None):
         import torch
 
-        from metareason.kernel import Kernel
+        from metareason.api import Kernel
         from metareason.plugins.cspo.handover import HandoverController
 
         if threads:
@@ -93,7 +92,7 @@ class TargetRunner:
         self.kernel = Kernel(raw)
         self.model, self.tokenizer = self.kernel.load()
         if checkpoint:
-            from metareason.checkpoint import load_weights_into
+            from metareason.api import load_weights_into
 
             load_weights_into(self.model, Path(checkpoint))
         self.model.eval()
@@ -108,7 +107,7 @@ class TargetRunner:
         self.kernel.register(self.controller, name="cspo_handover")
 
     def generate(self, prompts: list[str], examples: list[dict]) -> list[dict]:
-        from metareason.generate import generate
+        from metareason.api import generate
 
         self.controller.hidden = {}
         gens = generate(self.kernel, self.model, self.tokenizer, prompts, examples=examples,
@@ -218,7 +217,7 @@ class AlternatingPair:
             return
         import ray
 
-        from metareason.scale.runtime import connect
+        from metareason.api import connect_ray as connect
 
         # a private runtime on 127.0.0.1 unless Ray is already up (even when a `ray start`
         # cluster runs on this machine)
@@ -258,7 +257,7 @@ class AlternatingPair:
             raise
 
     def generate(self, prompts: list[str], examples: list[dict], quiet: bool = False) -> list[dict]:
-        from metareason.metrics import progress
+        from metareason.api import progress
 
         out: list[dict] = []
         bs = self.config.generation.batch_size
@@ -291,8 +290,8 @@ class AlternatingPair:
 
 
 def check_enabled(config: Any, what: str) -> None:
-    from metareason.config import ConfigError
+    from metareason.api import ConfigError, config_source
 
     if not config.cspo.enabled:
-        source = getattr(config, "_source", "config")
+        source = config_source(config)
         raise ConfigError(f"{source}: cspo.enabled: must be true for {what} (the control tokens are added then)")

@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from metareason.config import Section
+from metareason.api import Section
 
 DEFAULT_VALIDATION_KEYWORDS = [
     "verify", "think again", "recap", "check", "wait", "alternatively", "hold on", "another", "yeah", "yes",

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 STAGES = ("sft", "takeover", "control", "cspo", "nomask", "report")
 FILES = {"sft": "causal_loop_sft.yaml", "takeover": "causal_loop_takeover.yaml",
@@ -40,7 +40,7 @@ NOMASK = ["cspo.mask_rl_loss=false", "name=cspo-cl-grpo-nomask"]
 
 
 def _latest(run_dir: Path, stage: str) -> Path:
-    from metareason.checkpoint import latest_checkpoint
+    from metareason.api import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -49,7 +49,7 @@ def _latest(run_dir: Path, stage: str) -> Path:
 
 
 def _last_eval(run_dir: Path) -> dict:
-    from metareason.metrics import read_metrics
+    from metareason.api import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "eval/accuracy" in r]
     if not rows:
@@ -85,9 +85,7 @@ def sampled_eval(run_dir: Path, temperature: float = 1.0, seed: int = 0) -> dict
     one), sampling shows them. Samples go to ``eval_samples_sampled.jsonl``."""
     import torch
 
-    from metareason.checkpoint import load_weights_into
-    from metareason.evaluate import evaluate
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, evaluate, load_weights_into
 
     kernel = Kernel(run_dir / "config.yaml", overrides=[
         "quiet=true", "generation.do_sample=true", f"generation.temperature={temperature}", "generation.top_p=1.0"])
@@ -105,8 +103,7 @@ def decision_probability(run_dir: Path, first: str = "conclude", second: str = "
     the control policy itself, which greedy decoding shows only as its argmax."""
     import torch
 
-    from metareason.checkpoint import load_weights_into
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, load_weights_into
     from metareason.plugins.cspo.segments import CONTROL_OPEN
 
     path = run_dir / "eval_samples.jsonl"
@@ -126,7 +123,7 @@ def decision_probability(run_dir: Path, first: str = "conclude", second: str = "
 def _first_share(model, tok, row: dict, first: str, second: str) -> float:
     import torch
 
-    from metareason.data.tokenize import prompt_ids
+    from metareason.api import prompt_ids
     from metareason.plugins.cspo.segments import CONTROL_CLOSE, CONTROL_OPEN
 
     text = row["completion"]
@@ -144,7 +141,7 @@ def _first_share(model, tok, row: dict, first: str, second: str) -> float:
 def _rl_summary(run_dir: Path, window: int = 10) -> dict:
     """Means of the reward parts, completion length and loss tokens over the first and the last
     ``window`` logged steps (one step's rollout is only 8 prompts: single rows are noisy)."""
-    from metareason.metrics import read_metrics
+    from metareason.api import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "rl/reward/mean" in r]
     if not rows:
@@ -162,8 +159,7 @@ def _rl_summary(run_dir: Path, window: int = 10) -> dict:
 
 def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "bench/results/cspo-demo",
              quiet: bool = False, overrides: Optional[list[str]] = None) -> dict:
-    from metareason.config import load_config
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, load_config
     from metareason.plugins.cspo.takeover import run_takeover
 
     user_overrides = list(overrides or [])
@@ -230,7 +226,7 @@ def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "
 def _machine() -> dict:
     import torch
 
-    from metareason.benchmarks import cpu_name
+    from metareason.api import cpu_name
 
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

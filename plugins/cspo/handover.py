@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from metareason.hookspecs import hookimpl
+from metareason.api import hookimpl
 from metareason.plugins.cspo.alter import ControlRequest, decision_of
 from metareason.plugins.cspo.segments import parse_segments
 

@@ -17,7 +17,7 @@ import hashlib
 import random
 from typing import Optional
 
-from metareason.data.base import Task, TaskError
+from metareason.api import Task, TaskError
 
 DEFAULT_PHRASES = ("wait", "check", "verify", "recap", "hold on")
 _OWN = ("checks", "phrases")
@@ -82,7 +82,7 @@ class OverthinkTask(Task):
 
 
 def make_task(params: dict, seed: int, num_samples: int) -> OverthinkTask:
-    from metareason.data.causal_loop import make_task as make_causal_loop
+    from metareason.api import make_causal_loop_task as make_causal_loop
 
     base_params, checks, phrases = _parse(params)
     if base_params.get("solution") is False:

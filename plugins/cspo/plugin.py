@@ -7,7 +7,7 @@ reward functions ``cspo_correct`` / ``cspo_structure`` / ``cspo_length``, and th
 """
 from __future__ import annotations
 
-from metareason.hookspecs import hookimpl
+from metareason.api import hookimpl
 
 
 def _section(config):
@@ -26,7 +26,7 @@ def metareason_config_sections():
 def metareason_special_tokens(config):
     if _section(config) is None:
         return None
-    from metareason.models import SpecialToken
+    from metareason.api import SpecialToken
     from metareason.plugins.cspo.segments import CONTROL_TOKENS
 
     return [SpecialToken(t) for t in CONTROL_TOKENS]

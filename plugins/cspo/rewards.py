@@ -31,8 +31,7 @@ def _int(value: Any) -> Optional[int]:
 
 
 def answer_correct(text: str, gold: Any) -> bool:
-    from metareason.data.causal_loop import parse_answer
-    from metareason.data.jsonl_task import answers_match, extract_answer
+    from metareason.api import answers_match, extract_answer, parse_causal_loop_answer as parse_answer
 
     reasoning = strip_segments(text)
     gold_int = _int(gold)

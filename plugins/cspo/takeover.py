@@ -78,22 +78,21 @@ def _tasks_and_examples(kernel, specs, field: str) -> list[tuple[Any, dict]]:
 def _prompts(kernel, examples: list[dict]) -> list[str]:
     """Prompts after the plugins' transforms, as plain text (the pair's models load their own
     tokenizers, so takeover data is built without a chat template)."""
-    from metareason.data.chat import PLAIN
+    from metareason.api import PLAIN_CHAT as PLAIN
 
     return [kernel.prompt_text(e, None, PLAIN) for e in examples]
 
 
 def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet: bool = False) -> dict:
     """Build takeover SFT data; returns a summary (also printed by the CLI)."""
-    from metareason.config import ConfigError
-    from metareason.kernel import Kernel
+    from metareason.api import ConfigError, Kernel
     from metareason.plugins.cspo.alternating import AlternatingPair, check_enabled
 
     kernel = Kernel(config_path, overrides=list(overrides or []) + (["quiet=true"] if quiet else []))
     cfg = kernel.config
     check_enabled(cfg, "takeover")
     if not cfg.data.train:
-        raise ConfigError(f"{kernel._source}: data.train: no prompts to take over (add a task)")
+        raise ConfigError(f"{kernel.source}: data.train: no prompts to take over (add a task)")
     pairs = _tasks_and_examples(kernel, cfg.data.train, "data.train")
     examples = [ex for _, ex in pairs]
     out_path = _output_path(cfg, "takeover.jsonl")
@@ -113,7 +112,7 @@ def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet:
                      "group": ex.get("group", "all"), "controls": labels, "takeovers": len(labels),
                      "target_tokens": g["num_tokens"], "correct": correct})
     if not rows:
-        raise ConfigError(f"{kernel._source}: takeover kept no example (every final answer was wrong); "
+        raise ConfigError(f"{kernel.source}: takeover kept no example (every final answer was wrong); "
                           "set cspo.keep_incorrect: true to keep them")
     write_jsonl_atomic(out_path, rows)
     n = len(gens)
@@ -130,15 +129,14 @@ def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet:
 
 def run_infer(config_path: str, overrides: Optional[list[str]] = None, quiet: bool = False) -> dict:
     """Alternating inference on ``data.eval``: accuracy, target tokens, takeovers."""
-    from metareason.config import ConfigError
-    from metareason.kernel import Kernel
+    from metareason.api import ConfigError, Kernel
     from metareason.plugins.cspo.alternating import AlternatingPair, check_enabled
 
     kernel = Kernel(config_path, overrides=list(overrides or []) + (["quiet=true"] if quiet else []))
     cfg = kernel.config
     check_enabled(cfg, "alternating inference")
     if not cfg.data.eval:
-        raise ConfigError(f"{kernel._source}: data.eval: no prompts to run (add a task)")
+        raise ConfigError(f"{kernel.source}: data.eval: no prompts to run (add a task)")
     pairs = _tasks_and_examples(kernel, cfg.data.eval, "data.eval")
     if cfg.eval.max_samples:
         pairs = pairs[: cfg.eval.max_samples]

@@ -40,7 +40,7 @@ def __getattr__(name: str):
 
 
 def _register_unless_discovering_plugins() -> None:
-    from metareason.plugin_manager import loading_entry_points
+    from metareason.api import loading_entry_points
 
     if not loading_entry_points():
         from metareason.plugins.lru.modeling import register

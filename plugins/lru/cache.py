@@ -66,7 +66,7 @@ class _PagedLayer:
     """One layer's pages: ``pool [num_blocks, BLOCK, 1, d_c + d_rope]`` plus each sequence's block list."""
 
     def __init__(self, batch: int, width: int, dtype: torch.dtype, device: torch.device):
-        from metareason.ops.mla_decode.reference import BLOCK
+        from metareason.api import MLA_DECODE_BLOCK as BLOCK
 
         self.block = BLOCK
         self.pool = torch.empty(0, BLOCK, 1, width, dtype=dtype, device=device)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
-from metareason.ops.lru_act.reference import compute_dtype
+from metareason.api import lru_act_compute_dtype as compute_dtype
 from metareason.plugins.lru.config import LRUConfig
 from metareason.plugins.lru.lru import LatentReasoningUnit, LRUOutput
 from metareason.plugins.lru.rope import rope_cos_sin, rotate_half

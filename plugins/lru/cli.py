@@ -4,7 +4,7 @@ from __future__ import annotations
 import shlex
 import sys
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 
 QUICK = {"steps": 4, "lrs": "2e-3,4e-3", "seeds": "2", "val_samples": 8, "test_samples": 8, "extend": 0}

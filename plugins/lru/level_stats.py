@@ -25,10 +25,7 @@ KEYS = ("iterations", "ponder", "first_residual", "last_residual")
 def level_stats(kernel, model, tokenizer, batch_size: int = 64) -> dict:
     """``{group: {iterations, ponder, first_residual, last_residual, convergence_ratio, tokens}}``;
     ``{}`` for a model without LRU statistics."""
-    from metareason.data.tokenize import collate
-    from metareason.train.sft import encode_sft_examples
-    from metareason.evaluate import build_eval_examples
-    from metareason.metrics import progress
+    from metareason.api import build_eval_examples, collate, encode_sft_examples, progress
 
     pairs = build_eval_examples(kernel)
     examples = [ex for _, ex in pairs]
@@ -70,9 +67,7 @@ def level_stats(kernel, model, tokenizer, batch_size: int = 64) -> dict:
 
 def run_dir_stats(run_dir: str, checkpoint: Optional[str] = None, quiet: bool = True) -> Path:
     """Load a run's config and checkpoint, compute :func:`level_stats`, write ``lru_stats.json``."""
-    from metareason.checkpoint import latest_checkpoint, load_weights_into
-    from metareason.errors import UserError
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, UserError, latest_checkpoint, load_weights_into
 
     path = Path(run_dir)
     if not (path / "config.yaml").exists():

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 
-from metareason.ops.lru_act import LRUParams, lru_act
+from metareason.api import LRUParams, lru_act
 from metareason.plugins.lru.config import LRUConfig
 
 

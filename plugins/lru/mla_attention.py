@@ -186,7 +186,7 @@ class MLAAttention(nn.Module):
 
     def _latent_decode(self, q_nope, q_rope, w_uk, w_uv, kv_cache, block_table, seqlens):
         """``mla_decode`` on absorbed queries ``[q_nope·W_UK_h | q_rope]``, then W_UV per head."""
-        from metareason.ops import mla_decode
+        from metareason.api import mla_decode
 
         c = self.config
         q_lat = torch.einsum("bhsn,hnc->bshc", q_nope, w_uk)

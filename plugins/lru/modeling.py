@@ -24,7 +24,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from metareason.models.compat import CACHE_KWARG, cache_from_kwargs
+from metareason.api import CACHE_KWARG, cache_from_kwargs
 from metareason.plugins.lru.cache import ChainDynamicCache, PagedLatentCache
 from metareason.plugins.lru.config import DeepSeekMLAConfig
 from metareason.plugins.lru.losses import lru_loss_terms, weighted_total

@@ -10,7 +10,7 @@ Heavy imports (torch, transformers) happen inside the hooks, so loading the plug
 """
 from __future__ import annotations
 
-from metareason.hookspecs import hookimpl
+from metareason.api import hookimpl
 
 
 @hookimpl
@@ -34,7 +34,7 @@ def metareason_extra_losses(model, batch, outputs, config, step):
     if stats is None:
         return None  # not a deepseek_mla model
     from metareason.plugins.lru.losses import lru_loss_terms
-    from metareason.train.sft import token_loss
+    from metareason.api import token_loss
 
     weights = config.lru.loss_weights
     mask = batch.get("attention_mask")

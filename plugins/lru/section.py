@@ -11,7 +11,7 @@ from typing import Optional
 
 from pydantic import Field
 
-from metareason.config import Section
+from metareason.api import Section
 
 
 class LossWeights(Section):

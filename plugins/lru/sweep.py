@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 TAIL = 4000  # characters of a failed process's output kept in the report
 BUDGET_FIELDS = (("data", "train"), ("data", "max_length"), ("train", "batch_size"), ("train", "grad_accum"),
@@ -134,7 +134,7 @@ def _get(cfg: dict, path: tuple[str, ...]):
 
 def read_specs(config_dir: str, runs_dir: str, overrides: list[str], groups: Optional[list[str]] = None) -> list[GroupSpec]:
     """Validate every config of the directory up front (one-line errors naming the file)."""
-    from metareason.config import load_config
+    from metareason.api import load_config
 
     root = Path(config_dir)
     if not root.is_dir():
@@ -231,7 +231,7 @@ def _kept_dir(trial: dict, plan: dict) -> Optional[Path]:
 
 
 def _latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    from metareason.checkpoint import latest_checkpoint
+    from metareason.api import latest_checkpoint
 
     return latest_checkpoint(run_dir)
 
@@ -282,7 +282,7 @@ def restore_results(trial: dict, plan: dict) -> bool:
         if (source / name).exists():
             shutil.copy2(source / name, run_dir / name)
     if (source / KEPT_WEIGHTS).is_dir():
-        from metareason.checkpoint import checkpoints_dir
+        from metareason.api import checkpoints_dir
 
         shutil.copytree(source / KEPT_WEIGHTS, checkpoints_dir(run_dir))
     return True
@@ -362,7 +362,7 @@ class Launcher:
 
     def __enter__(self):
         if self.use_ray:
-            from metareason.scale.runtime import connect
+            from metareason.api import connect_ray as connect
 
             # Ray lowers its workers' priority (niceness 15) by default; connect() keeps the
             # training processes they start at the driver's priority, like the subprocess path.
@@ -380,7 +380,7 @@ class Launcher:
             return []
         payloads = [(fn, t, plan, env) for t in trials]
         if self.use_ray:
-            from metareason.scale.tune import run_trials
+            from metareason.api import run_trials
 
             self.stage += 1
             outcomes = run_trials(_trial_task, payloads, {"cpu": 1}, self.storage, f"lru-sweep-{self.stage}",

@@ -34,7 +34,7 @@ LRU_KEYS = ("iterations", "ponder", "first_residual", "last_residual")
 
 def eval_entry(run_dir: Path, split: str, samples: int, seed: int) -> dict:
     """The run's first eval data entry, pointed at ``split``."""
-    from metareason.errors import UserError
+    from metareason.api import UserError
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
     entries = (cfg.get("data") or {}).get("eval") or []
@@ -51,9 +51,7 @@ def teacher_forced(kernel, model, tokenizer, batch_size: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from metareason.data.tokenize import IGNORE_INDEX, collate
-    from metareason.train.sft import encode_sft_examples
-    from metareason.evaluate import build_eval_examples
+    from metareason.api import IGNORE_INDEX, build_eval_examples, collate, encode_sft_examples
     from metareason.plugins.lru.stats import per_token
 
     examples = [ex for _, ex in build_eval_examples(kernel)]
@@ -111,10 +109,7 @@ def level_number(group: str) -> float:
 
 
 def evaluate_split(run_dir: str, split: str, samples: int, seed: int, batch_size: int = 64) -> Path:
-    from metareason.benchmarks import cpu_name
-    from metareason.errors import UserError
-    from metareason.evaluate import evaluate
-    from metareason.trained import load_trained
+    from metareason.api import UserError, cpu_name, evaluate, load_trained
 
     path = Path(run_dir)
     if split not in SPLITS:
@@ -144,7 +139,7 @@ def evaluate_split(run_dir: str, split: str, samples: int, seed: int, batch_size
 
 
 def main(argv=None) -> int:
-    from metareason.errors import UserError
+    from metareason.api import UserError
 
     p = argparse.ArgumentParser(prog="python -m metareason.plugins.lru.sweep_eval")
     p.add_argument("run_dir")

@@ -19,8 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from metareason.metrics import read_metrics
-from metareason.version import __version__
+from metareason.api import __version__, read_metrics
 
 LOSS_TERMS = ("L_pred", "L_stability", "L_sparsity", "L_ponder")
 LRU_QUANTITIES = (("iterations", "mean iterations", ".3f"), ("ponder", "ponder cost n+R", ".3f"),
@@ -512,7 +511,7 @@ def write_report(specs, results, chosen: dict, test_errors: dict, plan, out_dir:
                  quick: bool = False) -> Path:
     import torch
 
-    from metareason.benchmarks import cpu_name
+    from metareason.api import cpu_name
 
     out_dir.mkdir(parents=True, exist_ok=True)
     trials = [collect_trial(r) for r in results]

@@ -5,7 +5,7 @@ import json
 
 
 def _critiques(args) -> int:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.mcft.critiques import build_critiques
 
     kernel = Kernel(args.config, overrides=list(args.overrides))

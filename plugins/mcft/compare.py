@@ -46,7 +46,7 @@ def _task(path: Path, target: str, num_samples: int, seed: int) -> dict:
 
 
 def build_data(config: str, overrides: list[str], data_dir: Path, quiet: bool) -> dict:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.mcft.critiques import build_critiques
 
     kernel = Kernel(config, overrides=overrides)
@@ -59,8 +59,7 @@ def _trained_already(kernel) -> bool:
     mcft sections equal this one's."""
     import yaml
 
-    from metareason.checkpoint import latest_checkpoint
-    from metareason.config import dump_config
+    from metareason.api import dump_config, latest_checkpoint
 
     def same(a: str, b: str) -> bool:  # what decides the trained weights
         da, db = yaml.safe_load(a) or {}, yaml.safe_load(b) or {}
@@ -76,12 +75,12 @@ def _trained_already(kernel) -> bool:
 
 def run_arm(config: str, overrides: list[str], name: str, arm: dict, data_dir: Path, n_train: int,
             n_eval: int, quiet: bool, reuse: bool = False) -> dict:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.mcft.evaluation import evaluate_mcft
-    from metareason.trained import load_trained
+    from metareason.api import load_trained
 
     base = Kernel(config, overrides=overrides)
-    raw = dict(base._raw)
+    raw = dict(base.raw_config)
     raw["name"] = f"{base.config.name}-{name}"
     raw["quiet"] = quiet or base.config.quiet
     raw["data"] = dict(raw.get("data", {}),
@@ -157,9 +156,7 @@ def run_compare(config: str, overrides: list[str], out: str = "bench/results/mcf
                 quiet: bool = False, reuse: bool = False) -> dict:
     import torch
 
-    from metareason.benchmarks import cpu_name, write_record
-    from metareason.errors import UserError
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, UserError, cpu_name, write_record
 
     names = list(ARMS) if arms == "all" else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in names if a not in ARMS]

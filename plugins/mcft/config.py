@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, field_validator
 
-from metareason.config import Section
+from metareason.api import Section
 from metareason.plugins.mcft.format import DEFAULT_TEACHER_PROMPT
 
 
@@ -28,6 +28,17 @@ class MCFTSection(Section):
     base_system_prompt: Optional[str] = None
     teacher_max_tokens: int = Field(512, gt=0)
     output: Optional[str] = None  # critiques JSONL (default: runs/<name>/critiques-<split>.jsonl)
+
+    # the token ids of the eight tags in this run's tokenizer, set when the kernel prepares the model
+    # (the loss hook has no tokenizer); kept on the run's config, not in module state
+    _tag_ids: Optional[list[int]] = PrivateAttr(default=None)
+
+    @property
+    def tag_ids(self) -> Optional[list[int]]:
+        return self._tag_ids
+
+    def set_tag_ids(self, ids: list[int]) -> None:
+        self._tag_ids = list(ids)
 
     @field_validator("teacher_prompt")
     @classmethod

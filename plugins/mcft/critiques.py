@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from metareason.config import ConfigError
+from metareason.api import ConfigError
 from metareason.plugins.mcft.answers import answers_equivalent, extract_answer
 from metareason.plugins.mcft.format import CRITIQUE, CRITIQUE_END, REASONING, REASONING_END, section
 
@@ -23,11 +23,11 @@ CHUNK = 64
 
 
 def build_critiques(kernel, split: str = "train", out=None, quiet: bool = False) -> dict:
-    from metareason.metrics import progress
+    from metareason.api import progress
 
     cfg = kernel.config
     sec = cfg.mcft
-    src = kernel._source
+    src = kernel.source
     for field in ("base_generator", "teacher_generator"):
         if not getattr(sec, field):
             raise ConfigError(f"{src}: mcft.{field}: required by `metareason mcft critiques` (a `generators:` name)")

@@ -24,8 +24,7 @@ import os
 import random
 from typing import Any, Optional
 
-from metareason.data.base import Task, TaskError
-from metareason.data.jsonl_task import load_records
+from metareason.api import Task, TaskError, load_records
 from metareason.plugins.mcft.answers import extract_answer, is_correct
 from metareason.plugins.mcft.format import (DEFAULT_TEMPLATE, SYSTEM_INSTRUCTION, build_answer_only,
                                             build_completion, build_prompt, build_solution_only)

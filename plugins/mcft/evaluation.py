@@ -17,9 +17,7 @@ from metareason.plugins.mcft.format import is_well_formed
 
 def evaluate_mcft(kernel, model, tokenizer, entropy_threshold: Optional[float] = None,
                   samples_path: Optional[Path] = None) -> dict:
-    from metareason.data.tokenize import prompt_ids
-    from metareason.evaluate import build_eval_examples
-    from metareason.generate import generate
+    from metareason.api import build_eval_examples, generate, prompt_ids
 
     pairs = build_eval_examples(kernel)
     examples = [ex for _, ex in pairs]
@@ -57,8 +55,7 @@ def evaluate_mcft(kernel, model, tokenizer, entropy_threshold: Optional[float] =
 
 def evaluate_run(run_dir: str, overrides: list[str], checkpoint: Optional[str] = None,
                  entropy_threshold: Optional[float] = None) -> dict:
-    from metareason.errors import UserError
-    from metareason.trained import load_trained
+    from metareason.api import UserError, load_trained
 
     path = Path(run_dir)
     if not path.is_dir():

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from metareason.api import mcnemar_exact
+
 PROMPT_TEMPLATE = "{prompt}\nAttempt: {cot}\n"
 
 DEFAULTS = {
@@ -71,14 +73,7 @@ QUICK_MODEL = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64
 
 
 # ------------------------------------------------------------------------------ statistics
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value from the discordant counts ``b`` and ``c``."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-    return min(1.0, 2.0 * tail)
+mcnemar_p = mcnemar_exact  # exact two-sided McNemar p from the discordant counts (b, c)
 
 
 # two-sided 95% quantiles t_{0.975, df} for df = 1..30 (no scipy dependency)
@@ -164,7 +159,7 @@ def _finished(kernel) -> bool:
 
 
 def _train(raw: dict, reuse: bool) -> tuple[Path, Optional[float], bool]:
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
 
     kernel = Kernel(raw)
     run_dir = kernel.config.run_dir
@@ -181,8 +176,7 @@ def _train(raw: dict, reuse: bool) -> tuple[Path, Optional[float], bool]:
 
 
 def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> dict:
-    from metareason.model_export import export_run
-    from metareason.trained import load_trained
+    from metareason.api import export_run, load_trained
 
     b = copy.deepcopy(raw)
     b["name"] = f"{raw['name']}-base"
@@ -209,7 +203,7 @@ def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> di
 def given_base(raw: dict, exp: dict) -> dict:
     """``experiment.base_model``: every arm starts from this model directory (e.g. a pretrained
     instruct model); its accuracy on ``base_eval_task`` is measured when that is set."""
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
 
     path = str(Path(os.path.expanduser(exp["base_model"])).resolve())
     acc = metrics = None
@@ -242,7 +236,7 @@ def _test_specs(exp: dict) -> list[tuple[dict, Optional[str]]]:
 def build_data(raw: dict, exp: dict, data_dir: Path, quiet: bool, reuse: bool = False) -> dict:
     """Critique rows for train / val / test under ``data_dir`` (kept, with ``summary.json``, for
     ``--reuse``: two drivers started with ``--reuse`` and different ``--arms`` share them)."""
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.mcft.critiques import build_critiques
 
     done = data_dir / "summary.json"
@@ -307,9 +301,9 @@ def arm_config(raw: dict, exp: dict, arm: dict, lr: float, seed: int, name: str,
 
 def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str) -> dict:
     """Validation and test samples of one trained (arm, lr, seed): id -> correct, entropy, group."""
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
     from metareason.plugins.mcft.evaluation import evaluate_mcft
-    from metareason.trained import load_trained
+    from metareason.api import load_trained
 
     trained = load_trained(run_dir)
     out = {}
@@ -483,9 +477,7 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench/results/
     import torch
     import yaml
 
-    from metareason.benchmarks import cpu_name, write_record
-    from metareason.config import apply_overrides
-    from metareason.errors import UserError
+    from metareason.api import UserError, apply_overrides, cpu_name, write_record
 
     log = log or (lambda msg: print(f"[mcft experiment] {msg}", file=sys.stderr))
     raw = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
@@ -511,7 +503,7 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench/results/
     threshold_arms = [n for n in names if n.startswith("t") and all_arms[n]["target"] == "critique"]
     if "bf0" in names and not threshold_arms:
         raise UserError("--arms: bf0 needs the threshold arms (its threshold is the best of them on validation)")
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel
 
     root = Kernel(raw).config.run_dir
     t0 = time.perf_counter()

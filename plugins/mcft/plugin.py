@@ -8,12 +8,7 @@ loops, and ``eval/mcft_format`` (share of well-formed completions) in evaluation
 """
 from __future__ import annotations
 
-from metareason.hookspecs import hookimpl
-
-# id(config) -> (config, tag ids): the token ids of the tags of a loaded run (set when the model
-# is prepared; the loss hook has no tokenizer). The config is kept so the id stays unique.
-_TAG_IDS: dict[int, tuple[object, list[int]]] = {}
-_EVAL_FORMAT: dict[int, float] = {}
+from metareason.api import hookimpl
 
 
 def _section(config):
@@ -43,7 +38,7 @@ def metareason_config_sections():
 def metareason_special_tokens(config):
     if _section(config) is None:
         return None
-    from metareason.models import SpecialToken
+    from metareason.api import SpecialToken
     from metareason.plugins.mcft.format import TAGS
 
     # each tag's rows start at the mean of its spelled-out pieces ("</ critique >"), not all at the
@@ -53,8 +48,9 @@ def metareason_special_tokens(config):
 
 @hookimpl
 def metareason_prepare_model(model, tokenizer, config):
-    if _section(config) is not None:
-        _TAG_IDS[id(config)] = (config, tag_ids(tokenizer))
+    sec = _section(config)
+    if sec is not None:
+        sec.set_tag_ids(tag_ids(tokenizer))
     return None
 
 
@@ -100,10 +96,9 @@ def metareason_extra_losses(batch, outputs, config):
     sec = _section(config)
     if sec is None or sec.bf_beta <= 0:
         return None
-    got = _TAG_IDS.get(id(config))
-    if got is None:
+    ids = sec.tag_ids
+    if ids is None:
         raise ValueError("mcft: no tag ids for this run (the model was not loaded through the kernel)")
-    ids = got[1]
     from metareason.plugins.mcft.format_loss import rl_format_term, sft_format_term
 
     if batch.get("rl"):
@@ -121,14 +116,7 @@ def metareason_on_eval_samples(kernel, samples):
         return
     from metareason.plugins.mcft.format import is_well_formed
 
-    _EVAL_FORMAT[id(kernel)] = sum(is_well_formed(s["completion"]) for s in samples) / len(samples)
-
-
-@hookimpl
-def metareason_on_eval(kernel, metrics):
-    value = _EVAL_FORMAT.pop(id(kernel), None)
-    if value is not None:
-        metrics["eval/mcft_format"] = value
+    return {"eval/mcft_format": sum(is_well_formed(s["completion"]) for s in samples) / len(samples)}
 
 
 @hookimpl

@@ -48,7 +48,7 @@ def _categories(completion: str, offsets, voc, answer_prefix: str, gold: Optiona
 @torch.no_grad()
 def attention_shares(model, tokenizer, samples: list[dict], voc, answer_prefix: str) -> Optional[torch.Tensor]:
     """``[layers, 4]`` mean attention mass of answer tokens per category, or ``None``."""
-    from metareason.data.tokenize import prompt_ids
+    from metareason.api import prompt_ids
 
     if not getattr(tokenizer, "is_fast", False):
         return None

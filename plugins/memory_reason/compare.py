@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 BASE = "world_base.yaml"
 VARIANTS = (("plain CoT SFT", "world_plain.yaml"), ("tokens, full", "world_tokens_full.yaml"),
@@ -34,8 +34,7 @@ def _config(config_dir: Path, name: str) -> Path:
 
 
 def _base(config_dir: Path, output_dir: str, quiet: bool) -> Path:
-    from metareason.kernel import Kernel
-    from metareason.model_export import export_run
+    from metareason.api import Kernel, export_run
 
     kernel = Kernel(_config(config_dir, BASE), overrides=[f"output_dir={output_dir}", f"quiet={str(quiet).lower()}"])
     t0 = time.perf_counter()
@@ -53,8 +52,7 @@ def _base(config_dir: Path, output_dir: str, quiet: bool) -> Path:
 
 def _variant(config_dir: Path, file: str, base: Path, output_dir: str, overrides: list, quiet: bool,
              seed: int) -> dict:
-    from metareason.config import read_yaml
-    from metareason.kernel import Kernel
+    from metareason.api import Kernel, read_yaml
     from metareason.plugins.memory_reason.modes import trainable_parameters
 
     path = _config(config_dir, file)
@@ -122,7 +120,7 @@ def run_compare(config_dir: str, out: str = "bench/results/memory_reason-world",
 
     import torch
 
-    from metareason.benchmarks import cpu_name, write_record
+    from metareason.api import cpu_name, write_record
 
     wanted = {s.strip() for s in stages.split(",") if s.strip()}
     bad = wanted - {"base", "variants", "report"}

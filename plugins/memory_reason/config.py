@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from metareason.config import Section
+from metareason.api import Section
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 ARMS = {"plain": "A plain CoT", "tokens_full": "B step tokens, full", "filler": "C filler control",
         "plain_lora": "D plain CoT + LoRA", "tokens_lora_pt": "E step tokens, lora+prompt-tuning"}
@@ -75,7 +75,7 @@ class Experiment:
         return path
 
     def _run(self, file: str, name: str, overrides: list) -> tuple[dict, Path]:
-        from metareason.kernel import Kernel
+        from metareason.api import Kernel
 
         kernel = Kernel(self._config(file), overrides=[f"output_dir={self.output_dir}", f"name={name}",
                                                        f"quiet={str(self.quiet).lower()}"] + self.overrides + overrides)
@@ -83,8 +83,7 @@ class Experiment:
         return metrics, Path(kernel.config.run_dir)
 
     def base(self):
-        from metareason.evaluate import evaluate_target
-        from metareason.model_export import export_run
+        from metareason.api import evaluate_target, export_run
 
         for seed in self.seeds:
             key = str(seed)
@@ -131,7 +130,7 @@ class Experiment:
             self._save()
 
     def heldout(self):
-        from metareason.evaluate import evaluate_target
+        from metareason.api import evaluate_target
 
         for seed in self.seeds:
             for arm in self.arms:
@@ -157,7 +156,7 @@ class Experiment:
     def _recall(self, run_dir: Path) -> float:
         """Fact recall of a fine-tuned run (forgetting), its samples kept as eval_samples_recall.jsonl;
         eval_samples.jsonl stays the held-out one."""
-        from metareason.evaluate import evaluate_target
+        from metareason.api import evaluate_target
 
         held, keep = run_dir / "eval_samples.jsonl", run_dir / "eval_samples_heldout.jsonl"
         held.replace(keep)
@@ -167,7 +166,7 @@ class Experiment:
         return metrics["eval/accuracy"]
 
     def report(self, out: str) -> dict:
-        from metareason.benchmarks import write_record
+        from metareason.api import write_record
 
         record = report_record(self.state, self.arms, self.seeds, self.config_dir, self.n_heldout)
         write_record(Path(out).with_suffix(".json"), record, markdown(record))
@@ -175,7 +174,7 @@ class Experiment:
 
 
 def _arm_section(config_dir: Path, arm: str):
-    from metareason.config import read_yaml
+    from metareason.api import read_yaml
     from metareason.plugins.memory_reason.config import MemoryReasonSection
 
     return MemoryReasonSection(**read_yaml(config_dir / f"{arm}.yaml").get("memory_reason", {}))

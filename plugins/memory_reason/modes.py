@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from metareason.config import ConfigError
+from metareason.api import ConfigError
 
 
 def _is_peft(model) -> bool:

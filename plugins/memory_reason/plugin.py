@@ -8,9 +8,7 @@ evaluation analysis (step counts, error attribution, attention heatmap in the re
 """
 from __future__ import annotations
 
-from metareason.hookspecs import hookimpl
-
-_PENDING: dict[int, dict] = {}  # kernel id -> metrics of its last eval samples, added in on_eval
+from metareason.api import hookimpl
 
 
 def _section(config):
@@ -114,13 +112,7 @@ def metareason_on_eval_samples(kernel, step, samples, model, tokenizer):
             stats["attn_memory"] = float(shares[:, 1].mean())
             stats["attn_reason"] = float(shares[:, 2].mean())
     write_section(kernel.config.run_dir, step, stats, shares)
-    _PENDING[id(kernel)] = metric_names(stats)
-    return None
-
-
-@hookimpl
-def metareason_on_eval(kernel, step, metrics):
-    metrics.update(_PENDING.pop(id(kernel), {}))
+    return metric_names(stats)  # eval/memory_reason/<name>: into the eval metrics and the report
 
 
 @hookimpl

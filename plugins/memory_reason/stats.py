@@ -9,7 +9,6 @@ the same for every arm: all comparisons are paired on the same questions.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +62,10 @@ def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> tuple[int, int, float]:
     """Exact McNemar test of one seed's 0/1 correctness on the same questions: (a right and b
     wrong, b right and a wrong, two-sided binomial p)."""
     a, b = np.asarray(a) > 0.5, np.asarray(b) > 0.5
+    from metareason.api import mcnemar_exact as p_value
+
     n01, n10 = int(np.sum(a & ~b)), int(np.sum(~a & b))
-    n, k = n01 + n10, min(n01, n10)
-    if n == 0:
-        return n01, n10, 1.0
-    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return n01, n10, min(1.0, 2 * p)
+    return n01, n10, p_value(n01, n10)
 
 
 def holm(pvalues: dict[str, float], alpha: float = 0.05) -> dict[str, bool]:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from metareason.data.base import TaskError
+from metareason.api import TaskError
 
 ALIASES = {"memory": "memory", "rag": "memory", "reason": "reason"}
 _MARKER = re.compile(r"\[(memory|rag|reason)\]\s*:", re.IGNORECASE)

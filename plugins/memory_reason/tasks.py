@@ -15,7 +15,7 @@ import os
 import random
 from typing import Optional
 
-from metareason.data.base import Task, TaskError
+from metareason.api import Task, TaskError
 from metareason.plugins.memory_reason.steps import (answers_match, extract_answer, has_markers, normalise_steps,
                                                     parse_markers)
 
@@ -141,7 +141,7 @@ _JSONL_KEYS = ("path", "question_field", "answer_field", "steps_field", "prompt_
 def make_jsonl_task(params: dict, seed: int, num_samples: int) -> StepTask:
     """Users' labelled data: one JSON object per line with a question, an answer and typed steps
     (``cot_steps: [{type, text}]`` or a string with ``[memory]:`` / ``[rag]:`` / ``[reason]:``)."""
-    from metareason.data.jsonl_task import load_records
+    from metareason.api import load_records
 
     params = dict(params or {})
     unknown = sorted(k for k in params if k not in _JSONL_KEYS)

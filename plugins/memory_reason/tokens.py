@@ -39,7 +39,7 @@ def vocabulary(section) -> Vocabulary:
 def special_tokens(section) -> list:
     """``SpecialToken``s for the kernel: a type's rows start from the embedding of its init word
     (the mean of the word's pieces), prefix rows from the vocabulary mean."""
-    from metareason.models import SpecialToken
+    from metareason.api import SpecialToken
 
     voc = vocabulary(section)
     out = [SpecialToken(t) for t in split_tokens(voc.prefix)]

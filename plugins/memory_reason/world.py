@@ -39,7 +39,7 @@ import math
 import random
 from collections import Counter
 
-from metareason.data.base import TaskError
+from metareason.api import TaskError
 
 STRUCTURES = ("hop", "plus", "sum2", "diff", "compare", "sum2_plus", "offset", "sum3", "compare_sum")
 TYPES = {"hop": "m", "plus": "mr", "sum2": "mmr", "diff": "mmr", "compare": "mmr", "sum2_plus": "mmrr", "offset": "rmr",
