@@ -39,10 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's). On a shared machine use fewer threads "
                              "than free cores: OpenMP barriers with a descheduled thread dominate otherwise")
-    parser.add_argument("--decode", action="store_true",
-                        help="instead of the ops: greedy decoding of the LRU group archs (Llama A, MLA B with the "
-                             "dynamic and the paged mla_decode cache), tokens/s and cache bytes per token; writes "
-                             "kernels-decode-<device>.json")
 
 
 def device_name(device: str) -> str:
@@ -255,8 +251,6 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("bench kernels: --device cuda, but torch.cuda.is_available() is False on this machine")
         return 2
-    if getattr(args, "decode", False):
-        return _run_decode(args, device, load_before)
     backend = "cuda" if device == "cuda" else ("cpu" if "cpu" in ops.available_backends() else "reference")
     repeats = args.repeats or (3 if args.quick else 7)
     use_compile = not args.no_compile
@@ -320,33 +314,6 @@ def run(args: argparse.Namespace) -> int:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)  # atomic: a reader never sees half a file
-    print(f"\nwrote {path}")
-    return 0
-
-
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _run_decode(args, device, load_before) -> int:
-    from metareason.benchmarks.kernels_decode import print_decode, run_decode
-
-    if device != "cpu":
-        print("bench kernels --decode: CPU only for now (the group archs are tiny)")
-        return 2
-    result = run_decode(**(dict(settings=((2, 96, 8),), repeats=1) if args.quick else {}))
-    print_decode(result)
-    result.update(device=device_name(device), torch=torch.__version__,
-                  loadavg_1m_before=None if load_before is None else round(load_before[0], 2),
-                  loadavg_1m_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  command="metareason bench kernels --decode" + (" --quick" if args.quick else "")
-                  + (f" --threads {args.threads}" if args.threads else ""))
-    path = Path(args.out) / f"kernels-decode-{device}{'-quick' if args.quick else ''}.json"
-    _write(path, result)
     print(f"\nwrote {path}")
     return 0
 
