@@ -11,7 +11,8 @@ from metareason.benchmarks import kernels
 
 
 def _args(tmp_path, **kw):
-    ns = argparse.Namespace(device="cpu", quick=True, out=str(tmp_path), no_compile=True, repeats=1, threads=1)
+    ns = argparse.Namespace(device="cpu", quick=True, out=str(tmp_path), no_compile=True, repeats=1, threads=1,
+                            ops=None)
     for k, v in kw.items():
         setattr(ns, k, v)
     return ns
@@ -27,6 +28,12 @@ def test_bench_kernels_records_the_roofline_and_ratios(tmp_path):
     for row in mla:
         assert abs(row["frac_copy_bw"] - row["gbps"] / m["copy_gbps"]) < 1e-9
         assert abs(row["frac_sgemm"] - row["tflops"] * 1e3 / m["sgemm_gflops"]) < 1e-9
+    for row in mla:  # the fair baselines, timed interleaved with the op: median ratio within its range
+        for key in ("vs_eager", "vs_sdpa_latent", "vs_absorbed_bmm"):
+            lo, hi = row[key + "_range"]
+            assert 0 < lo <= row[key] <= hi
+    lru = [row for row in r["rows"] if row["op"] == "lru_act"]
+    assert lru and all(row["eager_compact_ms"] > 0 and row["vs_eager_compact"] > 0 for row in lru)
     assert r["command"].startswith("metareason bench kernels") and "loadavg_1m_before" in r
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -39,3 +46,16 @@ def test_core_benchmarks_import_no_plugin():
                  if "plugins" not in p.relative_to(core).parts
                  and re.search(r"^\s*(from|import)\s+metareason\.plugins\b", p.read_text(encoding="utf-8"), re.M)]
     assert offenders == []
+
+
+def test_bench_kernels_linear_ce_rows(tmp_path):
+    """--ops linear_ce: the fused op against the unfused reference, same losses, ratio within its range."""
+    assert kernels.run(_args(tmp_path, ops="linear_ce", repeats=2)) == 0
+    rows = json.loads((tmp_path / "kernels-cpu-quick.json").read_text())["rows"]
+    assert [r["op"] for r in rows] == ["linear_ce"]
+    r = rows[0]
+    assert r["backend"] == "cpu" and r["rounds"] == 2
+    lo, hi = r["vs_reference_range"]
+    assert 0 < lo <= r["vs_reference"] <= hi
+    assert r["max_abs_error_vs_reference"]["loss"] < 1e-4 and r["max_abs_error_vs_reference"]["grad_weight"] < 1e-4
+    assert kernels.run(_args(tmp_path, ops="linear_ce,nope")) == 2
