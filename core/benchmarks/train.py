@@ -177,13 +177,13 @@ def _side_ours(args, tmp) -> dict:
 
 def _our_batches(kernel, tokenizer, n_batches: int):
     """The examples (as encoded) of our stream's first ``n_batches`` batches, in order."""
-    from metareason.data.tokenize import SFTStream, encode_examples
+    from metareason.data.tokenize import SFTStream
     from metareason.train.loop import load_train_examples
+    from metareason.train.sft import encode_sft_examples
 
     cfg = kernel.config
     examples = load_train_examples(kernel)
-    enc = encode_examples(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
-                          cfg.data.max_length)
+    enc = encode_sft_examples(kernel, tokenizer, examples)  # as the loop encodes (chat template, EOS)
     stream = SFTStream(examples, enc, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id,
                        cfg.train.group_by_length)
     rows = []
