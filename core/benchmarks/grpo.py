@@ -394,7 +394,7 @@ def _markdown(r: dict) -> str:
     spread = " (min-max over the runs in brackets)" if r["repeats"] > 1 else ""
     lines = [f"# GRPO step: metareason vs TRL {r['trl_version']}", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}.", "",
-             f"Same model (quickstart architecture, random init), {r['prompts_per_step']} causal-loop prompts x "
+             f"Same model (of `{r['config']}`), {r['prompts_per_step']} causal-loop prompts x "
              f"{r['num_generations']} completions of exactly {r['completion_length']} tokens per optimizer step, "
              f"loss_type {r['loss_type']}, beta 0, num_iterations 1; {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "

@@ -415,7 +415,7 @@ def run(args) -> int:
 def _markdown(r: dict, sides: list[str]) -> str:
     lines = [f"# SFT loop: metareason vs Hugging Face Trainer (transformers {r['transformers']})", "",
              f"{r['device']}, torch {r['torch']}, {r['date']}.", "",
-             f"Quickstart model architecture (random init), the same causal-loop batches in the same order on "
+             f"Model of `{r['config']}`, the same batches in the same order on "
              f"every side (batch {r['batch_size']}, {'length-grouped' if r['ours']['group_by_length'] else 'random'}"
              f"), {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
