@@ -28,6 +28,10 @@ def test_bench_train_writes_json_and_markdown_with_each_sides_settings(tmp_path)
     assert r["ours"]["packing"].startswith("train.packing=auto: on")
     assert r["hf_flatten"]["collator"] == "DataCollatorWithFlattening"
     assert r["speed_ratio"] == r["ours"]["tokens_per_s"] / r[r["baseline"]]["tokens_per_s"]
+    # peak step memory: allocated tensors during one profiled step (profiler), on every side
+    for side in ("ours", "hf_flatten", "hf_padded", "floor"):
+        assert r[side]["step_peak_mb"] > 0 and r[side]["runs"][0]["steps"] == 1 + 2 + 1, side
+    assert r["step_memory_ratio"] == r["ours"]["step_peak_mb"] / r[r["baseline"]]["step_peak_mb"]
     assert "--repeats 1" in r["command"] and "--floor" in r["command"] and len(r["load_average_before"]) == 3
     assert "Command: `metareason bench train" in out.with_suffix(".md").read_text()
 
@@ -44,12 +48,16 @@ def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path):
     out = tmp_path / "grpo.json"
     res = run_cli("bench", "grpo", "--config", str(path), "--steps", "2", "--warmup", "1", "--prompts", "2",
                   "--num-generations", "2", "--completion-length", "4", "--threads", "1", "--repeats", "1",
-                  "--sides", "ours,trl", "--out", str(out), timeout=900)
+                  "--sides", "ours,ours_unshared,trl", "--out", str(out), timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(out.read_text())
     text = out.with_suffix(".md").read_text()
-    assert "Command: `metareason bench grpo" in text and "--sides ours,trl" in r["command"]
+    assert "Command: `metareason bench grpo" in text and "--sides ours,ours_unshared,trl" in r["command"]
     assert r["decoder"] == "lean"
-    for side in ("ours", "trl"):
+    for side in ("ours", "ours_unshared", "trl"):
         assert r[side]["step_s"] > 0 and r[side]["sampling_s"] > 0, side
+    # the separate row really runs the plain forward: share_prompt_forward on for ours, off for the other
+    assert r["ours"]["share_prompt_forward"] is True and r["ours_unshared"]["share_prompt_forward"] is False
+    assert abs(r["speedup_unshared"] - r["trl"]["step_s"] / r["ours_unshared"]["step_s"]) < 1e-9
+    assert "share_prompt_forward off" in text
     assert abs(r["speedup"] - r["trl"]["step_s"] / r["ours"]["step_s"]) < 1e-9

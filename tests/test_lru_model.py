@@ -207,6 +207,31 @@ def test_cached_generation_equals_full_recomputation(mode, decode_cache, monkeyp
         torch.testing.assert_close(step_logits, full, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decode_cache", ["paged", "dynamic"])
+def test_cached_decoding_takes_the_absorbed_path(decode_cache, monkeypatch):
+    """Decode steps score against the cached latents (the point of MLA): keys and values are
+    decompressed only at the prefill; every later step runs the absorbed form (``_absorbed`` with
+    the dynamic cache, ``_latent_decode`` -> ``mla_decode`` with the paged one)."""
+    calls = {"expanded": [], "absorbed": [], "latent_decode": []}
+    for name, key in (("_expanded", "expanded"), ("_absorbed", "absorbed"), ("_latent_decode", "latent_decode")):
+        original = getattr(MLAAttention, name)
+
+        def spy(self, q_nope, *args, _original=original, _key=key, **kw):
+            calls[_key].append(q_nope.shape[2])  # query positions of this call
+            return _original(self, q_nope, *args, **kw)
+
+        monkeypatch.setattr(MLAAttention, name, spy)
+    model = tiny_model(decode_cache=decode_cache)
+    ids = torch.randint(3, 40, (2, 5))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                   use_cache=True, pad_token_id=0, eos_token_id=None)
+    layers = TINY["num_hidden_layers"]
+    assert calls["expanded"] == [5] * layers  # the prefill only
+    decoded = calls["absorbed"] if decode_cache == "dynamic" else calls["latent_decode"]
+    assert decoded == [1] * (3 * layers)  # 3 one-token decode steps x layers, all in latent space
+    assert calls["absorbed" if decode_cache == "paged" else "latent_decode"] == []
+
+
 def test_decoding_runs_the_lru_on_new_tokens_only(monkeypatch):
     model = tiny_model()
     seen = []

@@ -9,7 +9,7 @@ import torch
 
 from metareason import ops
 from metareason.ops import BackendUnavailableError, LRUParams, lru_act
-from metareason.ops.lru_act import lru_act_reference
+from metareason.ops.lru_act import LRUActOutput, lru_act_eager_compact, lru_act_reference
 
 EXT = ops.extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="metareason._C is not built (METAREASON_NO_EXT=1 install)")
@@ -85,6 +85,21 @@ def test_reference_matches_token_loop(fixed):
     torch.testing.assert_close(ref.remainders, rem)
     if not fixed:
         assert len(set(nit.tolist())) > 1, "the test data should give a mix of halting steps"
+
+
+@pytest.mark.parametrize("halt_bias", [-0.5, 8.0, -8.0])
+def test_eager_compact_matches_reference_on_fewer_rows(halt_bias, monkeypatch):
+    """The benchmark's fair eager baseline: the same outputs, GEMMs on the running rows only."""
+    x, p = make(40, 12, halt_bias=halt_bias, dtype=torch.float64, seed=5)
+    ref = lru_act_reference(x, p, 6, 0.9)
+    rows, mm = [], torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: rows.append(a.shape[0]) or mm(a, b))
+    got = lru_act_eager_compact(x, p, 6, 0.9)
+    monkeypatch.undo()
+    for name in LRUActOutput._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), msg=name)
+    # two input GEMMs of 40 rows, then per iteration three GEMMs on the tokens still running
+    assert sum(rows) == 2 * 40 + 3 * int(ref.num_iterations.sum())
 
 
 @pytest.mark.parametrize("backend", FUSED)

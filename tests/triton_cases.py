@@ -131,3 +131,87 @@ def test_lru_triton_gradients_match_reference():
         grads.append(torch.autograd.grad(loss, inputs))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------- linear_ce
+from metareason.ops import linear_cross_entropy, linear_token_logps  # noqa: E402
+from metareason.ops.linear_ce import linear_cross_entropy_reference, linear_token_logps_reference  # noqa: E402
+
+# (loss / log-probs / entropies, gradients) tolerances: the op's (docs/ops.md)
+CE_TOL = {torch.float32: (dict(atol=1e-5, rtol=1e-5), dict(atol=1e-5, rtol=1e-5)),
+          torch.bfloat16: (dict(atol=1e-2, rtol=1e-3), dict(atol=1e-2, rtol=2e-2)),
+          torch.float64: (dict(atol=1e-10, rtol=1e-10), dict(atol=1e-10, rtol=1e-10))}
+
+
+def _ce_inputs(N, H, V, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(V, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    t = torch.randint(0, V, (N,), generator=g)
+    return h, w, b, t
+
+
+def _grads(out, params):
+    return torch.autograd.grad(out, [p for p in params if p is not None])
+
+
+# (input dtype, BLOCK_V cap): 16 makes every row several column blocks (the online softmax across
+# blocks), in fp32 only (the interpreter is slow)
+CE_CASES = [(torch.float32, 4096), (torch.float32, 16), (torch.bfloat16, 4096), (torch.float64, 4096)]
+CE_IDS = ["fp32", "fp32-multi-block", "bf16", "fp64"]
+
+
+def _cap_block(monkeypatch, block_v):
+    from metareason.ops.linear_ce import triton_kernel
+
+    monkeypatch.setattr(triton_kernel, "MAX_BLOCK_V", block_v)
+
+
+@pytest.mark.parametrize("dtype,block_v", CE_CASES, ids=CE_IDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_ce_triton_matches_reference(dtype, block_v, bias, monkeypatch):
+    _cap_block(monkeypatch, block_v)
+    h, w, b, t = _ce_inputs(37, 16, 100, dtype, bias)
+    t[[3, 20]] = -100  # ignored rows
+    loss = linear_cross_entropy(h, w, t, b, chunk_tokens=8, backend="triton")
+    ref = linear_cross_entropy_reference(h, w, t, b)
+    vtol, gtol = CE_TOL[dtype]
+    torch.testing.assert_close(loss, ref, **vtol)
+    for got, want in zip(_grads(loss, (h, w, b)), _grads(ref, (h, w, b))):
+        torch.testing.assert_close(got.float(), want.float(), **gtol)
+
+
+@pytest.mark.parametrize("dtype,block_v", CE_CASES, ids=CE_IDS)
+@pytest.mark.parametrize("temperature,entropy", [(1.0, False), (0.7, True), (1.3, False)])
+def test_linear_token_logps_triton_matches_reference(dtype, block_v, temperature, entropy, monkeypatch):
+    _cap_block(monkeypatch, block_v)
+    h, w, b, t = _ce_inputs(29, 16, 77, dtype, True, seed=1)
+    got = linear_token_logps(h, w, t, b, temperature=temperature, return_entropy=entropy, chunk_tokens=8,
+                             backend="triton")
+    ref = linear_token_logps_reference(h, w, t, b, temperature, entropy)
+    got, ref = (got if entropy else (got,)), (ref if entropy else (ref,))
+    vtol, gtol = CE_TOL[dtype]
+    g = torch.Generator().manual_seed(2)
+    weights = [torch.randn(29, generator=g, dtype=r.dtype) for r in ref]
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, **vtol)
+    objective = [sum((x * c).sum() for x, c in zip(side, weights)) for side in (got, ref)]
+    for a, r in zip(_grads(objective[0], (h, w, b)), _grads(objective[1], (h, w, b))):
+        torch.testing.assert_close(a.float(), r.float(), **gtol)
+
+
+def test_linear_ce_triton_only_when_forced(monkeypatch):
+    from metareason.ops.linear_ce import triton_kernel
+
+    calls = []
+    original = triton_kernel.ce_rows_
+    monkeypatch.setattr(triton_kernel, "ce_rows_", lambda *a, **k: calls.append(1) or original(*a, **k))
+    h, w, b, t = _ce_inputs(9, 8, 20, torch.float32, False)
+    linear_cross_entropy(h, w, t)  # default dispatch on the CPU: the chunked torch path
+    assert calls == []
+    linear_cross_entropy(h, w, t, backend="triton")
+    assert calls  # the forced backend really runs the kernel
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(BackendUnavailableError, match="Triton kernels run on CUDA"):
+        linear_cross_entropy(h, w, t, backend="triton")

@@ -55,14 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--sides", default="ours,trl,trl_gc",
-                        help="comma list of sides: ours, trl (same work), trl_gc (TRL's default gradient checkpointing)")
+                        help="comma list of sides: ours, ours_unshared (ours with rl.share_prompt_forward off: every "
+                             "completion recomputes its prompt, as TRL does), trl (same work), trl_gc (TRL's default "
+                             "gradient checkpointing)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run the sides this many times, interleaved; the median run of each side is reported")
     parser.add_argument("--decoder", default="lean", choices=["lean", "lean_model", "hf"],
                         help="our side's sampling (generation.decoder): the lean decode loop with its own decode "
                              "step, the lean loop calling the model each step, or the model's generate")
     parser.add_argument("--out", default="bench/results/grpo-cpu.json")
-    parser.add_argument("--side", choices=["ours", "trl", "trl_gc"], help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--side", choices=["ours", "ours_unshared", "trl", "trl_gc"],
+                        help=argparse.SUPPRESS)  # child process
 
 
 def digit_fraction(completions, examples=None, **_):
@@ -134,7 +137,7 @@ def _breakdown(times: dict, timers: _Timers, warmup: int) -> dict:
     return out
 
 
-def _kernel(args, tmp):
+def _kernel(args, tmp, share_prompt_forward: bool = True):
     from metareason.kernel import Kernel
 
     total = args.steps + args.warmup
@@ -148,7 +151,7 @@ def _kernel(args, tmp):
         "data.eval=[]", f"rl.num_generations={args.num_generations}", "rl.rewards={bench_digit_fraction: 1.0}",
         f"rl.loss_type={args.loss_type}", "rl.beta=0.0", "rl.num_iterations=1", f"rl.max_completion_length={n}",
         f"generation.batch_size={args.prompts * args.num_generations}", f"generation.decoder={args.decoder}",
-        "rl.generation_kwargs={min_new_tokens: %d}" % n,
+        "rl.generation_kwargs={min_new_tokens: %d}" % n, f"rl.share_prompt_forward={str(share_prompt_forward).lower()}",
     ])
 
 
@@ -158,12 +161,12 @@ class _BenchReward:
         register("bench_digit_fraction", digit_fraction)
 
 
-def _side_ours(args, tmp) -> dict:
+def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
     import torch
 
     from metareason.train import grpo
 
-    kernel = _kernel(args, tmp)
+    kernel = _kernel(args, tmp, share_prompt_forward)
     kernel.register(_BenchReward(), name="bench_reward")
     stamps: list[float] = []
     parts: list[dict] = []
@@ -191,7 +194,8 @@ def _side_ours(args, tmp) -> dict:
             "generate_s": sum(p["rl/time/generate_s"] for p in timed) / len(timed),
             "rollout_s": sum(p["rl/time/rollout_s"] for p in timed) / len(timed),
             "train_s": sum(p["rl/time/train_s"] for p in timed) / len(timed),
-            **_breakdown(times, timers, w), "completion_tokens": sum(p["tokens"] for p in timed) / len(timed)}
+            **_breakdown(times, timers, w), "completion_tokens": sum(p["tokens"] for p in timed) / len(timed),
+            "share_prompt_forward": kernel.config.rl.share_prompt_forward}
 
 
 def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
@@ -255,8 +259,8 @@ def _child(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.side == "ours":
-            result = _side_ours(args, tmp)
+        if args.side in ("ours", "ours_unshared"):
+            result = _side_ours(args, tmp, share_prompt_forward=args.side == "ours")
         else:
             result = _side_trl(args, tmp, gradient_checkpointing=args.side == "trl_gc")
     result["threads"] = torch.get_num_threads()
@@ -300,7 +304,8 @@ def _spread(r: dict, key: str, fmt: str = "{:.3f}") -> str:
     return f"{fmt.format(r[key])} ({fmt.format(lo_hi[0])}-{fmt.format(lo_hi[1])})"
 
 
-NAMES = (("ours", "metareason"), ("trl", "TRL GRPOTrainer"), ("trl_gc", "TRL, gradient checkpointing (its default)"))
+NAMES = (("ours", "metareason"), ("ours_unshared", "metareason, share_prompt_forward off"), ("trl", "TRL GRPOTrainer"),
+         ("trl_gc", "TRL, gradient checkpointing (its default)"))
 PARTS = (("sampling_s", "sampling"), ("rollout_other_s", "rest of rollout"), ("logps_forward_s", "log-prob forward"),
          ("backward_optimizer_s", "backward + optimizer"))
 
@@ -348,10 +353,16 @@ def run(args) -> int:
     print(f"speed-up (TRL step time / ours): {speedup:.2f}x wall, {cpu_speedup:.2f}x CPU time; "
           f"peak memory ratio (ours / TRL): {mem_ratio:.2f}x")
     extra = {}
+    if "ours_unshared" in results:  # the same loop without the shared prompt forward: TRL's arithmetic
+        extra.update(ours_unshared=results["ours_unshared"],
+                     speedup_unshared=results["trl"]["step_s"] / results["ours_unshared"]["step_s"],
+                     cpu_time_speedup_unshared=results["trl"]["step_cpu_s"] / results["ours_unshared"]["step_cpu_s"])
+        print(f"with rl.share_prompt_forward off: {extra['speedup_unshared']:.2f}x wall, "
+              f"{extra['cpu_time_speedup_unshared']:.2f}x CPU time")
     if "trl_gc" in results:
-        extra = {"trl_gradient_checkpointing": results["trl_gc"],
-                 "speedup_vs_trl_defaults": results["trl_gc"]["step_s"] / results["ours"]["step_s"],
-                 "peak_memory_ratio_vs_trl_defaults": results["ours"]["peak_mb"] / results["trl_gc"]["peak_mb"]}
+        extra.update({"trl_gradient_checkpointing": results["trl_gc"],
+                      "speedup_vs_trl_defaults": results["trl_gc"]["step_s"] / results["ours"]["step_s"],
+                      "peak_memory_ratio_vs_trl_defaults": results["ours"]["peak_mb"] / results["trl_gc"]["peak_mb"]})
         print(f"against TRL with its default gradient checkpointing: {extra['speedup_vs_trl_defaults']:.2f}x, "
               f"peak memory {extra['peak_memory_ratio_vs_trl_defaults']:.2f}x")
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
@@ -374,13 +385,16 @@ def run(args) -> int:
 
 
 def _markdown(r: dict) -> str:
-    rows = [("metareason", r["ours"]), ("TRL GRPOTrainer", r["trl"])]
+    rows = [("metareason (share_prompt_forward on)", r["ours"])]
+    if "ours_unshared" in r:
+        rows.append(("metareason, share_prompt_forward off", r["ours_unshared"]))
+    rows.append(("TRL GRPOTrainer", r["trl"]))
     if "trl_gradient_checkpointing" in r:
         rows.append(("TRL, gradient checkpointing (its default)", r["trl_gradient_checkpointing"]))
     spread = " (min-max over the runs in brackets)" if r["repeats"] > 1 else ""
     lines = [f"# GRPO step: metareason vs TRL {r['trl_version']}", "",
              f"{r['device']}, torch {r['torch']}, transformers {r['transformers']}, {r['date']}.", "",
-             f"Same model (quickstart architecture, random init), {r['prompts_per_step']} causal-loop prompts x "
+             f"Same model (of `{r['config']}`), {r['prompts_per_step']} causal-loop prompts x "
              f"{r['num_generations']} completions of exactly {r['completion_length']} tokens per optimizer step, "
              f"loss_type {r['loss_type']}, beta 0, num_iterations 1; {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
@@ -394,6 +408,10 @@ def _markdown(r: dict) -> str:
         lines.append(f"| {name} | {_spread(x, 'step_s')} | {_spread(x, 'step_cpu_s')} | {x['peak_mb']:.0f} |")
     lines += ["", f"Speed-up (TRL step time / ours): **{r['speedup']:.2f}x** wall, {r['cpu_time_speedup']:.2f}x "
               f"CPU time; peak memory ours / TRL: {r['peak_memory_ratio']:.2f}x."]
+    if "speedup_unshared" in r:
+        lines.append(f"With `rl.share_prompt_forward` off (each completion's forward recomputes its prompt, the "
+                     f"arithmetic TRL does): **{r['speedup_unshared']:.2f}x** wall, "
+                     f"{r['cpu_time_speedup_unshared']:.2f}x CPU time.")
     if "speedup_vs_trl_defaults" in r:
         lines.append(f"Against TRL with its default gradient checkpointing: {r['speedup_vs_trl_defaults']:.2f}x, "
                      f"peak memory {r['peak_memory_ratio_vs_trl_defaults']:.2f}x.")

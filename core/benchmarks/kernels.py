@@ -1,8 +1,15 @@
 """``metareason bench kernels``: time the fused ops against their references, same run.
 
 Per op and shape: median time of the dispatched backend, the eager PyTorch reference and
-``torch.compile`` of that reference (plus, for mla_decode, the naive decompress-then-attend
-path), effective GB/s and TFLOP/s, and the ratios. Prints a table and writes
+``torch.compile`` of that reference, effective GB/s and TFLOP/s, and the ratios. The fair
+baselines are timed interleaved with the fused op (one call of each per round, so load on a
+shared machine hits every column alike) and reported as the median ratio with its range over
+the rounds: for lru_act an eager loop that keeps only the running rows each iteration
+(``lru_act_eager_compact``: the masked reference does all max_iterations for every token); for
+mla_decode one ``scaled_dot_product_attention`` call on a contiguous latent cache (heads folded
+into query rows, keys = ``[latent | rope key]``, values = the latent) and the LRU model's own
+absorbed batched-matmul path (``MLAAttention._absorbed``: baddbmm scores, fp32 softmax, bmm),
+plus the naive decompress-then-attend path. Prints a table and writes
 ``bench/results/kernels-<device>.json`` with the device name, torch version and date.
 
 How the lru_act halting mix is made realistic: w_p is scaled (×6) so tokens get different
@@ -26,7 +33,8 @@ import torch
 
 from metareason import ops
 from metareason.ops import LRUParams
-from metareason.ops.lru_act import lru_act_reference
+from metareason.ops.lru_act import lru_act_eager_compact, lru_act_reference
+from metareason.benchmarks.kernels_linear_ce import bench_linear_ce, print_linear_ce
 from metareason.ops.mla_decode import absorb_queries, mla_decode_reference, mla_decompress_attention
 
 
@@ -39,10 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's). On a shared machine use fewer threads "
                              "than free cores: OpenMP barriers with a descheduled thread dominate otherwise")
-    parser.add_argument("--decode", action="store_true",
-                        help="instead of the ops: greedy decoding of the LRU group archs (Llama A, MLA B with the "
-                             "dynamic and the paged mla_decode cache), tokens/s and cache bytes per token; writes "
-                             "kernels-decode-<device>.json")
+    parser.add_argument("--ops", default=None,
+                        help="comma-separated subset of lru_act,mla_decode,linear_ce (default: lru_act,mla_decode on "
+                             "the CPU, whose linear_ce figures come from bench/linear_ce_sanity.py; all three on CUDA, "
+                             "linear_ce there with Liger-Kernel's fused linear cross-entropy as the peer when installed)")
+
+
+def _dispatch_triton_ok(device: str) -> bool:
+    from metareason.ops import _dispatch
+
+    return _dispatch.triton_why_not(torch.device(device)) is None
 
 
 def device_name(device: str) -> str:
@@ -68,6 +82,33 @@ def timeit(fn: Callable[[], object], device: str, repeats: int, budget_s: float 
         if time.perf_counter() - start > budget_s and len(times) >= 3:
             break
     return statistics.median(times)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int,
+                budget_s: float = 60.0) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, calls interleaved round by round after one warm-up
+    call each; stops early past ``budget_s`` once 3 rounds are done."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in fns.values():
+        fn()
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for i in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and i >= 2:
+            break
+    return times
+
+
+def ratio(times: dict[str, list[float]], base: str, of: str = "fused") -> tuple[float, list[float]]:
+    """Median and [min, max] over rounds of ``base``'s time / ``of``'s time in the same round."""
+    r = [b / f for b, f in zip(times[base], times[of])]
+    return statistics.median(r), [min(r), max(r)]
 
 
 def _compiled(fn, enabled: bool):
@@ -124,14 +165,20 @@ def bench_lru(n, d, M, dtype, device, repeats, use_compile, backend):
         with torch.no_grad():
             return lru_act_reference(x, params, M, thr)
 
+    def eager_compact():
+        with torch.no_grad():
+            return lru_act_eager_compact(x, params, M, thr)
+
     comp = _compiled(lru_act_reference, use_compile)
 
     def compiled():
         with torch.no_grad():
             return comp(x, params, M, thr)
 
-    t_f = timeit(fused, device, repeats)
-    t_e = timeit(eager, device, repeats)
+    times = interleaved(dict(fused=fused, eager=eager, eager_compact=eager_compact), device, repeats)
+    t_f, t_e, t_k = (statistics.median(times[k]) for k in ("fused", "eager", "eager_compact"))
+    vs_e, vs_e_range = ratio(times, "eager")
+    vs_k, vs_k_range = ratio(times, "eager_compact")
     t_c, c_err = _measure_compiled(compiled if comp else None, device, repeats)
     return dict(
         op="lru_act",
@@ -141,13 +188,18 @@ def bench_lru(n, d, M, dtype, device, repeats, use_compile, backend):
         mean_ponder=round(nit.float().mean().item(), 3),
         halting_histogram=torch.bincount(nit.cpu(), minlength=M + 1)[1:].tolist(),
         b_p=round(float(params.b_p), 4),
+        rounds=len(times["fused"]),
         median_ms=t_f * 1e3,
         eager_ms=t_e * 1e3,
+        eager_compact_ms=t_k * 1e3,
         compile_ms=None if t_c is None else t_c * 1e3,
         compile_error=c_err,
         gbps=nbytes / t_f / 1e9,
         tflops=flops / t_f / 1e12,
-        vs_eager=t_e / t_f,
+        vs_eager=vs_e,
+        vs_eager_range=vs_e_range,
+        vs_eager_compact=vs_k,
+        vs_eager_compact_range=vs_k_range,
         vs_compile=None if t_c is None else t_c / t_f,
     )
 
@@ -195,14 +247,32 @@ def bench_mla(B, S, H, d_c, d_rope, dtype, device, repeats, use_compile, backend
     def naive():
         return mla_decompress_attention(q_nope, q_rope, c_kv, k_rope, W_uk, W_uv, scale)
 
+    q_rows = q.view(B, 1, H, D)  # heads folded into query rows: one latent key/value head
+    q_lat, q_rp = q.view(B, H, D).split([d_c, d_rope], dim=-1)
+
+    def sdpa_latent():
+        return torch.nn.functional.scaled_dot_product_attention(
+            q_rows, rows[:, None], rows[:, None, :, :d_c], scale=scale).view(B, H, d_c)
+
+    def absorbed_bmm():  # MLAAttention._absorbed for one query position
+        scores = torch.baddbmm(q_rp @ k_rope.transpose(1, 2), q_lat, c_kv.transpose(1, 2)) * scale
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+        return torch.bmm(weights, c_kv)
+
     comp = _compiled(mla_decode_reference, use_compile)
 
     def compiled():
         return comp(q, cache, table, lens, d_c, scale)
 
+    rows = rows.contiguous()
     with torch.no_grad():
-        t_f = timeit(fused, device, repeats)
-        t_e = timeit(eager, device, repeats)
+        got = fused()[0].view(B, H, d_c).float()
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype != torch.float32 else dict(atol=1e-4, rtol=1e-3)
+        for name, fn in (("sdpa_latent", sdpa_latent), ("absorbed_bmm", absorbed_bmm)):
+            torch.testing.assert_close(fn().float(), got, **tol, msg=f"mla_decode baseline {name}")
+        times = interleaved(dict(fused=fused, eager=eager, sdpa_latent=sdpa_latent, absorbed_bmm=absorbed_bmm),
+                            device, repeats)
+        t_f, t_e, t_s, t_b = (statistics.median(times[k]) for k in ("fused", "eager", "sdpa_latent", "absorbed_bmm"))
         t_n = timeit(naive, device, max(3, repeats // 2))
         t_c, c_err = _measure_compiled(compiled if comp else None, device, repeats)
     esize = cache.element_size()
@@ -213,14 +283,22 @@ def bench_mla(B, S, H, d_c, d_rope, dtype, device, repeats, use_compile, backend
         shape=dict(B=B, seqlen=S, H=H, d_c=d_c, d_rope=d_rope, s_q=1),
         dtype=str(dtype).replace("torch.", ""),
         backend=backend,
+        rounds=len(times["fused"]),
         median_ms=t_f * 1e3,
         eager_ms=t_e * 1e3,
+        sdpa_latent_ms=t_s * 1e3,
+        absorbed_bmm_ms=t_b * 1e3,
         compile_ms=None if t_c is None else t_c * 1e3,
         compile_error=c_err,
         naive_decompress_ms=t_n * 1e3,
         gbps=nbytes / t_f / 1e9,
         tflops=flops / t_f / 1e12,
-        vs_eager=t_e / t_f,
+        vs_eager=ratio(times, "eager")[0],
+        vs_eager_range=ratio(times, "eager")[1],
+        vs_sdpa_latent=ratio(times, "sdpa_latent")[0],
+        vs_sdpa_latent_range=ratio(times, "sdpa_latent")[1],
+        vs_absorbed_bmm=ratio(times, "absorbed_bmm")[0],
+        vs_absorbed_bmm_range=ratio(times, "absorbed_bmm")[1],
         vs_compile=None if t_c is None else t_c / t_f,
         vs_naive_decompress=t_n / t_f,
     )
@@ -240,6 +318,11 @@ def print_table(rows):
         print(f"{r['op']:<11} {shape:<44} {r['dtype']:<9} {r['backend']:<8} {r['median_ms']:>9.2f} "
               f"{r['gbps']:>7.2f} {r['tflops']:>8.4f} {_fmt(r['vs_eager']):>7} {_fmt(r['vs_compile']):>8} "
               f"{_fmt(r.get('vs_naive_decompress')):>7}")
+        fair = [(label, r[key], r[key + "_range"]) for label, key in
+                (("eager, running rows only", "vs_eager_compact"), ("one SDPA call, contiguous latent", "vs_sdpa_latent"),
+                 ("model's absorbed bmm", "vs_absorbed_bmm")) if key in r]
+        print(f"{'':<11} x fair baselines over {r['rounds']} interleaved rounds: " + "; ".join(
+            f"{label} {v:.2f} ({lo:.2f}-{hi:.2f})" for label, v, (lo, hi) in fair))
         if r["op"] == "lru_act":
             print(f"{'':<11} mean ponder {r['mean_ponder']}, halting steps 1..{len(r['halting_histogram'])}: "
                   f"{r['halting_histogram']}")
@@ -255,15 +338,23 @@ def run(args: argparse.Namespace) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         print("bench kernels: --device cuda, but torch.cuda.is_available() is False on this machine")
         return 2
-    if getattr(args, "decode", False):
-        return _run_decode(args, device, load_before)
+    known = ("lru_act", "mla_decode", "linear_ce")
+    selected = [o.strip() for o in (args.ops or "").split(",") if o.strip()] or \
+        (list(known) if device == "cuda" else ["lru_act", "mla_decode"])
+    bad = [o for o in selected if o not in known]
+    if bad:
+        print(f"bench kernels: --ops: unknown op {bad[0]!r}; expected some of {', '.join(known)}")
+        return 2
     backend = "cuda" if device == "cuda" else ("cpu" if "cpu" in ops.available_backends() else "reference")
     repeats = args.repeats or (3 if args.quick else 7)
     use_compile = not args.no_compile
     if args.quick:
         lru_shapes = [(512, 128, 8)]
         mla_shapes = [(2, 512, 16, 128, 32)]
+        ce_shapes = [(256, 64, 1000)]
     else:
+        # SmolLM2-135M's output layer (H 576, V 49,152): 2 x 512 tokens on the CPU, 8 x 512 on a GPU
+        ce_shapes = [(1024, 576, 49152)] if device == "cpu" else [(4096, 576, 49152), (8192, 576, 49152)]
         lru_shapes = [(4096, 512, 8), (1024, 256, 8)]
         mla_shapes = [(4, 4096, 16, 512, 64), (1, 4096, 16, 512, 64)] if device == "cpu" else \
             [(64, 4096, 16, 512, 64), (4, 4096, 16, 512, 64)]
@@ -277,6 +368,9 @@ def run(args: argparse.Namespace) -> int:
 
         fused = [b for b, why in (("cuda", None if "cuda" in ops.available_backends() else "no CUDA ext"),
                                   ("triton", _dispatch.triton_why_not(torch.device("cuda")))) if why is None]
+    lru_shapes = lru_shapes if "lru_act" in selected else []
+    mla_shapes = mla_shapes if "mla_decode" in selected else []
+    ce_shapes = ce_shapes if "linear_ce" in selected else []
     for n, d, M in lru_shapes:
         for be in fused:
             print(f"[bench] lru_act tokens={n} d={d} max_iterations={M} ({be}) ...", flush=True)
@@ -290,8 +384,19 @@ def run(args: argparse.Namespace) -> int:
                 row["frac_copy_bw"] = row["gbps"] / machine["copy_gbps"]
                 row["frac_sgemm"] = row["tflops"] * 1e3 / machine["sgemm_gflops"]
                 rows.append(row)
+    ce_backends = [backend] if device == "cpu" else \
+        [b for b in ("cuda", "triton") if b == "cuda" or _dispatch_triton_ok(device)]
+    ce_rows = []
+    for N, H, V in ce_shapes:
+        for dt in ([torch.float32] if device == "cpu" else [torch.bfloat16, torch.float32]):
+            for be in ce_backends:
+                print(f"[bench] linear_ce tokens={N} H={H} V={V} {dt} ({be}) ...", flush=True)
+                ce_rows.append(bench_linear_ce(N, H, V, dt, device, repeats, "cpu" if be == "reference" else be,
+                                               peer=device == "cuda"))
     print()
     print_table(rows)
+    print_linear_ce(ce_rows)
+    rows += ce_rows
     print(f"\nmachine: copy {machine['copy_gbps']:.1f} GB/s (read + write), sgemm {machine['sgemm_gflops']:.0f} GFLOP/s")
     for r in rows:
         if r["op"] == "mla_decode":
@@ -311,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
         machine=machine,
         command="metareason bench kernels " + " ".join(
             f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in sorted(vars(args).items())
-            if k in ("device", "quick", "threads", "repeats", "no_compile") and v not in (None, False)),
+            if k in ("device", "quick", "threads", "repeats", "no_compile", "ops") and v not in (None, False)),
         rows=rows,
     )
     out = Path(args.out)
@@ -320,33 +425,6 @@ def run(args: argparse.Namespace) -> int:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)  # atomic: a reader never sees half a file
-    print(f"\nwrote {path}")
-    return 0
-
-
-def _write(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def _run_decode(args, device, load_before) -> int:
-    from metareason.benchmarks.kernels_decode import print_decode, run_decode
-
-    if device != "cpu":
-        print("bench kernels --decode: CPU only for now (the group archs are tiny)")
-        return 2
-    result = run_decode(**(dict(settings=((2, 96, 8),), repeats=1) if args.quick else {}))
-    print_decode(result)
-    result.update(device=device_name(device), torch=torch.__version__,
-                  loadavg_1m_before=None if load_before is None else round(load_before[0], 2),
-                  loadavg_1m_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
-                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  command="metareason bench kernels --decode" + (" --quick" if args.quick else "")
-                  + (f" --threads {args.threads}" if args.threads else ""))
-    path = Path(args.out) / f"kernels-decode-{device}{'-quick' if args.quick else ''}.json"
-    _write(path, result)
     print(f"\nwrote {path}")
     return 0
 

@@ -20,6 +20,12 @@ Runs are interleaved (ours, hf..., ours, hf..., ``--repeats`` times); each side 
 median and range of its runs. Steps are timed after a warm-up through a step-end hook (ours)
 or a ``TrainerCallback`` (Trainer). Tokens are the non-padding tokens of the timed steps'
 batches (the same count on every side).
+
+Peak step memory (``step_peak_mb``): one more, untimed step after the timed ones, on every side,
+profiled from the previous step's end to its own: the peak of allocated tensor memory above what
+was live when it began (activations, gradients, optimizer temporaries), from the PyTorch
+profiler's allocation events on the CPU (``torch.cuda.max_memory_allocated`` on a GPU), not the
+process RSS (``peak_mb``), which mostly counts imports.
 """
 from __future__ import annotations
 
@@ -64,10 +70,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--side", choices=list(SIDE_NAMES), help=argparse.SUPPRESS)  # child process
 
 
+class StepMemory:
+    """Peak allocated tensor memory (MiB) during the step after step index ``first`` (0-based),
+    above what was live when it began: ``at_step_end(i)`` is called at every step end."""
+
+    def __init__(self, first: int):
+        self.first, self.prof, self.base, self.peak_mb = first, None, 0, None
+
+    def at_step_end(self, i: int) -> None:
+        import torch
+
+        if i == self.first:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                self.prof = "cuda"
+            else:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+                self.prof.start()
+        elif i == self.first + 1 and self.prof is not None:
+            if self.prof == "cuda":
+                torch.cuda.synchronize()
+                self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+            else:
+                self.prof.stop()
+                events = sorted((e.start_ns(), e.nbytes()) for e in self.prof.profiler.kineto_results.events()
+                                if e.name() == "[memory]")
+                live = peak = 0
+                for _, nbytes in events:  # running sum of allocations (+) and frees (-)
+                    live += nbytes
+                    peak = max(peak, live)
+                self.peak_mb = peak / 2 ** 20
+            self.prof = None
+
+
+def _total_steps(args) -> int:
+    """Warm-up, timed steps, and the untimed step whose memory is profiled."""
+    return args.warmup + args.steps + 1
+
+
 def _kernel(args, tmp):
     from metareason.kernel import Kernel
 
-    total = args.steps + args.warmup
+    total = _total_steps(args)
     return Kernel(args.config, overrides=[
         f"output_dir={tmp}", "name=bench", f"train.max_steps={total}", f"train.batch_size={args.batch_size}",
         "train.grad_accum=1", "train.save_every=0", "train.eval_every=0", "eval.at_end=false",
@@ -89,11 +137,13 @@ def _side_ours(args, tmp) -> dict:
 
     kernel = _kernel(args, tmp)
     stamps: list[tuple[float, float]] = []
+    memory = StepMemory(args.warmup + args.steps - 1)
 
     class Timer:
         @hookimpl
         def metareason_on_step_end(self, step, metrics):
             stamps.append((time.perf_counter(), time.process_time()))
+            memory.at_step_end(len(stamps) - 1)
 
     kernel.register(Timer(), name="bench_timer")
     tokens: list[int] = []
@@ -121,19 +171,19 @@ def _side_ours(args, tmp) -> dict:
     sft.packing_mode, sft.pack_batch = mode, pack
     kernel.run(overwrite=True)
     return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
-            "packing": seen["line"], "packed_batches": seen["packed"], "batches": len(tokens),
+            "step_peak_mb": memory.peak_mb, "packing": seen["line"], "packed_batches": seen["packed"], "batches": len(tokens),
             "group_by_length": kernel.config.train.group_by_length}
 
 
 def _our_batches(kernel, tokenizer, n_batches: int):
     """The examples (as encoded) of our stream's first ``n_batches`` batches, in order."""
-    from metareason.data.tokenize import SFTStream, encode_examples
+    from metareason.data.tokenize import SFTStream
     from metareason.train.loop import load_train_examples
+    from metareason.train.sft import encode_sft_examples
 
     cfg = kernel.config
     examples = load_train_examples(kernel)
-    enc = encode_examples(tokenizer, [e["prompt"] for e in examples], [e["completion"] for e in examples],
-                          cfg.data.max_length)
+    enc = encode_sft_examples(kernel, tokenizer, examples)  # as the loop encodes (chat template, EOS)
     stream = SFTStream(examples, enc, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id,
                        cfg.train.group_by_length)
     rows = []
@@ -156,7 +206,7 @@ def _side_hf(args, tmp, flatten: bool) -> dict:
     cfg = kernel.config
     seed_everything(cfg.train.seed)
     model, tokenizer = kernel.load()
-    total = args.steps + args.warmup
+    total = _total_steps(args)
     dataset = _our_batches(kernel, tokenizer, total + 1)  # +1: the dataloader may prefetch a batch
     tokens: list[int] = []
     flattener = DataCollatorWithFlattening(return_position_ids=True)
@@ -175,10 +225,12 @@ def _side_hf(args, tmp, flatten: bool) -> dict:
                 "labels": batch["labels"]}
 
     stamps: list[tuple[float, float]] = []
+    memory = StepMemory(args.warmup + args.steps - 1)
 
     class Timer(TrainerCallback):
         def on_step_end(self, *a, **k):
             stamps.append((time.perf_counter(), time.process_time()))
+            memory.at_step_end(len(stamps) - 1)
 
     tc = cfg.train
     targs = TrainingArguments(
@@ -194,7 +246,7 @@ def _side_hf(args, tmp, flatten: bool) -> dict:
     trainer.train()
     # the dataloader may prefetch one batch ahead; only the timed steps' batches are counted
     return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
-            "collator": "DataCollatorWithFlattening" if flatten else "right padding",
+            "step_peak_mb": memory.peak_mb, "collator": "DataCollatorWithFlattening" if flatten else "right padding",
             "group_by_length": cfg.train.group_by_length,
             "attn_implementation": model.config._attn_implementation}
 
@@ -214,8 +266,9 @@ def _side_floor(args, tmp) -> dict:
     seed_everything(cfg.train.seed)
     model, tokenizer = kernel.load()
     model.train()
-    total = args.steps + args.warmup
+    total = _total_steps(args)
     rows = _our_batches(kernel, tokenizer, total)
+    memory = StepMemory(args.warmup + args.steps - 1)
     optimizer = build_optimizer(model, cfg.train)
     params = [p for p in model.parameters() if p.requires_grad]
     stamps, tokens = [], []
@@ -233,8 +286,9 @@ def _side_floor(args, tmp) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stamps.append((time.perf_counter(), time.process_time()))
+        memory.at_step_end(len(stamps) - 1)
     return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
-            "group_by_length": cfg.train.group_by_length}
+            "step_peak_mb": memory.peak_mb, "group_by_length": cfg.train.group_by_length}
 
 
 def _sequential_kwargs(training_args_cls) -> dict:
@@ -268,12 +322,14 @@ def _child(args) -> int:
 def _summary(runs: list[dict]) -> dict:
     speeds = [r["tokens_per_s"] for r in runs]
     mems = [r["peak_mb"] for r in runs]
+    steps_mem = [r["step_peak_mb"] for r in runs]
     cpu = [r["tokens_per_cpu_s"] for r in runs]
     settings = {k: v for k, v in runs[0].items() if k in ("packing", "packed_batches", "batches", "collator",
                                                            "attn_implementation", "threads", "group_by_length")}
     return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
             "tokens_per_cpu_s": statistics.median(cpu), "peak_mb": statistics.median(mems),
-            "peak_mb_range": [min(mems), max(mems)], "timed_tokens": runs[0]["timed_tokens"], **settings,
+            "peak_mb_range": [min(mems), max(mems)], "step_peak_mb": statistics.median(steps_mem),
+            "step_peak_mb_range": [min(steps_mem), max(steps_mem)], "timed_tokens": runs[0]["timed_tokens"], **settings,
             "runs": runs}
 
 
@@ -323,15 +379,17 @@ def run(args) -> int:
     ratio = ours["tokens_per_s"] / base["tokens_per_s"]
     pair_ratios = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in zip(runs["ours"], runs[baseline])]
     mem_ratio = ours["peak_mb"] / base["peak_mb"]
+    step_mem_ratio = ours["step_peak_mb"] / base["step_peak_mb"]
     cpu_ratio = ours["tokens_per_cpu_s"] / base["tokens_per_cpu_s"]
-    print(f"{'':42s} {'tokens/s':>9s} {'range':>15s} {'tok/CPU-s':>9s} {'peak MB':>8s}")
+    print(f"{'':42s} {'tokens/s':>9s} {'range':>15s} {'tok/CPU-s':>9s} {'RSS MB':>8s} {'step MiB':>8s}")
     for side in sides:
         r = results[side]
         lo, hi = r["tokens_per_s_range"]
         print(f"{SIDE_NAMES[side]:42s} {r['tokens_per_s']:9.0f} {lo:7.0f}-{hi:<7.0f} {r['tokens_per_cpu_s']:9.0f} "
-              f"{r['peak_mb']:8.0f}")
+              f"{r['peak_mb']:8.0f} {r['step_peak_mb']:8.0f}")
     print(f"speed ratio (ours / {SIDE_NAMES[baseline]}): {ratio:.2f}x median (per-repeat {min(pair_ratios):.2f}-"
-          f"{max(pair_ratios):.2f}), {cpu_ratio:.2f}x per CPU second; peak memory ratio {mem_ratio:.2f}x")
+          f"{max(pair_ratios):.2f}), {cpu_ratio:.2f}x per CPU second; peak step memory (allocated tensors) ratio {step_mem_ratio:.2f}x, "
+          f"peak RSS ratio {mem_ratio:.2f}x")
     floor = None
     if "floor" in results:
         f_cpu = results["floor"]["tokens_per_cpu_s"]
@@ -347,7 +405,8 @@ def run(args) -> int:
               "load_average_before": load_before, "load_average_after": load_after,
               "ours": ours, **{side: results[side] for side in sides if side != "ours"}, "baseline": baseline,
               "speed_ratio": ratio, "speed_ratio_range": [min(pair_ratios), max(pair_ratios)],
-              "cpu_time_speed_ratio": cpu_ratio, "peak_memory_ratio": mem_ratio, "command": _command(args),
+              "cpu_time_speed_ratio": cpu_ratio, "peak_memory_ratio": mem_ratio,
+              "step_memory_ratio": step_mem_ratio, "command": _command(args),
               "against_plain_loop": floor}
     write_record(args.out, record, _markdown(record, sides))
     return 0
@@ -356,14 +415,15 @@ def run(args) -> int:
 def _markdown(r: dict, sides: list[str]) -> str:
     lines = [f"# SFT loop: metareason vs Hugging Face Trainer (transformers {r['transformers']})", "",
              f"{r['device']}, torch {r['torch']}, {r['date']}.", "",
-             f"Quickstart model architecture (random init), the same causal-loop batches in the same order on "
+             f"Model of `{r['config']}`, the same batches in the same order on "
              f"every side (batch {r['batch_size']}, {'length-grouped' if r['ours']['group_by_length'] else 'random'}"
              f"), {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
              f"side: median and range. Tokens are non-padding tokens. Load average (1 min) before/after: "
              f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f}; torch threads per side: "
              f"{r['ours'].get('threads')}.", "",
-             "| side | settings | tokens/s (median) | range | tokens/CPU-s | peak RSS MB |", "|---|---|---|---|---|---|"]
+             "| side | settings | tokens/s (median) | range | tokens/CPU-s | peak step MiB (allocated) | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
     for side in sides:
         x = r[side]
         if side == "ours":
@@ -375,12 +435,13 @@ def _markdown(r: dict, sides: list[str]) -> str:
                         f"{', group_by_length' if x['group_by_length'] else ''}")
         lo, hi = x["tokens_per_s_range"]
         lines.append(f"| {SIDE_NAMES[side]} | {settings} | {x['tokens_per_s']:.0f} | {lo:.0f}-{hi:.0f} | "
-                     f"{x['tokens_per_cpu_s']:.0f} | {x['peak_mb']:.0f} |")
+                     f"{x['tokens_per_cpu_s']:.0f} | {x['step_peak_mb']:.0f} | {x['peak_mb']:.0f} |")
     lo, hi = r["speed_ratio_range"]
     lines += ["", f"Baseline: the faster Trainer setting, {SIDE_NAMES[r['baseline']]}. Speed ratio (ours / "
               f"baseline, medians): **{r['speed_ratio']:.2f}x** (per-repeat {lo:.2f}-{hi:.2f}); per CPU second "
-              f"{r['cpu_time_speed_ratio']:.2f}x (the steadier number on a shared machine); peak memory "
-              f"ratio {r['peak_memory_ratio']:.2f}x.", ""]
+              f"{r['cpu_time_speed_ratio']:.2f}x (the steadier number on a shared machine); peak step memory "
+              f"(allocated tensors during one step, profiler) ratio **{r['step_memory_ratio']:.2f}x**; peak RSS "
+              f"ratio {r['peak_memory_ratio']:.2f}x (mostly imports).", ""]
     if r.get("against_plain_loop"):
         f = r["against_plain_loop"]
         lines += [f"Against the plain PyTorch loop on the same batches (a reference for what the arithmetic "

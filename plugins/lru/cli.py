@@ -1,4 +1,5 @@
-"""``metareason lru sweep CONFIG_DIR`` and ``metareason lru stats RUN_DIR``."""
+"""``metareason lru sweep CONFIG_DIR``, ``metareason lru stats RUN_DIR`` and
+``metareason lru bench-decode CONFIG_DIR``."""
 from __future__ import annotations
 
 import shlex
@@ -56,8 +57,45 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_bench_decode(args) -> int:
+    import datetime as _dt
+    import json
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from metareason.benchmarks import cpu_name
+    from metareason.plugins.lru.bench_decode import print_decode, run_decode
+
+    for name in ("repeats", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name}: expected an int >= 1, got {value}")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    kw = dict(settings=((2, 96, 8),), repeats=1) if args.quick else {}
+    if args.repeats:
+        kw["repeats"] = args.repeats
+    result = run_decode(args.config_dir, threads=args.threads, **kw)
+    print_decode(result)
+    result.update(device=cpu_name(), torch=torch.__version__,
+                  loadavg_1m_before=None if load_before is None else round(load_before[0], 2),
+                  loadavg_1m_after=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+                  date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  command="metareason " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                  if sys.argv[1:3] == ["lru", "bench-decode"] else "metareason lru bench-decode")
+    path = Path(args.out) / f"kernels-decode-cpu{'-quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)  # atomic: a reader never sees half a file
+    print(f"\nwrote {path}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("lru", help="ZeroModel (MLA + LRU): experiment sweep, per-level LRU statistics")
+    p = subparsers.add_parser("lru", help="ZeroModel (MLA + LRU): experiment sweep, per-level LRU statistics, "
+                                          "decode benchmark")
     sub = p.add_subparsers(dest="lru_command", metavar="SUBCOMMAND", required=True)
 
     s = sub.add_parser("sweep", help="the group comparison: lr grid on validation, seeds, test report",
@@ -97,3 +135,15 @@ def add_commands(subparsers) -> None:
     t.add_argument("run_dir", help="a run directory (runs/NAME)")
     t.add_argument("--checkpoint", help="a checkpoint directory (default: the latest)")
     t.set_defaults(func=cmd_stats)
+
+    b = sub.add_parser("bench-decode", help="greedy decode speed and cache bytes of the group archs (CPU)",
+                       description="Greedy decoding of the LRU experiment's A (Llama) and B (MLA) archs, random "
+                                   "weights: Llama's K/V cache, MLA's latent cache with the absorbed decode form and "
+                                   "with it switched off (decompressed), and the paged cache through "
+                                   "metareason.ops.mla_decode. Writes OUT/kernels-decode-cpu.json.")
+    b.add_argument("config_dir", help="directory holding a_llama.yaml and b_mla.yaml, e.g. configs/lru/")
+    b.add_argument("--out", default="bench/results", help="folder for kernels-decode-cpu.json (default: bench/results)")
+    b.add_argument("--quick", action="store_true", help="one small setting, one repeat (a smoke run)")
+    b.add_argument("--repeats", type=int, help="timed rounds per model, best kept (default 2)")
+    b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    b.set_defaults(func=cmd_bench_decode)

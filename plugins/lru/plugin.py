@@ -4,7 +4,8 @@
 * ``metareason_config_sections``: the ``lru`` section (loss weights, sweep labels).
 * ``metareason_extra_losses``: ``L_pred``, ``L_stability``, ``L_sparsity``, ``L_ponder`` — only
   for forward outputs that carry ``lru_stats`` (i.e. ``deepseek_mla`` models); no-op otherwise.
-* ``metareason_cli_commands``: ``metareason lru sweep DIR`` and ``metareason lru stats RUN_DIR``.
+* ``metareason_cli_commands``: ``metareason lru sweep DIR``, ``metareason lru stats RUN_DIR`` and
+  ``metareason lru bench-decode CONFIG_DIR``.
 
 Heavy imports (torch, transformers) happen inside the hooks, so loading the plugin is cheap.
 """

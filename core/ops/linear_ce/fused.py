@@ -18,8 +18,12 @@ reduces them to one number per token and drops them. The largest temporary is on
 Under autocast the inputs are cast to the autocast dtype first (what ``F.linear`` does under
 autocast), and the op itself runs with autocast off. Backends: ``reference`` (the unfused
 spec); ``cpu`` / ``cuda``: this chunked implementation on CPU / CUDA tensors (torch's GEMMs are
-the kernel: measured in docs/ops.md, a compiled epilogue would not pay on the CPU). There is no
-Triton version yet.
+the kernel: measured in docs/ops.md, a compiled epilogue would not pay on the CPU); ``triton``:
+the same chunks and GEMMs with each chunk's softmax / loss / gradient epilogue in Triton
+(``triton_kernel.py``, in place on the chunk's logits). Triton runs on CUDA tensors (on the CPU
+only forced under ``TRITON_INTERPRET=1``, for the tests), and only when forced
+(``backend="triton"`` / ``METAREASON_OPS=triton``): dispatch takes ``cuda`` first, until
+``scripts/gpu-check.sh`` has measured the kernel on a GPU.
 """
 from __future__ import annotations
 
@@ -43,12 +47,12 @@ def default_chunk(vocab: int) -> int:
     return max(128, CHUNK_ELEMENTS // max(vocab, 1))
 
 
-def _why_not(device: torch.device) -> dict[str, Optional[str]]:
+def _why_not(device: torch.device, explicit: Optional[str] = None) -> dict[str, Optional[str]]:
     return {
         "reference": None,
         "cpu": None if device.type == "cpu" else f"inputs are on {device}, the cpu backend needs CPU tensors",
         "cuda": None if device.type == "cuda" else f"inputs are on {device}, the cuda backend needs CUDA tensors",
-        "triton": "linear_ce has no Triton kernel (the chunked torch path runs on CUDA as the cuda backend)",
+        "triton": _dispatch.triton_why_not(device, explicit),
     }
 
 
@@ -127,7 +131,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     (in place: this graph can be backpropagated once; ``retain_graph`` does not change that)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk, grad_mode):
+    def forward(ctx, hidden, weight, bias, targets, chunk, grad_mode, use_triton=False):
         # needs_input_grad says requires_grad even under no_grad: ``grad_mode`` is the caller's
         need_h, need_w, need_b = (grad_mode and need for need in ctx.needs_input_grad[:3])
         grads = need_h or need_w or need_b
@@ -138,6 +142,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, hidden.shape[0], chunk):
             h, t = hidden[s: s + chunk], targets[s: s + chunk, None]
             z = _chunk_logits(h, weight, bias, 1.0)
+            if use_triton:  # loss rows, and z becomes softmax - onehot in place
+                from metareason.ops.linear_ce.triton_kernel import ce_rows_
+
+                total += ce_rows_(z, targets[s: s + chunk], grads).sum()
+                if grads:
+                    gl = z.to(hidden.dtype)
+                    if gh is not None:
+                        torch.mm(gl, weight, out=gh[s: s + chunk])
+                    _accumulate(gw, gb, gl, h, first=s == 0)
+                    del gl
+                del z
+                continue
             picked = z.gather(1, t)
             m = z.amax(dim=-1, keepdim=True)
             e = z.sub_(m).exp_()  # in place of the logits: one exp per logit, one [chunk, V] buffer
@@ -168,7 +184,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None
         return (None if gh is None else gh.mul_(g.to(gh.dtype)),
                 None if gw is None else gw.mul_(g).to(wd),
-                None if gb is None else gb.mul_(g).to(bd), None, None, None)
+                None if gb is None else gb.mul_(g).to(bd), None, None, None, None)
 
 
 class _LinearTokenLogps(torch.autograd.Function):
@@ -176,7 +192,7 @@ class _LinearTokenLogps(torch.autograd.Function):
     recomputes each chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk):
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk, use_triton=False):
         N = hidden.shape[0]
         fdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         logps = torch.empty(N, dtype=fdt, device=hidden.device)
@@ -184,6 +200,13 @@ class _LinearTokenLogps(torch.autograd.Function):
         ent = torch.empty(N if want_entropy else 0, dtype=fdt, device=hidden.device)
         for s in range(0, N, chunk):
             z = _chunk_logits(hidden[s: s + chunk], weight, bias, temperature)
+            if use_triton:
+                from metareason.ops.linear_ce.triton_kernel import logps_rows
+
+                logps_rows(z, targets[s: s + chunk], logps[s: s + chunk], lse[s: s + chunk],
+                           ent[s: s + chunk] if want_entropy else None)
+                del z
+                continue
             log_z = torch.logsumexp(z, dim=-1)
             logps[s: s + chunk] = z.gather(1, targets[s: s + chunk, None]).squeeze(1) - log_z
             lse[s: s + chunk] = log_z
@@ -191,7 +214,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 ent[s: s + chunk] = log_z - (torch.softmax(z, dim=-1) * z).sum(-1)
             del z
         ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.use_triton = temperature, chunk, use_triton
         ctx.set_materialize_grads(False)
         return logps, ent
 
@@ -203,7 +226,7 @@ class _LinearTokenLogps(torch.autograd.Function):
         if g_ent is not None and ent.numel() == 0:
             g_ent = None
         if g_logp is None and g_ent is None:
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         gh = torch.empty_like(hidden) if need_h else None
@@ -214,7 +237,14 @@ class _LinearTokenLogps(torch.autograd.Function):
                 g = g_logp[s: s + chunk, None].to(lse.dtype)
                 z = _chunk_logits(h, weight, bias, T)
                 lz = lse[s: s + chunk, None]
-                if g_ent is not None:
+                if ctx.use_triton:  # z becomes the logits' gradient in place
+                    from metareason.ops.linear_ce.triton_kernel import logps_grad_rows_
+
+                    ge = None if g_ent is None else g_ent[s: s + chunk].to(lse.dtype).contiguous()
+                    logps_grad_rows_(z, targets[s: s + chunk], lse[s: s + chunk], g[:, 0].contiguous(), ge,
+                                     None if ge is None else ent[s: s + chunk], T)
+                    grad = z
+                elif g_ent is not None:
                     grad = (z - lz).exp_()  # p
                     # d logp / dz = onehot - p;  d H / dz = -p * (z - E_p[z]),  E_p[z] = lse - H
                     mean_z = lz - ent[s: s + chunk, None]
@@ -222,9 +252,10 @@ class _LinearTokenLogps(torch.autograd.Function):
                     grad.mul_(z).neg_()
                 else:
                     grad = z.sub_(lz).exp_().mul_(-g)  # -g * softmax, in place of the logits
-                grad.scatter_add_(1, t, g)
-                if T != 1.0:
-                    grad.div_(T)
+                if not ctx.use_triton:
+                    grad.scatter_add_(1, t, g)
+                    if T != 1.0:
+                        grad.div_(T)
                 gl = grad.to(hidden.dtype)
                 if gh is not None:
                     torch.mm(gl, weight, out=gh[s: s + chunk])
@@ -232,7 +263,7 @@ class _LinearTokenLogps(torch.autograd.Function):
                 del z, grad, gl
             _zero_if_empty(hidden.shape[0], gw, gb)
         return (gh, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(bias.dtype),
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def _flat(hidden, targets):
@@ -254,7 +285,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     _check(hidden, weight, bias, targets, chunk_tokens)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction: expected one of {', '.join(REDUCTIONS)}, got {reduction!r}")
-    name = _dispatch.select("linear_ce", _why_not(hidden.device), backend)
+    name = _dispatch.select("linear_ce", _why_not(hidden.device, backend), backend)
     if name == "reference":
         return linear_cross_entropy_reference(hidden, weight, targets, bias, ignore_index, reduction)
     h, t = _flat(hidden, targets)
@@ -266,7 +297,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     h, w, b = _autocast_cast(h, weight, bias)
     chunk = chunk_tokens or default_chunk(weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
-        total = _LinearCrossEntropy.apply(h, w, b, t, chunk, torch.is_grad_enabled())
+        total = _LinearCrossEntropy.apply(h, w, b, t, chunk, torch.is_grad_enabled(), name == "triton")
     return total if reduction == "sum" else total / max(n, 1)
 
 
@@ -281,13 +312,14 @@ def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     _check(hidden, weight, bias, targets, chunk_tokens)
     if not temperature > 0:
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-    name = _dispatch.select("linear_ce", _why_not(hidden.device), backend)
+    name = _dispatch.select("linear_ce", _why_not(hidden.device, backend), backend)
     if name == "reference":
         return linear_token_logps_reference(hidden, weight, targets, bias, temperature, return_entropy)
     h, t = _flat(hidden, targets)
     h, w, b = _autocast_cast(h, weight, bias)
     chunk = chunk_tokens or default_chunk(weight.shape[0])
     with torch.autocast(h.device.type, enabled=False):
-        logps, ent = _LinearTokenLogps.apply(h, w, b, t, float(temperature), bool(return_entropy), chunk)
+        logps, ent = _LinearTokenLogps.apply(h, w, b, t, float(temperature), bool(return_entropy), chunk,
+                                             name == "triton")
     logps = logps.view(targets.shape)
     return (logps, ent.view(targets.shape)) if return_entropy else logps

@@ -97,3 +97,50 @@ def lru_act_reference(
         rem.reshape(lead),
         torch.stack(residuals, dim=-1).reshape(*lead, max_iterations),
     )
+
+
+def lru_act_eager_compact(
+    x: torch.Tensor,
+    params: LRUParams,
+    max_iterations: int,
+    halt_threshold: float,
+) -> LRUActOutput:
+    """The same recurrence in eager PyTorch, keeping only the running tokens each iteration.
+
+    Halted rows are dropped from every tensor (boolean indexing), so the GEMM work is Σ_t n_t
+    rows as in the fused backends. This is the fair eager baseline of ``bench kernels``: the
+    masked reference above does N·max_iterations rows whatever the halting mix.
+    """
+    d = x.shape[-1]
+    lead = x.shape[:-1]
+    M = max_iterations
+    ct = compute_dtype(x.dtype)
+    xf = x.reshape(-1, d).to(ct)
+    W, U, b, W_h, U_h, b_h, w_p, b_p = (t.to(ct) for t in params)
+    N = xf.shape[0]
+    gx, hx = xf @ U.T + b, xf @ U_h.T + b_h
+    idx = torch.arange(N, device=x.device)
+    h, cum, acc = xf, xf.new_zeros(N), xf.new_zeros(N, d)
+    out, rem = xf.new_zeros(N, d), xf.new_zeros(N)
+    probs, residuals = xf.new_zeros(N, M), xf.new_zeros(N, M)
+    n_iter = torch.full((N,), M, dtype=torch.long, device=x.device)
+    for n in range(1, M + 1):
+        if idx.numel() == 0:
+            break
+        z, r = torch.sigmoid(h @ W.T + gx).chunk(2, dim=-1)
+        h_new = (1 - z) * h + z * torch.tanh((r * h) @ W_h.T + hx)
+        p = torch.sigmoid(h_new @ w_p + b_p)
+        probs[idx, n - 1] = p
+        residuals[idx, n - 1] = torch.linalg.vector_norm(h_new - h, dim=-1)
+        new_cum = cum + p
+        stop = (new_cum >= halt_threshold) | (n == M)
+        R = 1 - cum
+        done = idx[stop]
+        out[done] = acc[stop] + R[stop, None] * h_new[stop]
+        rem[done] = R[stop]
+        n_iter[done] = n
+        keep = ~stop
+        acc = (acc + p[:, None] * h_new)[keep]
+        cum, h, gx, hx, idx = new_cum[keep], h_new[keep], gx[keep], hx[keep], idx[keep]
+    return LRUActOutput(out.to(x.dtype).reshape(*lead, d), probs.reshape(*lead, M), n_iter.reshape(lead),
+                        rem.reshape(lead), residuals.reshape(*lead, M))
