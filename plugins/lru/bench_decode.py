@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from metareason.errors import UserError
+from metareason.api import UserError
 
 GROUPS = {"A_llama": "a_llama.yaml", "B_mla": "b_mla.yaml"}
 #: label -> (group, decode_cache, absorbed form on)
@@ -87,7 +87,7 @@ def cache_bytes(cache) -> int:
 def measure(model, batch: int, prompt: int, new: int, repeats: int) -> dict:
     """Prefill once, then ``new`` greedy steps called one by one (decode time only, no generate()
     bookkeeping); best of ``repeats``."""
-    from metareason.models.compat import CACHE_KWARG
+    from metareason.api import CACHE_KWARG
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g)

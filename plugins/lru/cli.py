@@ -65,7 +65,7 @@ def cmd_bench_decode(args) -> int:
 
     import torch
 
-    from metareason.benchmarks import cpu_name
+    from metareason.api import cpu_name
     from metareason.plugins.lru.bench_decode import print_decode, run_decode
 
     for name in ("repeats", "threads"):
