@@ -175,8 +175,8 @@ def train_run(plan: Plan, argv: list[str], run_dir: Path, steps: int, keep: Opti
         return False
     trained = False
     if final_checkpoint(run_dir, steps) is None:
-        if keep is not None and keep.exists():
-            keep.unlink()  # an earlier, unfinished attempt's copy
+        for stale in run_dir.glob("eval_samples-*.jsonl"):  # copies of an earlier attempt's evaluations
+            stale.unlink()
         resume = run_dir.exists() and holds_checkpoints(run_dir)
         metareason(plan, argv + ["--resume" if resume else "--overwrite"])
         trained = True
