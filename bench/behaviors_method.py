@@ -274,6 +274,9 @@ def build(plan: Plan, seeds: list[int], arms: list[str], bases_only: bool, state
         run_dir = runs / plan.base_name(s)
 
         def do_base(s=s, run_dir=run_dir):
+            if set(arms) != set(ARMS) and not bases_only:
+                raise SystemExit(f"{TAG} the base of seed {s} is not finished ({run_dir}): run the driver with "
+                                 f"--bases-only first, so that drivers on disjoint --arms never train the same base")
             train_run(plan, plan.base_argv(s), run_dir, sz.base_steps, None)
 
         def gate(s=s, run_dir=run_dir):

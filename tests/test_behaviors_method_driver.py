@@ -108,3 +108,16 @@ def test_gate_stops_with_a_clear_message(quick, capsys):
     message = str(stop.value.code)
     assert "gate" in message and "seed 0" in message and "0.90" in message and "behaviors-methodq-base-s0" in message
     assert "the arms do not start" in message
+
+
+def test_partial_arms_reuse_the_bases_and_never_train_one(quick, tmp_path):
+    driver, runs, out, _ = quick
+    partial = tmp_path / "bci"
+    assert driver.main(["--quick", "--runs", str(runs), "--out", str(partial), "--arms", "bci"]) == 0
+    record = json.loads(partial.with_suffix(".json").read_text())
+    assert record["executed"] == [] and list(record["comparisons"]) == ["A3", "A4-accuracy", "A4-tokens", "A5"]
+    assert "a partial report" in partial.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit) as stop:  # no base yet: a driver on a subset of the arms refuses to train it
+        driver.main(["--quick", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--arms", "bci"])
+    assert "--bases-only first" in str(stop.value.code)
+    assert not (tmp_path / "empty" / "behaviors-methodq-base-s0" / "checkpoints").exists()
