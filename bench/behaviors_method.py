@@ -437,6 +437,9 @@ COMPARISONS = [
     ("A4-accuracy", "A4", "bci, ordered vs control block, {top} steps, held-out topics", "bci", -1, "ordered", "bci", -1, "control", "heldout", "mcnemar"),
     ("A4-tokens", "A4", "bci, control vs ordered block, generated tokens, {top} steps, held-out topics", "bci", -1, "control", "bci", -1, "ordered", "heldout", "wilcoxon"),
     ("A5", "A5", "bci, ordered vs shuffled block, {top} steps, held-out topics", "bci", -1, "ordered", "bci", -1, "shuffled", "heldout", "mcnemar"),
+    # not one of the nine: the context A4's rule needs ("keeps the no-block accuracy"), outside Holm
+    ("A4-control-vs-none", "A4", "bci, control block vs no block, {top} steps, held-out topics (context, not in Holm)",
+     "bci", -1, "control", "bci", -1, "none", "heldout", "context"),
 ]
 
 
@@ -484,10 +487,11 @@ def analyse(plan: Plan, seeds: list[int], arms: list[str], state: dict) -> dict:
             "hypothesis": hyp, "what": what.format(top=sz.budgets[-1], b0=sz.budgets[0], b1=sz.budgets[1]), "pairs": len(pooled), "mcnemar": mc, "mcnemar_per_seed": per_seed_p,
             "wilcoxon": wx, "accuracy_difference": ms.seed_interval(diffs) if len(seeds) >= 2 else {"mean": diffs[0]},
             "token_change": wx["mean_a"] / wx["mean_b"] - 1.0 if wx["mean_b"] else float("nan"),
-            "test": test, "p": mc["p_value"] if test == "mcnemar" else wx["p_value"]}
-    holm = ms.holm({k: v["p"] for k, v in comparisons.items()}) if comparisons else {}
+            "test": test, "p": wx["p_value"] if test == "wilcoxon" else mc["p_value"]}
+    family = {k: v["p"] for k, v in comparisons.items() if v["test"] != "context"}
+    holm = ms.holm(family) if family else {}
     for k, v in comparisons.items():
-        v["p_holm"] = holm[k]
+        v["p_holm"] = holm.get(k)
     return {"table": table, "comparisons": comparisons, "verdicts": verdicts(comparisons, table, sz)}
 
 
@@ -515,19 +519,18 @@ def verdicts(cmp: dict, table: list[dict], sz: Sizes) -> dict:
         c = cmp["A3"]
         out["A3"] = ("refuted (significantly lower accuracy under the block)" if favours_b(c) else
                      "supported" if not_lower(c) and c["token_change"] <= -0.30 else "neither")
-    if "A4-accuracy" in cmp and "A4-tokens" in cmp:
-        ctrl = [r for r in table if r["arm"] == "bci" and r["budget"] == sz.budgets[-1] and r["topics"] == "heldout"]
-        by = {r["condition"]: r for r in ctrl}
-        if {"control", "none", "ordered"} <= set(by):
-            t = cmp["A4-tokens"]
-            back = t["wilcoxon"]["p_value"] < 0.05 and t["wilcoxon"]["mean_a"] > t["wilcoxon"]["mean_b"]
-            cites_ctrl = by["control"]["cites_absent"] + by["control"]["cites_control"] > 0
-            shortens = t["wilcoxon"]["mean_a"] <= t["wilcoxon"]["mean_b"] or not back
-            keeps = by["control"]["seed_interval"] is None or \
-                by["control"]["seed_interval"]["mean"] >= by["none"]["seed_interval"]["mean"] - 0.05
-            out["A4"] = ("refuted (the control block " + ("shortens answers as the real one does" if shortens else
-                                                          "is answered with citations of behaviors it does not hold") + ")"
-                         if shortens or cites_ctrl else "supported" if keeps else "neither")
+    if "A4-tokens" in cmp and "A4-control-vs-none" in cmp:
+        ctrl = [r for r in table if r["arm"] == "bci" and r["budget"] == sz.budgets[-1] and r["topics"] == "heldout"
+                and r["condition"] == "control"]
+        w = cmp["A4-tokens"]["wilcoxon"]  # a: control, b: ordered
+        back = w["p_value"] < 0.05 and w["mean_a"] > w["mean_b"]  # restates the methods again
+        absent = bool(ctrl) and ctrl[0]["cites_absent"] > 0  # cites behaviors the block does not hold
+        cites_control = bool(ctrl) and ctrl[0]["cites_control"] > 0
+        keeps = not favours_b(cmp["A4-control-vs-none"])  # not significantly below the no-block accuracy
+        out["A4"] = ("refuted (the control block shortens answers as the real one does)" if not back else
+                     "refuted (under the control block it cites behaviors the block does not hold)" if absent else
+                     "supported" if keeps and not cites_control else
+                     "neither (tokens back up, but it cites the control behaviors or loses the no-block accuracy)")
     if "A5" in cmp:
         c = cmp["A5"]
         sh = [r for r in table if r["arm"] == "bci" and r["budget"] == sz.budgets[-1] and r["topics"] == "heldout"
@@ -591,7 +594,7 @@ def write_report(out: Path, plan: Plan, seeds: list[int], arms: list[str], state
     lines += ["", "## The nine comparisons (paired on the same questions, seeds pooled; Holm over the nine)", "",
               "a vs b. McNemar: right only under a / only under b (pooled), p; per-seed p. Accuracy difference a - b: "
               "mean over seeds [t interval]. Tokens: mean a / mean b, change, Wilcoxon p. Holm applies to the "
-              "test named in the last column.", "",
+              "test named in the last column; the last row is context for A4's rule, outside the family.", "",
               "| comparison | what | pairs | only a / only b | McNemar p | per seed p | accuracy a - b | tokens a / b "
               "(change) | Wilcoxon p | test | Holm p |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, c in stats["comparisons"].items():
@@ -601,7 +604,7 @@ def write_report(out: Path, plan: Plan, seeds: list[int], arms: list[str], state
         lines.append(f"| {name} | {c['what']} | {c['pairs']} | {c['mcnemar']['only_a']} / {c['mcnemar']['only_b']} | "
                      f"{fmt_p(c['mcnemar']['p_value'])} | {', '.join(fmt_p(p) for p in c['mcnemar_per_seed'].values())} | "
                      f"{diff} | {w['mean_a']:.1f} / {w['mean_b']:.1f} ({c['token_change']:+.0%}) | {fmt_p(w['p_value'])} | "
-                     f"{c['test']} | {fmt_p(c['p_holm'])} |")
+                     f"{c['test']} | {'—' if c['p_holm'] is None else fmt_p(c['p_holm'])} |")
     lines += ["", "## Verdicts by the rules fixed in the design (applied mechanically; raw p as the rules state)", ""]
     lines += [f"* **{k}**: {v}" for k, v in stats["verdicts"].items()] or ["* (no comparison available)"]
     lines += ["", "## Commands (in order; `# reused`: a finished run found and kept)", "", "```bash",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,7 @@ def quick(tmp_path_factory):
     return driver, runs, out, argv
 
 
+@pytest.mark.slow
 def test_quick_writes_every_table(quick):
     driver, runs, out, _ = quick
     md = out.with_suffix(".md").read_text()
@@ -44,9 +45,12 @@ def test_quick_writes_every_table(quick):
                     "## The nine comparisons", "## Verdicts", "## Commands"):
         assert heading in md
     record = json.loads(out.with_suffix(".json").read_text())
-    assert list(record["comparisons"]) == [c[0] for c in driver.COMPARISONS] and len(record["comparisons"]) == 9
-    # Holm over the nine: every adjusted p at least its raw p
-    assert all(c["p_holm"] >= c["p"] for c in record["comparisons"].values())
+    assert list(record["comparisons"]) == [c[0] for c in driver.COMPARISONS]
+    nine = {k: c for k, c in record["comparisons"].items() if c["test"] != "context"}
+    assert len(nine) == 9
+    # Holm over the nine: every adjusted p at least its raw p; the context comparison outside it
+    assert all(c["p_holm"] >= c["p"] for c in nine.values())
+    assert record["comparisons"]["A4-control-vs-none"]["p_holm"] is None
     # sft, bcsft: 3 budgets x 2 topic groups; bci: 3 budgets x 6 conditions (4 held-out, 2 training)
     rows = {(r["arm"], r["budget"], r["condition"], r["topics"]) for r in record["table"]}
     assert len(rows) == 2 * 6 + 18
@@ -67,6 +71,7 @@ def test_quick_writes_every_table(quick):
             assert (runs / f"behaviors-methodq-{arm}-s{seed}-lr{g['lr']}-4" / "eval_samples-test.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_second_invocation_reuses_every_stage(quick, tmp_path):
     driver, runs, out, argv = quick
     before = checkpoint_times(runs)
@@ -81,6 +86,7 @@ def test_second_invocation_reuses_every_stage(quick, tmp_path):
     assert all(c.endswith("# reused") for c in record["commands"] if c.startswith("metareason"))
 
 
+@pytest.mark.slow
 def test_interrupted_run_restarts_cleanly(quick, tmp_path):
     """A run without its final checkpoint (interrupted) is trained afresh (--overwrite) and its
     evaluations redone; nothing else runs."""
@@ -101,6 +107,7 @@ def test_interrupted_run_restarts_cleanly(quick, tmp_path):
     assert (run / "eval_samples-test.jsonl").read_text() != "stale\n"
 
 
+@pytest.mark.slow
 def test_gate_stops_with_a_clear_message(quick, capsys):
     driver, runs, out, argv = quick
     with pytest.raises(SystemExit) as stop:
@@ -110,14 +117,45 @@ def test_gate_stops_with_a_clear_message(quick, capsys):
     assert "the arms do not start" in message
 
 
+@pytest.mark.slow
 def test_partial_arms_reuse_the_bases_and_never_train_one(quick, tmp_path):
     driver, runs, out, _ = quick
     partial = tmp_path / "bci"
     assert driver.main(["--quick", "--runs", str(runs), "--out", str(partial), "--arms", "bci"]) == 0
     record = json.loads(partial.with_suffix(".json").read_text())
-    assert record["executed"] == [] and list(record["comparisons"]) == ["A3", "A4-accuracy", "A4-tokens", "A5"]
+    assert record["executed"] == [] and list(record["comparisons"]) == ["A3", "A4-accuracy", "A4-tokens", "A5",
+                                                                        "A4-control-vs-none"]
     assert "a partial report" in partial.with_suffix(".md").read_text()
     with pytest.raises(SystemExit) as stop:  # no base yet: a driver on a subset of the arms refuses to train it
         driver.main(["--quick", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "x"), "--arms", "bci"])
     assert "--bases-only first" in str(stop.value.code)
     assert not (tmp_path / "empty" / "behaviors-methodq-base-s0" / "checkpoints").exists()
+
+
+def comparison(only_a, only_b, p, diff_high, tokens_a, tokens_b, wilcoxon_p=1.0):
+    return {"mcnemar": {"only_a": only_a, "only_b": only_b, "p_value": p},
+            "accuracy_difference": {"mean": diff_high - 0.01, "low": diff_high - 0.02, "high": diff_high},
+            "token_change": tokens_a / tokens_b - 1.0,
+            "wilcoxon": {"mean_a": tokens_a, "mean_b": tokens_b, "p_value": wilcoxon_p}}
+
+
+def test_verdicts_follow_the_design_rules():
+    """A1 / A3: supported needs accuracy not lower and >= 30% fewer tokens; refuted needs the
+    other side significantly more accurate. A4: the control block must bring the tokens back."""
+    driver = load_driver()
+    sizes = driver.QUICK
+    cmp = {"A1-heldout": comparison(30, 10, 0.001, 0.05, 60.0, 100.0),   # more accurate, 40% shorter
+           "A1-train": comparison(5, 40, 1e-6, -0.1, 60.0, 100.0),      # sft significantly better
+           "A3": comparison(10, 12, 0.8, 0.02, 80.0, 100.0)}            # only 20% shorter
+    v = driver.verdicts(cmp, [], sizes)
+    assert v["A1-heldout"].startswith("supported") and "stronger claim" in v["A1-heldout"]
+    assert v["A1-train"].startswith("refuted")
+    assert v["A3"] == "neither"
+    row = {"arm": "bci", "budget": sizes.budgets[-1], "topics": "heldout", "condition": "control",
+           "cites_absent": 0.0, "cites_control": 0.0}
+    same = {"A4-tokens": comparison(0, 0, 1.0, 0.0, 100.0, 99.0, wilcoxon_p=0.6),
+            "A4-control-vs-none": comparison(3, 4, 1.0, 0.0, 100.0, 100.0)}
+    assert driver.verdicts(same, [row], sizes)["A4"].startswith("refuted (the control block shortens")
+    back = dict(same, **{"A4-tokens": comparison(0, 0, 1.0, 0.0, 200.0, 100.0, wilcoxon_p=1e-9)})
+    assert driver.verdicts(back, [row], sizes)["A4"] == "supported"
+    assert driver.verdicts(back, [dict(row, cites_absent=0.2)], sizes)["A4"].startswith("refuted (under the control")
