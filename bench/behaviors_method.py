@@ -180,9 +180,9 @@ def train_run(plan: Plan, argv: list[str], run_dir: Path, steps: int, keep: Opti
         resume = run_dir.exists() and holds_checkpoints(run_dir)
         metareason(plan, argv + ["--resume" if resume else "--overwrite"])
         trained = True
-    else:  # trained, its evaluation missing or not yet copied: the run's own eval set again
-        if not samples.exists() or keep is None:
-            metareason(plan, ["eval", str(run_dir)] + plan.common())
+    else:  # trained, its evaluation missing or not copied: the run's own eval set again (what
+        # eval_samples.jsonl holds then is not known to be that evaluation)
+        metareason(plan, ["eval", str(run_dir)] + plan.common())
     if keep is not None:
         copy_atomic(samples, keep)
     return trained
@@ -241,13 +241,14 @@ def run_stages(plan: Plan, stages: list[Stage]) -> dict:
 
 
 def data_summary(arm: str, seed: int, sizes: Sizes) -> dict:
-    """An arm's training examples (the spec of its runs), checked: the teacher's answers are
-    exact, and their lengths; the same for its validation set."""
+    """An arm's training examples (the task spec of its runs), checked: the share of teacher
+    answers that are exact, their lengths, and the share of prompts under a block."""
     from metareason.plugins.behaviors.demo_task import _ANSWER, make_task
 
     params = {"format": "method", **dict([ARM_PARAMS[arm].split(": ")])}
     task = make_task(params, seed, sizes.train_samples)
-    exact = sum(1 for ex in task.examples if (m := _ANSWER.search(ex["completion"])) and m.group(1) == ex["answer"])
+    exact = sum(1 for ex in task.examples
+                if (m := _ANSWER.search(ex["completion"])) and m.group(1) == ex["answer"])
     blocks = {"bare": 0, "block": 0}
     for ex in task.examples:
         blocks["block" if "behavior_" in ex["prompt"] else "bare"] += 1
@@ -427,16 +428,22 @@ def cell(samples: dict, condition: str, kind: str) -> list[dict]:
 # the nine comparisons of the design (A1..A5), fixed before any run: (name, hypothesis, what,
 # arm a, budget a, condition a, arm b, budget b, condition b, topics, the test that enters Holm)
 COMPARISONS = [
-    ("A1-heldout", "A1", "bcsft vs sft, {top} steps, held-out topics", "bcsft", -1, "none", "sft", -1, "none", "heldout", "mcnemar"),
-    ("A1-train", "A1", "bcsft vs sft, {top} steps, training topics", "bcsft", -1, "none", "sft", -1, "none", "train", "mcnemar"),
+    ("A1-heldout", "A1", "bcsft vs sft, {top} steps, held-out topics",
+     "bcsft", -1, "none", "sft", -1, "none", "heldout", "mcnemar"),
+    ("A1-train", "A1", "bcsft vs sft, {top} steps, training topics",
+     "bcsft", -1, "none", "sft", -1, "none", "train", "mcnemar"),
     ("A2-150", "A2", "bcsft vs sft, {b0} steps, all topics", "bcsft", 0, "none", "sft", 0, "none", "all", "mcnemar"),
     ("A2-300", "A2", "bcsft vs sft, {b1} steps, all topics", "bcsft", 1, "none", "sft", 1, "none", "all", "mcnemar"),
     ("A2-equal-tokens", "A2", "bcsft at {top} vs sft at {b1} steps (about equal supervised tokens), all topics",
      "bcsft", -1, "none", "sft", 1, "none", "all", "mcnemar"),
-    ("A3", "A3", "bci, ordered block vs no block, {top} steps, held-out topics", "bci", -1, "ordered", "bci", -1, "none", "heldout", "mcnemar"),
-    ("A4-accuracy", "A4", "bci, ordered vs control block, {top} steps, held-out topics", "bci", -1, "ordered", "bci", -1, "control", "heldout", "mcnemar"),
-    ("A4-tokens", "A4", "bci, control vs ordered block, generated tokens, {top} steps, held-out topics", "bci", -1, "control", "bci", -1, "ordered", "heldout", "wilcoxon"),
-    ("A5", "A5", "bci, ordered vs shuffled block, {top} steps, held-out topics", "bci", -1, "ordered", "bci", -1, "shuffled", "heldout", "mcnemar"),
+    ("A3", "A3", "bci, ordered block vs no block, {top} steps, held-out topics",
+     "bci", -1, "ordered", "bci", -1, "none", "heldout", "mcnemar"),
+    ("A4-accuracy", "A4", "bci, ordered vs control block, {top} steps, held-out topics",
+     "bci", -1, "ordered", "bci", -1, "control", "heldout", "mcnemar"),
+    ("A4-tokens", "A4", "bci, control vs ordered block, generated tokens, {top} steps, held-out topics",
+     "bci", -1, "control", "bci", -1, "ordered", "heldout", "wilcoxon"),
+    ("A5", "A5", "bci, ordered vs shuffled block, {top} steps, held-out topics",
+     "bci", -1, "ordered", "bci", -1, "shuffled", "heldout", "mcnemar"),
     # not one of the nine: the context A4's rule needs ("keeps the no-block accuracy"), outside Holm
     ("A4-control-vs-none", "A4", "bci, control block vs no block, {top} steps, held-out topics (context, not in Holm)",
      "bci", -1, "control", "bci", -1, "none", "heldout", "context"),
@@ -484,7 +491,8 @@ def analyse(plan: Plan, seeds: list[int], arms: list[str], state: dict) -> dict:
             diffs.append(sum((p["score"] >= 1.0) - (q["score"] >= 1.0) for p, q in pairs) / len(pairs))
         mc, wx = ms.mcnemar(pooled), ms.wilcoxon_tokens(pooled)
         comparisons[name] = {
-            "hypothesis": hyp, "what": what.format(top=sz.budgets[-1], b0=sz.budgets[0], b1=sz.budgets[1]), "pairs": len(pooled), "mcnemar": mc, "mcnemar_per_seed": per_seed_p,
+            "hypothesis": hyp, "what": what.format(top=sz.budgets[-1], b0=sz.budgets[0], b1=sz.budgets[1]),
+            "pairs": len(pooled), "mcnemar": mc, "mcnemar_per_seed": per_seed_p,
             "wilcoxon": wx, "accuracy_difference": ms.seed_interval(diffs) if len(seeds) >= 2 else {"mean": diffs[0]},
             "token_change": wx["mean_a"] / wx["mean_b"] - 1.0 if wx["mean_b"] else float("nan"),
             "test": test, "p": wx["p_value"] if test == "wilcoxon" else mc["p_value"]}
@@ -560,7 +568,8 @@ def write_report(out: Path, plan: Plan, seeds: list[int], arms: list[str], state
              f"resumption). Seeds {', '.join(map(str, seeds))}; arms {', '.join(arms)}"
              + ("" if set(arms) == set(ARMS) else " (a partial report: the comparisons of the other arms are absent)")
              + f"; budgets {' / '.join(map(str, sz.budgets))} steps.", ""]
-    lines += ["## Bases (gate: test accuracy >= %.2f)" % sz.gate, "", "| seed | steps | accuracy | passed |", "|---|---|---|---|"]
+    lines += [f"## Bases (gate: test accuracy >= {sz.gate:.2f})", "", "| seed | steps | accuracy | passed |",
+              "|---|---|---|---|"]
     for s, b in sorted(state["bases"].items()):
         lines.append(f"| {s} | {b['steps']} | {b['accuracy']:.3f} | {'yes' if b['passed'] else 'no'} |")
     lines += ["", "## Training data (the teachers are programmatic; accuracy checked here)", "",
@@ -589,7 +598,8 @@ def write_report(out: Path, plan: Plan, seeds: list[int], arms: list[str], state
         per = ", ".join(f"{r['accuracy'][s]:.3f} [{r['wilson'][s][0]:.2f}, {r['wilson'][s][1]:.2f}]" for s in seeds)
         lines.append(f"| {r['arm']} | {r['budget']} | {r['condition']} | {r['topics']} | {r['questions']} | {acc} | {per} | "
                      f"{r['gen_tokens']:.1f} | {r['steps']:.3f} | {r['cites']:.2f} | {r['citations']:.2f} | "
-                     + (f"{r['chain_order']:.2f} | {r['block_order']:.2f} | " if r["condition"] != "none" else "— | — | ")
+                     + ("— | — | " if r["condition"] == "none" else
+                        f"{r['chain_order']:.2f} | {r['block_order']:.2f} | ")
                      + f"{r['cites_absent']:.2f} |")
     lines += ["", "## The nine comparisons (paired on the same questions, seeds pooled; Holm over the nine)", "",
               "a vs b. McNemar: right only under a / only under b (pooled), p; per-seed p. Accuracy difference a - b: "

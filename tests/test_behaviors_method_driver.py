@@ -89,7 +89,8 @@ def test_second_invocation_reuses_every_stage(quick, tmp_path):
 @pytest.mark.slow
 def test_interrupted_run_restarts_cleanly(quick, tmp_path):
     """A run without its final checkpoint (interrupted) is trained afresh (--overwrite) and its
-    evaluations redone; nothing else runs."""
+    evaluations redone; a trained run whose validation copy is missing is evaluated again on its
+    own eval set (not retrained); nothing else runs."""
     driver, runs, out, argv = quick
     lr = json.loads(out.with_suffix(".json").read_text())["grid"]["bcsft"]["lr"]
     run = runs / f"behaviors-methodq-bcsft-s1-lr{lr}-3"
@@ -97,12 +98,16 @@ def test_interrupted_run_restarts_cleanly(quick, tmp_path):
 
     shutil.rmtree(run / "checkpoints")
     (run / "eval_samples-test.jsonl").write_text("stale\n")
+    evaluated = runs / f"behaviors-methodq-bcsft-s1-lr{lr}-2"
+    (evaluated / "eval_samples-val.jsonl").unlink()
     again = tmp_path / "again"
     assert driver.main(argv[:-1] + [str(again)]) == 0
     executed = json.loads(again.with_suffix(".json").read_text())["executed"]
-    assert len(executed) == 2 and all(run.name in c for c in executed)
-    assert executed[0].startswith("metareason run") and executed[0].endswith("--overwrite")
-    assert executed[1].startswith("metareason eval")
+    assert len(executed) == 3, executed
+    assert executed[0] == f"metareason eval {evaluated} output_dir={runs} " + " ".join(driver.QUICK.extra)
+    assert run.name in executed[1] and executed[1].startswith("metareason run") and executed[1].endswith("--overwrite")
+    assert run.name in executed[2] and executed[2].startswith("metareason eval") and "data.eval=" in executed[2]
+    assert (evaluated / "eval_samples-val.jsonl").exists()
     assert (run / "checkpoints" / "step-0000003").is_dir()
     assert (run / "eval_samples-test.jsonl").read_text() != "stale\n"
 
