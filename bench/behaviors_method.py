@@ -34,7 +34,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -637,7 +637,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; --quick: 0,1)")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms of sft, bcsft, bci")
     p.add_argument("--bases-only", action="store_true", help="train and gate the bases, then stop")
-    p.add_argument("--gate", type=float, default=None, help="the base gate (default 0.90; --quick: 0)")
+    p.add_argument("--gate", type=float, default=None,
+                   help="the base gate (default: the design's 0.90; --quick: 0, a 6-step base learns nothing); "
+                        "the report prints the gate used")
     p.add_argument("--quick", action="store_true", help="every stage in miniature: checks the pipeline, measures nothing")
     args = p.parse_args(argv)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -650,7 +652,7 @@ def main(argv=None) -> int:
         p.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     sizes = QUICK if args.quick else FULL
     if args.gate is not None:
-        sizes = Sizes(**{**sizes.__dict__, "gate": args.gate})
+        sizes = replace(sizes, gate=args.gate)
     if args.out:
         out = Path(args.out)
     elif set(arms) == set(ARMS):
