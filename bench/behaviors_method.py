@@ -164,15 +164,12 @@ def copy_atomic(src: Path, dst: Path) -> None:
 
 
 def train_run(plan: Plan, argv: list[str], run_dir: Path, steps: int, keep: Optional[Path]) -> bool:
-    """Train and evaluate one run unless it is finished (final checkpoint + ``keep``, the copy of
-    its at-end evaluation; for the base, ``eval_samples.jsonl`` itself). Returns whether it
-    trained."""
+    """Finish one run that its stage found unfinished (no final checkpoint, or no ``keep``: the
+    copy of its at-end evaluation; for the base, ``eval_samples.jsonl`` itself). Returns whether
+    it trained."""
     from metareason.checkpoint import holds_checkpoints
 
     samples = run_dir / "eval_samples.jsonl"
-    wanted = keep or samples
-    if final_checkpoint(run_dir, steps) is not None and wanted.exists():
-        return False
     trained = False
     if final_checkpoint(run_dir, steps) is None:
         for stale in run_dir.glob("eval_samples-*.jsonl"):  # copies of an earlier attempt's evaluations
