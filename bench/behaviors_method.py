@@ -386,8 +386,9 @@ def sample_measures(s: dict) -> dict:
     for op in ALL_TOPICS[topic]:
         x = apply(op, x)
         ref.append(x)
-    got = [int(m.group(3)) for m in _STEP.finditer(s["completion"])]
-    steps = sum(1 for i, y in enumerate(ref) if i < len(got) and got[i] == y) / len(ref)
+    got = [(m.group(1), int(m.group(3))) for m in _STEP.finditer(s["completion"])]
+    ops = ALL_TOPICS[topic]
+    steps = sum(1 for i, y in enumerate(ref) if i < len(got) and got[i] == (ops[i], y)) / len(ref)
     cites = _CITE.findall(s["completion"])
     block = _CITE.findall(s["prompt"].split("Q: ")[0])
     chain = behavior_order(topic)

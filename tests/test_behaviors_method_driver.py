@@ -5,6 +5,7 @@ scratch, its stale evaluation copies replaced; a base below the gate stops the d
 message naming the seed and the gate."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -164,3 +165,32 @@ def test_verdicts_follow_the_design_rules():
     back = dict(same, **{"A4-tokens": comparison(0, 0, 1.0, 0.0, 200.0, 100.0, wilcoxon_p=1e-9)})
     assert driver.verdicts(back, [row], sizes)["A4"] == "supported"
     assert driver.verdicts(back, [dict(row, cites_absent=0.2)], sizes)["A4"].startswith("refuted (under the control")
+
+
+def test_answer_measures_on_the_teachers_answers():
+    """Per-step correctness and the citation measures, read off the exact teacher's answers under
+    each block (the teacher cites only the task behaviors its block holds, in the chain's order)."""
+    from metareason.plugins.behaviors.demo_task import make_task
+
+    driver = load_driver()
+
+    def measures(block):
+        task = make_task({"format": "method", "split": "test", "topics": ["flip", "churn"], "block": block}, 99, 20)
+        return [driver.sample_measures({"id": ex["id"], "prompt": ex["prompt"], "completion": ex["completion"]})
+                for ex in task.examples]
+
+    ordered, shuffled, control, none = (measures(b) for b in ("ordered", "shuffled", "control", "none"))
+    assert all(m["steps"] == 1.0 for ms in (ordered, shuffled, control, none) for m in ms)
+    assert all(m["cites"] and m["chain_order"] and m["block_order"] and not m["cites_absent"] for m in ordered)
+    assert all(m["chain_order"] and not m["block_order"] for m in shuffled)  # the block's order is not the chain's
+    assert all(not m["cites"] and not m["cites_control"] for m in control + none)
+    # a wrong step and a behavior the block does not hold are seen
+    ex = make_task({"format": "method", "split": "test", "topics": ["flip"], "block": "control"}, 99, 1).examples[0]
+    first = re.search(r"-> (\d+)\.", ex["completion"])  # the first step's result, off by one
+    wrong = ex["completion"].replace(first.group(0), f"-> {int(first.group(1)) + 1}.", 1)
+    m = driver.sample_measures({"id": ex["id"], "prompt": ex["prompt"], "completion": wrong})
+    assert m["steps"] == 0.5 and not m["cites_absent"]
+    cited = ex["completion"].replace(": double each digit from the right and add the carry of the digit before:",
+                                     ": behavior_dbl:", 1)
+    m = driver.sample_measures({"id": ex["id"], "prompt": ex["prompt"], "completion": cited})
+    assert m["steps"] == 1.0 and m["cites_absent"] and not m["cites_control"]
