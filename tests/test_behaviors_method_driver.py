@@ -2,7 +2,8 @@
 runs and the report's tables are written; a second invocation reuses every stage (no command
 runs, no checkpoint is rewritten); a run whose final checkpoint is gone is trained again from
 scratch, its stale evaluation copies replaced; a base below the gate stops the driver with a
-message naming the seed and the gate."""
+message naming the seed and the gate; a driver on a subset of the arms reuses the bases and never
+trains one. Fast: the verdict rules and the per-answer measures."""
 import importlib.util
 import json
 import re
