@@ -615,7 +615,10 @@ def write_report(out: Path, plan: Plan, seeds: list[int], arms: list[str], state
                      f"{c['test']} | {'—' if c['p_holm'] is None else fmt_p(c['p_holm'])} |")
     lines += ["", "## Verdicts by the rules fixed in the design (applied mechanically; raw p as the rules state)", ""]
     lines += [f"* **{k}**: {v}" for k, v in stats["verdicts"].items()] or ["* (no comparison available)"]
-    lines += ["", "## Commands (in order; `# reused`: a finished run found and kept)", "", "```bash",
+    lines += ["", "## Commands (in order; `# reused`: a finished run found and kept)", "",
+              "As documented; the driver adds `--overwrite` to a run it starts afresh and `--resume` to one it "
+              "continues, and evaluates a trained run with a missing evaluation again (`metareason eval RUN_DIR`); "
+              "what this invocation executed is the JSON's `executed`.", "", "```bash",
               "export OMP_NUM_THREADS=1"] + plan.commands + ["```", ""]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     record = {"quick": quick, "seeds": seeds, "arms": arms, "budgets": list(sz.budgets), "lr_grid": list(sz.lr_grid),
