@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from metareason.evaluate import evaluate_target
+    from metareason.eval_command import evaluate_target
 
     metrics, run_dir = evaluate_target(args.target, list(args.overrides), checkpoint=args.checkpoint,
                                        quiet=args.quiet)

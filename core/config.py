@@ -171,8 +171,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []
     batch_size: int = Field(64, gt=0)
-    # lean: metareason.decode's loop (equal to generate token for token, falls back to it for
-    # settings it does not implement), its one-token steps through metareason.decode_step for
+    # lean: metareason.generation.decode's loop (equal to generate token for token, falls back to it for
+    # settings it does not implement), its one-token steps through metareason.generation.decode_step for
     # Llama/Qwen2/Qwen3/Mistral models; lean_model: that loop calling the model's forward every
     # step; hf: always the model's own generate
     decoder: Literal["lean", "lean_model", "hf"] = "lean"

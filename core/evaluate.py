@@ -32,7 +32,7 @@ def build_eval_examples(kernel) -> list[tuple[object, dict]]:
 
 
 def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Path] = None) -> dict:
-    from metareason.generate import generate
+    from metareason.generation.generate import generate
 
     pairs = build_eval_examples(kernel)
     if not pairs:
@@ -68,30 +68,3 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
         model=model, tokenizer=tokenizer)
     kernel.pm.hook.metareason_on_eval(kernel=kernel, step=step, metrics=metrics)
     return metrics
-
-
-def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str] = None,
-                    quiet: bool = False):
-    """``metareason eval``: a run directory (its config + latest checkpoint) or a config file."""
-    from metareason.errors import UserError
-    from metareason.kernel import Kernel
-    from metareason.metrics import MetricsLogger, read_metrics
-    from metareason.report import write_report
-    from metareason.trained import load_trained
-
-    path = Path(target)
-    if not path.exists():
-        raise UserError(f"{target}: no such run directory or config file")
-    overrides = overrides + (["quiet=true"] if quiet else [])
-    if path.is_dir():
-        trained = load_trained(path, checkpoint, overrides)
-        metrics = evaluate(trained.kernel, trained.model, trained.tokenizer, step=trained.step,
-                           write_samples=path / "eval_samples.jsonl")
-        logger = MetricsLogger(path, append=True, tensorboard=False)
-        logger.log(trained.step, metrics)
-        logger.close()
-        write_report(path, trained.kernel.config, read_metrics(path))
-        return metrics, path
-    kernel = Kernel(path, overrides=overrides)
-    model, tokenizer = kernel.load()
-    return evaluate(kernel, model, tokenizer), None

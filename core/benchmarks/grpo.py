@@ -167,10 +167,10 @@ def _side_ours(args, tmp) -> dict:
     kernel.register(_BenchReward(), name="bench_reward")
     stamps: list[float] = []
     parts: list[dict] = []
-    import metareason.generate
+    import metareason.generation.generate
 
     timers = _Timers()
-    timers.wrap(metareason.generate, "generate_batch", "sampling")  # generate_rollout imports it per call
+    timers.wrap(metareason.generation.generate, "generate_batch", "sampling")  # generate_rollout imports it per call
     timers.wrap(grpo, "generate_rollout", "rollout")
     timers.wrap(grpo.LogProbs, "__call__", "logps", when=torch.is_grad_enabled)
 

@@ -19,7 +19,7 @@ def evaluate_mcft(kernel, model, tokenizer, entropy_threshold: Optional[float] =
                   samples_path: Optional[Path] = None) -> dict:
     from metareason.data.tokenize import prompt_ids
     from metareason.evaluate import build_eval_examples
-    from metareason.generate import generate
+    from metareason.generation.generate import generate
 
     pairs = build_eval_examples(kernel)
     examples = [ex for _, ex in pairs]

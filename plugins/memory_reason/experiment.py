@@ -83,7 +83,7 @@ class Experiment:
         return metrics, Path(kernel.config.run_dir)
 
     def base(self):
-        from metareason.evaluate import evaluate_target
+        from metareason.eval_command import evaluate_target
         from metareason.model_export import export_run
 
         for seed in self.seeds:
@@ -131,7 +131,7 @@ class Experiment:
             self._save()
 
     def heldout(self):
-        from metareason.evaluate import evaluate_target
+        from metareason.eval_command import evaluate_target
 
         for seed in self.seeds:
             for arm in self.arms:
@@ -157,7 +157,7 @@ class Experiment:
     def _recall(self, run_dir: Path) -> float:
         """Fact recall of a fine-tuned run (forgetting), its samples kept as eval_samples_recall.jsonl;
         eval_samples.jsonl stays the held-out one."""
-        from metareason.evaluate import evaluate_target
+        from metareason.eval_command import evaluate_target
 
         held, keep = run_dir / "eval_samples.jsonl", run_dir / "eval_samples_heldout.jsonl"
         held.replace(keep)
