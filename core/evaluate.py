@@ -6,12 +6,12 @@ is prefixed by the task name when groups would collide.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 from metareason.config import ConfigError
+from metareason.durable import write_jsonl_atomic
 
 
 def build_eval_examples(kernel) -> list[tuple[object, dict]]:
@@ -60,9 +60,7 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
         metrics[f"eval/gen_tokens/{group}"] = sum(tokens[group]) / len(tokens[group])
     if write_samples is not None:
         write_samples.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write_samples.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(write_samples)
+        write_jsonl_atomic(write_samples, rows)
     kernel.pm.hook.metareason_on_eval_samples(
         kernel=kernel, step=step, samples=[dict(r, example=ex) for r, (_, ex) in zip(rows, pairs)],
         model=model, tokenizer=tokenizer)

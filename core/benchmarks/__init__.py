@@ -1,6 +1,8 @@
 """Benchmarks run by ``metareason bench <name>``; results are written under bench/results/."""
 import platform
 
+from metareason.durable import write_json_atomic, write_text_atomic
+
 
 def cpu_name() -> str:
     """The CPU model (from /proc/cpuinfo where there is one), for benchmark records."""
@@ -26,16 +28,13 @@ def peak_mb() -> float:
 
 
 def write_record(out, record: dict, markdown: str) -> None:
-    """``out`` (JSON) and ``out`` with ``.md`` (the table), each written to a temp file and renamed."""
-    import json
+    """``out`` (JSON) and ``out`` with ``.md`` (the table), each replaced atomically."""
     from pathlib import Path
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(record, indent=2) + "\n"), (out.with_suffix(".md"), markdown)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_json_atomic(out, record)
+    write_text_atomic(out.with_suffix(".md"), markdown)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 

@@ -18,7 +18,6 @@ against that figure and all of it goes to ``bench/results/data-cpu.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import time
 from typing import Callable
 
 from metareason.benchmarks import cpu_name
+from metareason.durable import write_json_atomic
 
 SEED_CLAIM = 150_000
 
@@ -129,11 +129,7 @@ def run(args) -> int:
         "results": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + f".tmp-{os.getpid()}"
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_out, args.out)
+    write_json_atomic(args.out, result)
     best = rows["in_memory"]["samples_per_s"]
     verdict = "beats" if best > SEED_CLAIM else "does NOT beat"
     print(f"causal_loop in-memory generation: {best:,} samples/s on {os.cpu_count()} cores (1 process), "

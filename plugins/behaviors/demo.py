@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from metareason.durable import write_json_atomic, write_jsonl_atomic
 from metareason.errors import UserError
 
 STAGES = ("extract", "teacher", "mix", "sft", "bcsft", "report")
@@ -57,12 +58,6 @@ def _steps(run_dir: Path) -> int:
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
 
 
 def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
@@ -143,7 +138,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
                 row = dict(r if use else plain_by_id[r["id"]])
                 row["use_behaviors"] = use
                 mixed.append(row)
-            _write_jsonl(files["mix"], mixed)
+            write_jsonl_atomic(files["mix"], mixed)
         elif stage in ("mix", "sft", "bcsft"):
             data = {"mix": files["mix"], "sft": files["plain"], "bcsft": files["bci"]}[stage]
             n = len(_rows(data))
@@ -178,9 +173,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
         write_record(out, record, _markdown(record))
     else:
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(record_path)
+        write_json_atomic(record_path, record)
     return record
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from metareason.durable import write_text_atomic
 from metareason.errors import UserError
 
 STAGES = ("sft", "takeover", "control", "cspo", "nomask", "report")
@@ -240,9 +241,7 @@ def write_report(out: Path, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out.with_suffix(".json"), json.dumps(record, indent=2) + "\n"),
                        (out.with_suffix(".md"), render_markdown(record))):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def _table(res: dict, pick) -> list[str]:

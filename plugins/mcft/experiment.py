@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from metareason.durable import write_jsonl_atomic
+
 PROMPT_TEMPLATE = "{prompt}\nAttempt: {cot}\n"
 
 DEFAULTS = {
@@ -151,9 +153,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_jsonl_atomic(path, rows)
 
 
 def _finished(kernel) -> bool:

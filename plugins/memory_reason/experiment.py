@@ -20,6 +20,7 @@ import json
 import sys
 from pathlib import Path
 
+from metareason.durable import write_json_atomic
 from metareason.errors import UserError
 
 ARMS = {"plain": "A plain CoT", "tokens_full": "B step tokens, full", "filler": "C filler control",
@@ -64,9 +65,7 @@ class Experiment:
 
     def _save(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, self.state)
 
     def _config(self, name: str) -> Path:
         path = self.config_dir / name
