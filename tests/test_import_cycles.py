@@ -23,8 +23,6 @@ KNOWN = {
                "metareason.ops.linear_ce.fused", "metareason.ops.lru_act", "metareason.ops.lru_act.fused",
                "metareason.ops.mla_decode", "metareason.ops.mla_decode.fused"}):
         "ops __init__ <-> _dispatch / fused fronts",
-    frozenset({"metareason.plugins.memory_reason.tasks", "metareason.plugins.memory_reason.world"}):
-        "memory_reason: the world task builds StepTask rows, tasks registers the world task",
 }
 
 
