@@ -13,7 +13,7 @@ Measured (best of ``--repeats`` runs after one warm-up, wall clock):
   lines + atomic write to a temporary directory), samples/s and MB/s.
 
 The seed (ZeroModel) claims about 150K samples/s for its generator; each row is printed
-against that figure and all of it goes to ``bench/results/data-cpu.json``.
+against that figure and all of it goes to ``--out`` (default ``bench-results/data-cpu.json``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import tempfile
 import time
 from typing import Callable
 
-from metareason.benchmarks import cpu_name
+from metareason.benchmarks import DEFAULT_OUT, cpu_name
 from metareason.durable import write_json_atomic
 
 SEED_CLAIM = 150_000
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best is kept")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes for the parallel row (default: min(2, cores))")
-    parser.add_argument("--out", default=os.path.join("bench", "results", "data-cpu.json"),
-                        help="result file (default bench/results/data-cpu.json)")
+    parser.add_argument("--out", default=os.path.join(DEFAULT_OUT, "data-cpu.json"),
+                        help=f"result file (default {DEFAULT_OUT}/data-cpu.json)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
 

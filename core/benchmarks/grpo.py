@@ -38,10 +38,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
+from metareason.benchmarks import DEFAULT_OUT, cpu_name, peak_mb, relative_path, write_record
+from metareason.configs import QUICKSTART
 from metareason.hookspecs import hookimpl
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", default="lean", choices=["lean", "lean_model", "hf"],
                         help="our side's sampling (generation.decoder): the lean decode loop with its own decode "
                              "step, the lean loop calling the model each step, or the model's generate")
-    parser.add_argument("--out", default="bench/results/grpo-cpu.json")
+    parser.add_argument("--out", default=f"{DEFAULT_OUT}/grpo-cpu.json", help="JSON record (and .md beside it)")
     parser.add_argument("--side", choices=["ours", "trl", "trl_gc"], help=argparse.SUPPRESS)  # child process
 
 
@@ -287,7 +287,7 @@ CHILD_ARGS = ("steps", "warmup", "prompts", "num_generations", "completion_lengt
 
 def _command(args) -> str:
     parts = ["metareason bench grpo"]
-    if Path(args.config).resolve() != QUICKSTART:
+    if Path(args.config).resolve() != QUICKSTART.resolve():
         parts.append(f"--config {args.config}")
     parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in CHILD_ARGS + ("repeats", "sides")]
     return " ".join(parts)
@@ -360,7 +360,7 @@ def run(args) -> int:
 
     record = {"benchmark": "grpo", "device": device, "torch": torch.__version__, "trl_version": trl.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": repo_relative(args.config),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": relative_path(args.config),
               "prompts_per_step": args.prompts, "num_generations": args.num_generations,
               "completion_length": args.completion_length, "loss_type": args.loss_type,
               "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats, "decoder": args.decoder,

@@ -16,7 +16,7 @@ Stages (``--stages`` picks some; each reads what the previous ones wrote under
 5. ``bcsft``    student: the same questions, no behaviors in the prompt, teacher's BCI answers.
 6. ``report``   greedy evaluation on the same 300 held-out questions: mix with / without BCI,
                 sft and bcsft without; accuracy, mean generated tokens, mean prompt tokens ->
-                ``bench/results/behaviors-demo.md`` and ``.json``.
+                ``bench-results/behaviors-demo.md`` and ``.json``.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
             "eval_s": time.perf_counter() - t0, "samples": str(samples)}
 
 
-def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: str = "bench/results/behaviors-demo.json",
+def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: str = "bench-results/behaviors-demo.json",
              quiet: bool = False, overrides: Optional[list[str]] = None) -> dict:
     from metareason.benchmarks import cpu_name, write_record
     from metareason.kernel import Kernel

@@ -477,7 +477,7 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(config: str, overrides: list[str], out: str = "bench/results/mcft-experiment",
+def run_experiment(config: str, overrides: list[str], out: str = "bench-results/mcft-experiment",
                    quick: bool = False, quiet: bool = False, reuse: bool = False,
                    arms: Optional[str] = None, log=None) -> dict:
     import torch

@@ -117,7 +117,7 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_compare(config_dir: str, out: str = "bench/results/memory_reason-world", overrides=(), quiet: bool = False,
+def run_compare(config_dir: str, out: str = "bench-results/memory_reason-world", overrides=(), quiet: bool = False,
                 output_dir: str = "runs", stages: str = "base,variants,report", seeds=(0,)) -> dict:
     import os
 

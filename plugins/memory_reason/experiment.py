@@ -261,7 +261,7 @@ def markdown(record: dict) -> str:
 
 
 def run_experiment(config_dir="configs/memory_reason/varied", output_dir="runs/memory_reason_i29", seeds=(0, 1, 2),
-                   arms=tuple(ARMS), stages="base,grid,heldout,report", out="bench/results/memory_reason-varied",
+                   arms=tuple(ARMS), stages="base,grid,heldout,report", out="bench-results/memory_reason-varied",
                    overrides=(), quiet=False, quick=False, gates=True, n_val=300, n_heldout=700, grid=None) -> dict:
     wanted = [s.strip() for s in stages.split(",") if s.strip()]
     bad = set(wanted) - {"base", "grid", "heldout", "report"}
