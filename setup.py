@@ -81,7 +81,8 @@ setup(
     python_requires=">=3.10",
     packages=packages(),
     package_dir={"metareason": "core", "metareason.plugins": "plugins"},
-    package_data={"metareason": ["py.typed"]},
+    # configs that commands default to (metareason.configs.QUICKSTART): a wheel carries them
+    package_data={"metareason": ["py.typed"], "metareason.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -28,7 +28,9 @@ Data and tokenisation
     gold one), ``make_causal_loop_task`` / ``parse_causal_loop_answer`` (the built-in synthetic
     task), ``PLAIN_CHAT`` (no chat template), ``SpecialToken`` (a token a plugin adds to the
     vocabulary), ``prompt_ids``, ``collate``, ``IGNORE_INDEX`` (the label of a token outside the
-    loss), ``encode_sft_examples`` (a run's SFT encoding of examples).
+    loss), ``encode_sft_examples`` (a run's SFT encoding of examples), ``TaskParams`` /
+    ``parse_params`` (a task's parameters as a pydantic model, with the config's one-line errors),
+    ``FieldName`` (a parameter naming a record field).
 Loss
     ``token_loss(logits, labels)`` (summed next-token cross-entropy and the token count).
 Models and generation
@@ -44,6 +46,10 @@ Runs, checkpoints, evaluation
 Records, reports, statistics
     ``write_record(out, record, markdown)`` (a JSON + markdown result pair), ``cpu_name()``,
     ``mcnemar_exact(b, c)``, ``__version__``.
+Durable files (whole or not at all, fsynced)
+    ``write_text_atomic``, ``write_bytes_atomic``, ``write_json_atomic``, ``write_jsonl_atomic``,
+    ``atomic_file`` (a temp path to write, then replaced), ``atomic_dir`` (a temp directory renamed
+    into place), ``append_jsonl`` (one fsynced line per call; a torn last line is cut).
 Scale
     ``connect_ray`` (connect to or start a Ray runtime), ``run_trials`` (Ray Tune trials).
 Compiled ops
@@ -90,6 +96,9 @@ _NAMES: dict[str, str] = {
     "collate": "metareason.data.tokenize:collate",
     "IGNORE_INDEX": "metareason.data.tokenize:IGNORE_INDEX",
     "encode_sft_examples": "metareason.train.sft:encode_sft_examples",
+    "TaskParams": "metareason.data.base:TaskParams",
+    "parse_params": "metareason.data.base:parse_params",
+    "FieldName": "metareason.data.jsonl_task:FieldName",
     # loss
     "token_loss": "metareason.train.sft:token_loss",
     # models and generation
@@ -98,7 +107,7 @@ _NAMES: dict[str, str] = {
     "resolve_device": "metareason.models.loader:resolve_device",
     "CACHE_KWARG": "metareason.models.compat:CACHE_KWARG",
     "cache_from_kwargs": "metareason.models.compat:cache_from_kwargs",
-    "generate": "metareason.generate:generate",
+    "generate": "metareason.generation.generate:generate",
     "LocalGenerator": "metareason.generators.local:LocalGenerator",
     # runs, checkpoints, evaluation
     "checkpoints_dir": "metareason.checkpoint:checkpoints_dir",
@@ -107,7 +116,7 @@ _NAMES: dict[str, str] = {
     "load_trained": "metareason.trained:load_trained",
     "export_run": "metareason.model_export:export_run",
     "evaluate": "metareason.evaluate:evaluate",
-    "evaluate_target": "metareason.evaluate:evaluate_target",
+    "evaluate_target": "metareason.eval_command:evaluate_target",
     "build_eval_examples": "metareason.evaluate:build_eval_examples",
     "read_metrics": "metareason.metrics:read_metrics",
     "progress": "metareason.metrics:progress",
@@ -115,6 +124,14 @@ _NAMES: dict[str, str] = {
     "write_record": "metareason.benchmarks:write_record",
     "cpu_name": "metareason.benchmarks:cpu_name",
     "mcnemar_exact": "metareason.stats:mcnemar_exact",
+    # durable files (written whole or not at all)
+    "write_text_atomic": "metareason.durable:write_text_atomic",
+    "write_bytes_atomic": "metareason.durable:write_bytes_atomic",
+    "write_json_atomic": "metareason.durable:write_json_atomic",
+    "write_jsonl_atomic": "metareason.durable:write_jsonl_atomic",
+    "atomic_file": "metareason.durable:atomic_file",
+    "atomic_dir": "metareason.durable:atomic_dir",
+    "append_jsonl": "metareason.durable:append_jsonl",
     "__version__": "metareason.version:__version__",
     # scale
     "connect_ray": "metareason.scale.runtime:connect",
@@ -150,15 +167,18 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same objects as the
     from metareason.checkpoint import checkpoints_dir, latest_checkpoint, load_weights_into
     from metareason.config import (ConfigError, ModelConfig, Section, apply_overrides, config_source, dump_config,
                                    load_config, read_yaml)
-    from metareason.data.base import ListTask, Task, TaskError
+    from metareason.data.base import ListTask, Task, TaskError, TaskParams, parse_params
     from metareason.data.causal_loop import make_task as make_causal_loop_task
     from metareason.data.causal_loop import parse_answer as parse_causal_loop_answer
     from metareason.data.chat import PLAIN as PLAIN_CHAT
-    from metareason.data.jsonl_task import answers_match, extract_answer, load_records
+    from metareason.data.jsonl_task import FieldName, answers_match, extract_answer, load_records
     from metareason.data.tokenize import IGNORE_INDEX, collate, prompt_ids
+    from metareason.durable import (append_jsonl, atomic_dir, atomic_file, write_bytes_atomic, write_json_atomic,
+                                    write_jsonl_atomic, write_text_atomic)
     from metareason.errors import UserError
-    from metareason.evaluate import build_eval_examples, evaluate, evaluate_target
-    from metareason.generate import generate
+    from metareason.eval_command import evaluate_target
+    from metareason.evaluate import build_eval_examples, evaluate
+    from metareason.generation.generate import generate
     from metareason.generators.local import LocalGenerator
     from metareason.hookspecs import hookimpl
     from metareason.kernel import Kernel

@@ -67,7 +67,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from metareason.evaluate import evaluate_target
+    from metareason.eval_command import evaluate_target
 
     metrics, run_dir = evaluate_target(args.target, list(args.overrides), checkpoint=args.checkpoint,
                                        quiet=args.quiet)
@@ -195,7 +195,7 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="convert again and replace what --out holds")
     s.set_defaults(func=cmd_models_get)
 
-    p = sub.add_parser("bench", help="benchmarks (results under bench/results/)")
+    p = sub.add_parser("bench", help="benchmarks (each writes a JSON + markdown record to --out)")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     for name, (module_name, help_text) in BENCHMARKS.items():
         _lazy(bsub, name, module_name, help_text, f"metareason bench {name}")

@@ -171,8 +171,8 @@ class GenerationConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []
     batch_size: int = Field(64, gt=0)
-    # lean: metareason.decode's loop (equal to generate token for token, falls back to it for
-    # settings it does not implement), its one-token steps through metareason.decode_step for
+    # lean: metareason.generation.decode's loop (equal to generate token for token, falls back to it for
+    # settings it does not implement), its one-token steps through metareason.generation.decode_step for
     # Llama/Qwen2/Qwen3/Mistral models; lean_model: that loop calling the model's forward every
     # step; hf: always the model's own generate
     decoder: Literal["lean", "lean_model", "hf"] = "lean"
@@ -301,6 +301,11 @@ def _format_loc(loc: tuple) -> str:
 
 def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
     """``source: field.path: message``; ``prefix`` is the path of the validated model in the config."""
+    return f"{source}: {describe_validation_error(err, prefix)}"
+
+
+def describe_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """``field.path: message`` of the first error (``(and N more)`` when there are others)."""
     errors = err.errors()
     first = errors[0]
     loc = _format_loc(tuple(first.get("loc", ())))
@@ -315,7 +320,7 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "")
         if "input" in first and first.get("type") not in ("model_type", "dict_type"):
             msg += f" (got {first['input']!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {loc}: {msg}{more}"
+    return f"{loc}: {msg}{more}"
 
 
 def build_config_class(sections: dict[str, type[BaseModel]]) -> type[KernelConfig]:

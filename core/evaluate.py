@@ -7,12 +7,12 @@ from ``metareason_on_eval_samples`` or add in ``metareason_on_eval``.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
 from metareason.config import ConfigError
+from metareason.durable import write_jsonl_atomic
 
 
 def build_eval_examples(kernel) -> list[tuple[object, dict]]:
@@ -33,7 +33,7 @@ def build_eval_examples(kernel) -> list[tuple[object, dict]]:
 
 
 def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Path] = None) -> dict:
-    from metareason.generate import generate
+    from metareason.generation.generate import generate
 
     pairs = build_eval_examples(kernel)
     if not pairs:
@@ -61,9 +61,7 @@ def evaluate(kernel, model, tokenizer, step: int = 0, write_samples: Optional[Pa
         metrics[f"eval/gen_tokens/{group}"] = sum(tokens[group]) / len(tokens[group])
     if write_samples is not None:
         write_samples.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write_samples.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(write_samples)
+        write_jsonl_atomic(write_samples, rows)
     returned = kernel.call_each("metareason_on_eval_samples", kernel=kernel, step=step, model=model,
                                 tokenizer=tokenizer,
                                 samples=[dict(r, example=ex) for r, (_, ex) in zip(rows, pairs)])
@@ -96,30 +94,3 @@ def plugin_metrics(returned: list[tuple[str, Any]], metrics: dict) -> dict[str, 
                                   plugin=plugin, hook=hook)
             out[name], owner[name] = float(value), plugin
     return out
-
-
-def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str] = None,
-                    quiet: bool = False):
-    """``metareason eval``: a run directory (its config + latest checkpoint) or a config file."""
-    from metareason.errors import UserError
-    from metareason.kernel import Kernel
-    from metareason.metrics import MetricsLogger, read_metrics
-    from metareason.report import write_report
-    from metareason.trained import load_trained
-
-    path = Path(target)
-    if not path.exists():
-        raise UserError(f"{target}: no such run directory or config file")
-    overrides = overrides + (["quiet=true"] if quiet else [])
-    if path.is_dir():
-        trained = load_trained(path, checkpoint, overrides)
-        metrics = evaluate(trained.kernel, trained.model, trained.tokenizer, step=trained.step,
-                           write_samples=path / "eval_samples.jsonl")
-        logger = MetricsLogger(path, append=True, tensorboard=False)
-        logger.log(trained.step, metrics)
-        logger.close()
-        write_report(path, trained.kernel.config, read_metrics(path))
-        return metrics, path
-    kernel = Kernel(path, overrides=overrides)
-    model, tokenizer = kernel.load()
-    return evaluate(kernel, model, tokenizer), None

@@ -209,7 +209,7 @@ def metareason_generation_triggers(config: "RunConfig") -> Optional[list[str]]:
 def metareason_generation_handover(state: Any) -> Optional[str]:
     """Take over generation at a trigger.
 
-    ``state`` is a ``metareason.generate.HandoverState`` (prompt, text so far, the trigger that
+    ``state`` is a ``metareason.generation.generate.HandoverState`` (prompt, text so far, the trigger that
     fired, the example). Return text to append to the completion (the model then resumes after
     it), or ``None`` to let the model continue. The first plugin to return text wins.
     """

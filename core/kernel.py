@@ -225,7 +225,7 @@ class Kernel:
         return evaluate(self, model, tokenizer, step=step)
 
     def generate(self, prompts: list[str], model=None, tokenizer=None, **overrides):
-        from metareason.generate import generate
+        from metareason.generation.generate import generate
 
         if model is None:
             model, tokenizer = self.load()

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from metareason.durable import append_jsonl, write_jsonl_atomic, write_text_atomic
+
 
 def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
@@ -24,7 +26,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, append: bool = False, tensorboard: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a" if append else "w", encoding="utf-8")
+        if not append:
+            write_text_atomic(self.path, "")
         self._tb = None
         if tensorboard:
             try:
@@ -37,15 +40,13 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step)}
         row.update({k: _plain(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        append_jsonl(self.path, row)  # one fsynced line per call: a crash never tears an earlier row
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
-        self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -60,10 +61,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def truncate_after(run_dir: Path, step: int) -> None:
     """Drop logged rows past ``step`` (a resumed run re-logs them)."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    path = Path(run_dir) / "metrics.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_jsonl_atomic(Path(run_dir) / "metrics.jsonl", rows)
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from metareason import durable
@@ -72,9 +70,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
         model.to(DTYPES[dtype])
     is_peft = hasattr(model, "peft_config")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
+    with durable.atomic_dir(out) as tmp:  # an empty ``out`` (checked above) is replaced
         with torch.no_grad():
             if not is_peft:
                 write_weights(model, tokenizer, tmp)
@@ -92,12 +88,4 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
             "run_dir": str(Path(run_dir)), "checkpoint": str(trained.checkpoint), "step": trained.step,
             "merged": bool(is_peft and merge), "adapter": bool(is_peft and not merge),
             "base_dequantized": bool(quantized)}, indent=2))
-        durable.fsync_tree(tmp)  # every file and the directory on disk before the rename publishes them
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        tmp.rename(out)
-        durable.fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

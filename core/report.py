@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from metareason.durable import write_text_atomic
 from metareason.version import __version__
 
 
@@ -125,7 +126,5 @@ def write_report(run_dir: Path, config: Any, rows: list[dict]) -> Path:
             lines += [f"| {k} | {last[k]:.4g} |" for k in more if isinstance(last[k], (int, float))] + [""]
     lines += plugin_sections(run_dir)
     path = run_dir / "report.md"
-    tmp = run_dir / ".report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "\n".join(lines))
     return path

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from metareason.generate import Generation
+from metareason.generation.generate import Generation
 from metareason.generators.python_backend import PythonGenerator
 from metareason.kernel import Kernel
 from metareason.plugins.behaviors import demo_task
@@ -225,9 +225,9 @@ def test_eval_counts_citations_and_retrievals(tmp_path, monkeypatch):
             out.append(Generation(prompt=p, text=text, token_ids=[], num_tokens=len(text)))
         return out
 
-    import metareason.generate
+    import metareason.generation.generate
 
-    monkeypatch.setattr(metareason.generate, "generate", fake_generate)
+    monkeypatch.setattr(metareason.generation.generate, "generate", fake_generate)
     from metareason.evaluate import evaluate
 
     metrics = evaluate(kernel, None, None)
@@ -267,10 +267,10 @@ def test_on_eval_samples_hook_sees_every_scored_generation(tmp_path, monkeypatch
         return [Generation(prompt=p, text="answer 0" if i else demo_task.teacher(p), token_ids=[], num_tokens=3)
                 for i, p in enumerate(prompts)]
 
-    import metareason.generate
+    import metareason.generation.generate
     from metareason.evaluate import evaluate
 
-    monkeypatch.setattr(metareason.generate, "generate", fake_generate)
+    monkeypatch.setattr(metareason.generation.generate, "generate", fake_generate)
     evaluate(kernel, None, None, step=7)
     (step, samples), = got
     assert step == 7 and len(samples) == 6

@@ -22,7 +22,7 @@ from metareason import Kernel
 from metareason.data.tokenize import IGNORE_INDEX, SFTStream, encode_examples
 from metareason.train.loop import load_train_examples
 from metareason.train.sft import collect_extra_losses, token_loss
-from metareason.evaluate import evaluate_target
+from metareason.eval_command import evaluate_target
 
 from conftest import TINY_LLAMA
 

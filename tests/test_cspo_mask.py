@@ -169,7 +169,7 @@ def test_kernel_rl_path_with_real_model_and_tokenizer(grpo_loss_mod, tiny_model_
     """The kernel's own mask assembly (completion mask AND every plugin's hook), log-probs from
     the real model's forward, the kernel's loss: the model's logits get no gradient outside
     control segments."""
-    from metareason.generate import encode_prompts
+    from metareason.generation.generate import encode_prompts
     from metareason.train.grpo import rl_loss_mask
 
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from metareason.generate import HandoverState
+from metareason.generation.generate import HandoverState
 from metareason.models import build_char_tokenizer
 from metareason.models.special_tokens import add_special_tokens
 from metareason.plugins.cspo.alter import ControlRequest, ProgrammaticAlter, decision_of

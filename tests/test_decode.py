@@ -1,4 +1,4 @@
-"""The lean decode loop (metareason.decode) equals the model's own ``generate`` token for token:
+"""The lean decode loop (metareason.generation.decode) equals the model's own ``generate`` token for token:
 greedy, sampling under a fixed seed (temperature / top-k / top-p, and generate's default top-k),
 left-padded prompts, shared-prompt groups, EOS and stop strings at different steps,
 min_new_tokens, and log-probs equal to ``compute_transition_scores(normalize_logits=True)``.
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from metareason.decode import StopStrings, decode, decoder_model, resolve
-from metareason.generate import encode_prompts, generate_batch
+from metareason.generation.decode import StopStrings, decode, decoder_model, resolve
+from metareason.generation.generate import encode_prompts, generate_batch
 from metareason.models import build_char_tokenizer
 
 PROMPTS = ["A=1;A=?", "B=A*22;C=B+1;C=?", "x", "Q=7;R=Q-3;S=R*2;S=?"]  # left padding, 4 lengths

@@ -1,4 +1,4 @@
-"""metareason.decode_step: a one-token step of a Llama-family model gives logits bit-identical to
+"""metareason.generation.decode_step: a one-token step of a Llama-family model gives logits bit-identical to
 the model's own forward (llama, qwen2 with q/k/v biases, qwen3 with q/k norms, mistral; grouped
 and full key/value heads; float32 and bfloat16; left padding; LoRA), the lean loop really takes
 it (and its tokens equal ``generate``'s, asserted in tests/test_decode.py for the default
@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from metareason.decode import _cache_of, _reserve, decode, decoder_model, resolve
-from metareason.decode_step import DecodeStep
-from metareason.generate import encode_prompts, generate_batch
+from metareason.generation.decode import _cache_of, _reserve, decode, decoder_model, resolve
+from metareason.generation.decode_step import DecodeStep
+from metareason.generation.generate import encode_prompts, generate_batch
 from metareason.models import build_char_tokenizer
 from metareason.models.compat import CACHE_KWARG
 

@@ -4,7 +4,7 @@ import pytest
 
 from metareason import Kernel, hookimpl
 from metareason.config import ConfigError
-from metareason.generate import generate_batch
+from metareason.generation.generate import generate_batch
 from metareason.generators import Completion, Generator, GeneratorError
 from metareason.generators.local import render_prompt
 from metareason.generators.python_backend import PythonGenerator

@@ -343,7 +343,7 @@ def test_a_shared_forward_that_disagrees_is_not_used(tmp_path, monkeypatch, caps
 def test_shared_prefill_samples_what_the_plain_prefill_samples(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from metareason.generate import generate_batch
+    from metareason.generation.generate import generate_batch
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))

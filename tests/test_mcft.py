@@ -342,7 +342,13 @@ def test_csv_and_jsonl_load_and_answer_match_false_is_dropped_and_counted(tmp_pa
     ("not json\n", {}, r"a\.jsonl:1: invalid JSON"),
     ('{"prompt": "p", "cot": "c", "critique": "x", "reasoning": "r", "answer": "1"}\n', {"target": "x"}, "params.target"),
     ('{"prompt": "p", "cot": "c", "critique": "x", "reasoning": "r", "answer": "1"}\n', {"template": "{prompt}"},
-     r"params.template: must contain \{cot\}"),
+     r"^params.template: Value error, must contain \{cot\} \(got '\{prompt\}'\)$"),
+    ('{"prompt": "p", "cot": "c", "critique": "x", "reasoning": "r", "answer": "1"}\n', {"target": "x"},
+     r"^params.target: Input should be 'critique', 'answer' or 'solution' \(got 'x'\)$"),
+    ('{"prompt": "p", "cot": "c", "critique": "x", "reasoning": "r", "answer": "1"}\n', {"shuffle": "no"},
+     r"^params.shuffle: Input should be a valid boolean \(got 'no'\)$"),
+    ('{"prompt": "p", "cot": "c", "critique": "x", "reasoning": "r", "answer": "1"}\n', {"targett": "answer"},
+     r"^params.targett: unknown field$"),
 ])
 def test_bad_data_is_a_one_line_error_naming_file_and_row(tmp_path, content, params, match):
     (tmp_path / "a.jsonl").write_text(content)

@@ -312,7 +312,7 @@ def bigram_dir(tmp_path_factory):
 
 
 def test_batched_prompts_of_different_lengths_generate_as_alone(bigram_dir):
-    from metareason.generate import generate_batch
+    from metareason.generation.generate import generate_batch
 
     k = Kernel({"plugins": [], "quiet": True, "model": {"path": str(bigram_dir)}})
     model, tok = k.load()

@@ -171,8 +171,24 @@ def test_memory_reason_jsonl_loader_strategyqa_style(tmp_path):
     path.write_text(json.dumps({"question": "q", "answer": "a", "cot_steps": [{"type": "guess", "text": "t"}]}) + "\n")
     with pytest.raises(TaskError, match=r"sqa.jsonl:1: cot_steps: cot_steps\[0\].type: 'guess'"):
         make_jsonl_task({"path": str(path)}, 0, 10)
-    with pytest.raises(TaskError, match="params.steps_fieldd: unknown parameter"):
+    with pytest.raises(TaskError, match="^params.steps_fieldd: unknown field$"):
         make_jsonl_task({"path": str(path), "steps_fieldd": "x"}, 0, 10)
+    with pytest.raises(TaskError, match=r"^params.prompt_template: Value error, must contain \{question\} \(got 'Q'\)$"):
+        make_jsonl_task({"path": str(path), "prompt_template": "Q"}, 0, 10)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"entities": 1}, "params.entities: Input should be greater than or equal to 2 (got 1)"),
+    ({"entities": True}, "params.entities: Input should be a valid integer (got True)"),
+    ({"split": "test"}, "params.split: Input should be 'train', 'heldout' or 'val' (got 'test')"),
+    ({"heldout_fraction": "0.2"}, "params.heldout_fraction: Input should be a valid number (got '0.2')"),
+    ({"mix": {"facts": 0}}, "params.mix: Value error, at least one part needs a weight above 0 (got {'facts': 0})"),
+    ({"colour": 1}, "params.colour: unknown field"),
+])
+def test_world_params_are_a_pydantic_model_with_the_configs_errors(params, message):
+    with pytest.raises(TaskError) as err:
+        make_world_task(params, 0, 4)
+    assert str(err.value) == message
 
 
 def test_world_facts_fixed_by_seed_and_heldout_questions_over_trained_facts():

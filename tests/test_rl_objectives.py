@@ -323,7 +323,7 @@ def test_cspo_kernel_mask_on_a_real_model_gives_no_gradient_outside_control(cspo
 
 @pytest.fixture(scope="module")
 def cspo_real(tiny_model_dir):
-    from metareason.generate import encode_prompts
+    from metareason.generation.generate import encode_prompts
     from metareason.plugins.cspo import control_mask
     from metareason.train.grpo import rl_loss_mask
 

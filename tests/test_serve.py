@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from metareason import Kernel
-from metareason.generate import generate_batch
+from metareason.generation.generate import generate_batch
 from metareason.models.loader import load_model, load_tokenizer
 from metareason.config import ModelConfig
 from tests.conftest import REPO, save_bigram_llama

@@ -34,7 +34,7 @@ def _config(tmp_path, model_dir, name, **over):
 def test_chat_generation_equals_transformers_generate_token_for_token(smollm2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from metareason.generate import generate_batch
+    from metareason.generation.generate import generate_batch
     from metareason.generators.local import LocalGenerator, load_local_model
 
     model, tok, kind, fmt = load_local_model(str(smollm2_dir), device="cpu")

@@ -71,12 +71,38 @@ def test_jsonl_errors_name_file_line_and_parameter(tmp_path):
         jsonl_task.make_task({"path": not_obj}, 0, 10)
     with pytest.raises(TaskError, match=r"missing field 'sol' \(params\.completion_field\)"):
         jsonl_task.make_task({"path": _write(tmp_path / "ok.jsonl", [good]), "completion_field": "sol"}, 0, 10)
-    with pytest.raises(TaskError, match=r"params\.path: required"):
+    with pytest.raises(TaskError, match=r"^params\.path: field required$"):
         jsonl_task.make_task({}, 0, 10)
     with pytest.raises(TaskError, match=r"params\.path: file not found"):
         jsonl_task.make_task({"path": str(tmp_path / "nope.jsonl")}, 0, 10)
-    with pytest.raises(TaskError, match=r"params\.colour: unknown parameter"):
+    with pytest.raises(TaskError, match=r"^params\.colour: unknown field$"):
         jsonl_task.make_task({"path": str(tmp_path / "ok.jsonl"), "colour": 1}, 0, 10)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"path": 3}, "params.path: Input should be a valid string (got 3)"),
+    ({"path": "a.jsonl", "shuffle": "yes"}, "params.shuffle: Input should be a valid boolean (got 'yes')"),
+    ({"path": "a.jsonl", "answer_field": ""}, "params.answer_field: String should have at least 1 character (got '')"),
+    ({"path": "a.jsonl", "question_field": "q", "messages_field": "m"},
+     "params.messages_field: Value error, set either messages_field or question_field, not both (got 'm')"),
+])
+def test_jsonl_params_are_a_pydantic_model_with_the_configs_errors(params, message):
+    with pytest.raises(TaskError) as err:
+        jsonl_task.make_task(params, 0, 10)
+    assert str(err.value) == message
+
+
+def test_a_bad_task_parameter_is_one_line_naming_file_spec_and_field(tmp_path):
+    """Through the kernel: the same form as any other config error (file: field.path: message)."""
+    from metareason.config import ConfigError
+    from metareason.kernel import Kernel
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data:\n  train:\n    - {task: jsonl, params: {path: x.jsonl, shufle: false}}\n")
+    kernel = Kernel(cfg)
+    with pytest.raises(ConfigError) as err:
+        kernel.build_task(kernel.config.data.train[0], field="data.train[0]")
+    assert str(err.value) == f"{cfg}: data.train[0]: params.shufle: unknown field"
 
 
 # ----------------------------------------------------------------------------- reasoning gym

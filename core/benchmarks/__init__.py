@@ -1,5 +1,11 @@
-"""Benchmarks run by ``metareason bench <name>``; results are written under bench/results/."""
+"""Benchmarks run by ``metareason bench <name>``; each writes its record to ``--out``, by default under
+``bench-results/`` in the working directory (this repository's recorded results: ``--out bench/results``)."""
+import os
 import platform
+
+from metareason.durable import write_json_atomic, write_text_atomic
+
+DEFAULT_OUT = "bench-results"  # relative to the working directory
 
 
 def cpu_name() -> str:
@@ -26,26 +32,28 @@ def peak_mb() -> float:
 
 
 def write_record(out, record: dict, markdown: str) -> None:
-    """``out`` (JSON) and ``out`` with ``.md`` (the table), each written to a temp file and renamed."""
-    import json
+    """``out`` (JSON) and ``out`` with ``.md`` (the table), each replaced atomically."""
     from pathlib import Path
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out, json.dumps(record, indent=2) + "\n"), (out.with_suffix(".md"), markdown)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_json_atomic(out, record)
+    write_text_atomic(out.with_suffix(".md"), markdown)
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
-def repo_relative(path) -> str:
-    """``path`` relative to the repository when it lies inside it (results files are committed, so
-    they must not record this machine's absolute paths); else as given."""
+def relative_path(path) -> str:
+    """``path`` for a record: the packaged quickstart as ``configs/quickstart.yaml`` (its twin in the
+    repository), a path inside the working directory relative to it (records are committed, so they
+    must not hold this machine's absolute paths), any other as given."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
+    from metareason.configs import QUICKSTART
+
+    resolved = Path(path).resolve()
+    if resolved == QUICKSTART.resolve():
+        return "configs/quickstart.yaml"
     try:
-        return str(Path(path).resolve().relative_to(root))
+        return str(resolved.relative_to(Path(os.getcwd()).resolve()))
     except ValueError:
         return str(path)

@@ -13,12 +13,11 @@ Measured (best of ``--repeats`` runs after one warm-up, wall clock):
   lines + atomic write to a temporary directory), samples/s and MB/s.
 
 The seed (ZeroModel) claims about 150K samples/s for its generator; each row is printed
-against that figure and all of it goes to ``bench/results/data-cpu.json``.
+against that figure and all of it goes to ``--out`` (default ``bench-results/data-cpu.json``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -26,7 +25,8 @@ import tempfile
 import time
 from typing import Callable
 
-from metareason.benchmarks import cpu_name
+from metareason.benchmarks import DEFAULT_OUT, cpu_name
+from metareason.durable import write_json_atomic
 
 SEED_CLAIM = 150_000
 
@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row; the best is kept")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="processes for the parallel row (default: min(2, cores))")
-    parser.add_argument("--out", default=os.path.join("bench", "results", "data-cpu.json"),
-                        help="result file (default bench/results/data-cpu.json)")
+    parser.add_argument("--out", default=os.path.join(DEFAULT_OUT, "data-cpu.json"),
+                        help=f"result file (default {DEFAULT_OUT}/data-cpu.json)")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
 
 
@@ -129,11 +129,7 @@ def run(args) -> int:
         "results": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + f".tmp-{os.getpid()}"
-    with open(tmp_out, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_out, args.out)
+    write_json_atomic(args.out, result)
     best = rows["in_memory"]["samples_per_s"]
     verdict = "beats" if best > SEED_CLAIM else "does NOT beat"
     print(f"causal_loop in-memory generation: {best:,} samples/s on {os.cpu_count()} cores (1 process), "

@@ -38,10 +38,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
+from metareason.benchmarks import DEFAULT_OUT, cpu_name, peak_mb, relative_path, write_record
+from metareason.configs import QUICKSTART
 from metareason.hookspecs import hookimpl
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", default="lean", choices=["lean", "lean_model", "hf"],
                         help="our side's sampling (generation.decoder): the lean decode loop with its own decode "
                              "step, the lean loop calling the model each step, or the model's generate")
-    parser.add_argument("--out", default="bench/results/grpo-cpu.json")
+    parser.add_argument("--out", default=f"{DEFAULT_OUT}/grpo-cpu.json", help="JSON record (and .md beside it)")
     parser.add_argument("--side", choices=["ours", "ours_unshared", "trl", "trl_gc"],
                         help=argparse.SUPPRESS)  # child process
 
@@ -170,10 +170,10 @@ def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
     kernel.register(_BenchReward(), name="bench_reward")
     stamps: list[float] = []
     parts: list[dict] = []
-    import metareason.generate
+    import metareason.generation.generate
 
     timers = _Timers()
-    timers.wrap(metareason.generate, "generate_batch", "sampling")  # generate_rollout imports it per call
+    timers.wrap(metareason.generation.generate, "generate_batch", "sampling")  # generate_rollout imports it per call
     timers.wrap(grpo, "generate_rollout", "rollout")
     timers.wrap(grpo.LogProbs, "__call__", "logps", when=torch.is_grad_enabled)
 
@@ -291,7 +291,7 @@ CHILD_ARGS = ("steps", "warmup", "prompts", "num_generations", "completion_lengt
 
 def _command(args) -> str:
     parts = ["metareason bench grpo"]
-    if Path(args.config).resolve() != QUICKSTART:
+    if Path(args.config).resolve() != QUICKSTART.resolve():
         parts.append(f"--config {args.config}")
     parts += [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in CHILD_ARGS + ("repeats", "sides")]
     return " ".join(parts)
@@ -371,7 +371,7 @@ def run(args) -> int:
 
     record = {"benchmark": "grpo", "device": device, "torch": torch.__version__, "trl_version": trl.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": repo_relative(args.config),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": relative_path(args.config),
               "prompts_per_step": args.prompts, "num_generations": args.num_generations,
               "completion_length": args.completion_length, "loss_type": args.loss_type,
               "timed_steps": args.steps, "warmup_steps": args.warmup, "repeats": args.repeats, "decoder": args.decoder,

@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, write_record
+from metareason.benchmarks import DEFAULT_OUT, cpu_name, write_record
+from metareason.configs import QUICKSTART
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=str(QUICKSTART), help="run config of the policy (default: quickstart, random init)")
     parser.add_argument("--device", default="cpu", help="model.device of the learner and the actors (cpu, cuda)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per rollout actor (scale.use_gpu)")
-    parser.add_argument("--out", default="bench/results/scale-rollout-cpu.json")
+    parser.add_argument("--out", default=f"{DEFAULT_OUT}/scale-rollout-cpu.json", help="JSON record (and .md beside it)")
 
 
 def _kernel(args):

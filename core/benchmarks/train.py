@@ -41,9 +41,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, repo_relative, peak_mb, write_record
+from metareason.benchmarks import DEFAULT_OUT, cpu_name, peak_mb, relative_path, write_record
+from metareason.configs import QUICKSTART
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 HF_MODES = {"flatten": ["hf_flatten"], "padded": ["hf_padded"], "both": ["hf_flatten", "hf_padded"]}
 SIDE_NAMES = {"ours": "metareason", "hf_flatten": "HF Trainer, DataCollatorWithFlattening",
               "hf_padded": "HF Trainer, right-padding collator", "floor": "plain PyTorch loop (reference)"}
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length-grouped batches on every side (default: the config's train.group_by_length)")
     parser.add_argument("--hf-mode", choices=sorted(HF_MODES), default="both",
                         help="HF Trainer settings to run; the faster is the baseline")
-    parser.add_argument("--out", default="bench/results/train-cpu.json", help="JSON record (and .md beside it)")
+    parser.add_argument("--out", default=f"{DEFAULT_OUT}/train-cpu.json", help="JSON record (and .md beside it)")
     parser.add_argument("--floor", action="store_true",
                         help="also run a plain PyTorch loop on the same batches (forward, loss, backward, clip, "
                              "fused AdamW, nothing else): what any loop's arithmetic costs, a reference, not a "
@@ -399,7 +399,7 @@ def run(args) -> int:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{cpu_name()} ({os.cpu_count()} cores)"
     record = {"benchmark": "train", "device": device, "torch": torch.__version__,
               "transformers": transformers.__version__, "python": platform.python_version(),
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": repo_relative(args.config),
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": relative_path(args.config),
               "batch_size": args.batch_size, "timed_steps": args.steps, "warmup_steps": args.warmup,
               "repeats": args.repeats, "threads": args.threads, "order": "interleaved: " + ", ".join(sides),
               "load_average_before": load_before, "load_average_after": load_after,

@@ -13,11 +13,33 @@ A task is a deterministic, indexable sequence of examples plus a scorer.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from metareason.config import describe_validation_error
 
 
 class TaskError(ValueError):
     """Bad task parameters or data; the message names the parameter or file."""
+
+
+class TaskParams(BaseModel):
+    """Base of a task's ``params`` model: unknown keys are errors, as in every config section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def parse_params(model: type[P], params: Optional[dict]) -> P:
+    """``params`` validated by ``model``; a :class:`TaskError` ``params.field: message`` (the
+    config's one-line form, which the kernel prefixes with the file and the task spec) otherwise."""
+    try:
+        return model.model_validate(dict(params or {}))
+    except ValidationError as err:
+        raise TaskError(describe_validation_error(err, prefix="params")) from None
 
 
 class Task(Sequence):

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 from metareason.data.base import TaskError
+from metareason.durable import atomic_file
 
 CHUNK = 20_000
 
@@ -58,16 +59,11 @@ def parse_params(items: list[str]) -> dict[str, Any]:
 
 @contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` on success only."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Yield a temporary path beside ``path`` (its directory created); it replaces ``path`` on
+    success only (:func:`metareason.durable.atomic_file`)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_file(path) as tmp:
+        yield str(tmp)
 
 
 def _progress(total: int, quiet: bool, desc: str):

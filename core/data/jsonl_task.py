@@ -27,13 +27,35 @@ import json
 import os
 import random
 import re
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
-from metareason.data.base import Task, TaskError
+from pydantic import Field, StrictBool, StrictStr, field_validator
+
+from metareason.data.base import Task, TaskError, TaskParams, parse_params
 from metareason.data.chat import ChatTemplateError, check_messages
 
-_KNOWN = ("path", "question_field", "messages_field", "answer_field", "completion_field", "group_field",
-          "id_field", "shuffle", "name")
+FieldName = Annotated[StrictStr, Field(min_length=1)]  # the name of a field of the records
+
+
+class JsonlParams(TaskParams):
+    """``params`` of the ``jsonl`` task (see the module docstring)."""
+
+    path: Annotated[StrictStr, Field(min_length=1)]  # a JSON Lines file
+    question_field: Optional[FieldName] = None  # "question" unless messages_field is set
+    messages_field: Optional[FieldName] = None
+    answer_field: FieldName = "answer"
+    completion_field: Optional[FieldName] = None
+    group_field: Optional[FieldName] = None
+    id_field: Optional[FieldName] = None
+    shuffle: StrictBool = True
+    name: Optional[StrictStr] = None  # set by a registration of a named jsonl task
+
+    @field_validator("messages_field")
+    @classmethod
+    def _one_prompt_field(cls, value, info):
+        if value is not None and info.data.get("question_field") is not None:
+            raise ValueError("set either messages_field or question_field, not both")
+        return value
 _MARKER = re.compile(r"answer\s*[:=]", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -89,13 +111,6 @@ class JsonlTask(Task):
         return float(answers_match(self.extract_answer(completion), example["answer"]))
 
 
-def _str_param(params: dict, key: str, default: Optional[str]) -> Optional[str]:
-    value = params.get(key, default)
-    if value is not None and (not isinstance(value, str) or not value):
-        raise TaskError(f"params.{key}: expected a field name, got {value!r}")
-    return value
-
-
 def load_records(path: str) -> list[tuple[int, dict]]:
     """``(line_number, record)`` for each non-blank line; errors name file and line."""
     if not os.path.isfile(path):
@@ -117,25 +132,11 @@ def load_records(path: str) -> list[tuple[int, dict]]:
 
 def make_task(params: dict, seed: int, num_samples: int) -> JsonlTask:
     """Factory registered as ``jsonl``."""
-    params = dict(params or {})
-    unknown = sorted(k for k in params if k not in _KNOWN)
-    if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: {', '.join(_KNOWN[:-1])})")
-    path = params.get("path")
-    if not isinstance(path, str) or not path:
-        raise TaskError("params.path: required (a JSON Lines file)")
-    path = os.path.expanduser(path)
-    mf = _str_param(params, "messages_field", None)
-    if mf is not None and "question_field" in params:
-        raise TaskError("params.messages_field: set either messages_field or question_field, not both")
-    qf = None if mf is not None else _str_param(params, "question_field", "question")
-    af = _str_param(params, "answer_field", "answer")
-    cf = _str_param(params, "completion_field", None)
-    gf = _str_param(params, "group_field", None)
-    idf = _str_param(params, "id_field", None)
-    shuffle = params.get("shuffle", True)
-    if not isinstance(shuffle, bool):
-        raise TaskError(f"params.shuffle: expected true or false, got {shuffle!r}")
+    p = parse_params(JsonlParams, params)
+    path = os.path.expanduser(p.path)
+    mf = p.messages_field
+    qf = None if mf is not None else (p.question_field or "question")
+    af, cf, gf, idf, shuffle = p.answer_field, p.completion_field, p.group_field, p.id_field, p.shuffle
 
     records = load_records(path)
     if not records:

@@ -90,7 +90,7 @@ class LocalGenerator(Generator):
                  seed: Optional[int] = None) -> list[Completion]:
         import torch
 
-        from metareason.generate import generate_batch
+        from metareason.generation.generate import generate_batch
 
         stops = check_params(n, max_new_tokens, temperature, top_p, stop)
         texts = [self.render(p) for p in prompts]

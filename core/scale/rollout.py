@@ -45,7 +45,7 @@ def group_seed(seed: int, version: int, index: int) -> int:
 def sample_groups(kernel, model, tokenizer, prompts: list[str], seeds: list[int], share_prompts: bool) -> list:
     """``num_generations`` completions per prompt, each group under its own seed (the caller's
     RNG state is restored afterwards)."""
-    from metareason.generate import generate_batch
+    from metareason.generation.generate import generate_batch
     from metareason.train.grpo import sampling_defaults
 
     cfg, rl = kernel.config, kernel.config.rl
@@ -171,7 +171,7 @@ class RolloutPool:
     def __call__(self, model, tokenizer, prompts: list[str], version: int, share_prompts: bool = False) -> list:
         import ray
 
-        from metareason.generate import Generation
+        from metareason.generation.generate import Generation
 
         self.push(model, version)
         seed = self.kernel.config.train.seed

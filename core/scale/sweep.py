@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from metareason.durable import write_bytes_atomic, write_json_atomic, write_text_atomic
 from metareason.errors import UserError
 
 
@@ -87,15 +87,6 @@ def run_trial(payload: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------ report
-def _atomic(path: Path, data, binary: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if binary:
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _plot(rows: list[dict], out_dir: Path, prefix: str) -> dict[str, str]:
     import io
 
@@ -118,7 +109,7 @@ def _plot(rows: list[dict], out_dir: Path, prefix: str) -> dict[str, str]:
         buf = io.BytesIO()
         fig.savefig(buf, dpi=100)
         plt.close(fig)
-        _atomic(out_dir / f"{prefix}-loss.png", buf.getvalue(), binary=True)
+        write_bytes_atomic(out_dir / f"{prefix}-loss.png", buf.getvalue())
         plots["loss"] = f"{prefix}-loss.png"
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.bar([r["label"] for r in ok], [r["final_train_loss"] for r in ok])
@@ -128,7 +119,7 @@ def _plot(rows: list[dict], out_dir: Path, prefix: str) -> dict[str, str]:
         buf = io.BytesIO()
         fig.savefig(buf, dpi=100)
         plt.close(fig)
-        _atomic(out_dir / f"{prefix}-final.png", buf.getvalue(), binary=True)
+        write_bytes_atomic(out_dir / f"{prefix}-final.png", buf.getvalue())
         plots["final"] = f"{prefix}-final.png"
     return plots
 
@@ -149,7 +140,7 @@ def write_report(trials: list[dict], outcomes, out_dir: Path, prefix: str, comma
     plots = _plot(rows, out_dir, prefix)
     data = {"command": command, "grid": {k: v for k, v in grid}, "trials": rows,
             "failed": [r["trial"] for r in rows if not r["ok"]]}
-    _atomic(out_dir / f"{prefix}.json", json.dumps(data, indent=2) + "\n")
+    write_json_atomic(out_dir / f"{prefix}.json", data)
     keys = [k for k, _ in grid]
     lines = [f"# Sweep: {len(rows)} trials, {len(data['failed'])} failed", "", f"Command: `{command}`", "",
              "| trial | " + " | ".join(keys) + " | status | final train loss | eval accuracy | wall s |",
@@ -166,7 +157,7 @@ def write_report(trials: list[dict], outcomes, out_dir: Path, prefix: str, comma
     for name, file in plots.items():
         lines += ["", f"![{name}]({file})"]
     path = out_dir / f"{prefix}.md"
-    _atomic(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from metareason.durable import atomic_dir
 from metareason.errors import UserError
 
 KILL_ENV = "METAREASON_SCALE_KILL"  # fault injection for tests: "RANK:STEP:MARKER_FILE"
@@ -57,10 +58,9 @@ def materialize(checkpoint_dir: str, run_dir: Path) -> None:
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     if final.is_dir():
         return
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:07d}-", dir=final.parent))
-    shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
-    tmp.replace(final)
+    # the prefix of a partial checkpoint, which clean_partial removes after a crash
+    with atomic_dir(final, prefix=f".tmp-step-{step:07d}-") as tmp:
+        shutil.copytree(checkpoint_dir, tmp, dirs_exist_ok=True)
 
 
 def _maybe_die(spec: Optional[str], rank: int, step: int) -> None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from metareason.config import ConfigError
+from metareason.data.tokenize import IGNORE_INDEX
 
 # config attributes of logit transforms a causal LM's forward applies after its output layer
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -42,6 +43,14 @@ STATE_KEY = "fused_ce_off"  # trainer state: the step at which ``auto`` turned t
 
 class NotFusable(Exception):
     """This model's output layer / forward cannot be split for the fused op (the reason)."""
+
+
+def shifted_labels(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Labels shifted left (position i is scored on token i + 1; the last on nothing) and the
+    number of positions scored."""
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted, int((shifted != IGNORE_INDEX).sum())
 
 
 def _base_model(model):
@@ -167,7 +176,6 @@ def fused_token_loss(outputs: HiddenOutputs, labels: torch.Tensor) -> tuple[torc
     left, the same sum over non-ignored positions divided by ``max(n, 1)``; call it under the
     forward's autocast state."""
     from metareason.ops.linear_ce import linear_cross_entropy
-    from metareason.train.sft import shifted_labels
 
     shifted, n = shifted_labels(labels)
     weight, bias = outputs.split.weight_bias()

@@ -1,7 +1,7 @@
 """The kernel's group-rollout RL loop (GRPO family), method-neutral.
 
 One *generation* takes ``train.batch_size`` prompts from ``data.train`` and samples
-``rl.num_generations`` completions for each (``core/generate.py``: the model's own ``generate``
+``rl.num_generations`` completions for each (``core/generation/generate.py``: the model's own ``generate``
 with its KV cache). Registered reward functions (``rl.rewards``, name -> weight) score them;
 advantages are group-relative (``grpo_loss.group_advantages``). The token loss mask is the
 completion mask (real tokens up to and including EOS), minus truncated completions when
@@ -238,7 +238,7 @@ class LogProbs:
         """Choose the forward on a probe: two prompts, each twice, with a 3-token completion."""
         if self.fn is not None:
             return
-        from metareason.generate import encode_prompts
+        from metareason.generation.generate import encode_prompts
 
         rows = [p for p in (prompts[:2] * 2)[:2] for _ in range(2)]
         enc = encode_prompts(tokenizer, rows, device)
@@ -293,7 +293,7 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
     ``sampler(model, tokenizer, prompts, version=, share_prompts=)``, when given, samples instead
     of this process (``metareason.scale.rollout``: Ray rollout actors); ``version`` is the step.
     """
-    from metareason.generate import encode_prompts, generate_batch
+    from metareason.generation.generate import encode_prompts, generate_batch
 
     cfg, rl, tc = kernel.config, kernel.config.rl, kernel.config.train
     device = next(model.parameters()).device

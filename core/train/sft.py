@@ -23,6 +23,7 @@ from metareason.data.packing import UnpackedOutputs, pack_batch, packing_support
 from metareason.data.tokenize import IGNORE_INDEX, SFTStream, encode_examples
 from metareason.errors import UserError
 from metareason.train.fused_ce import STATE_KEY as FUSED_OFF
+from metareason.train.fused_ce import shifted_labels
 from metareason.train.fused_ce import fused_ce_mode, fused_token_loss, hidden_forward
 from metareason.train.loop import (RunDriver, check_finite, load_train_examples, prepare_run_dir,
                                    seed_everything)
@@ -33,14 +34,6 @@ def autocast_context(mode: str, device: torch.device):
     if mode == "bf16" or (mode == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def shifted_labels(labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Labels shifted left (position i is scored on token i + 1; the last on nothing) and the
-    number of positions scored."""
-    shifted = torch.full_like(labels, IGNORE_INDEX)
-    shifted[:, :-1] = labels[:, 1:]
-    return shifted, int((shifted != IGNORE_INDEX).sum())
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -11,11 +11,10 @@ replaced by that file (``jsonl`` task) and ``behaviors.bci.enabled: false``.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Optional
 
-from metareason.api import UserError
+from metareason.api import UserError, write_jsonl_atomic
 from metareason.plugins.behaviors.bci import render_block, retrieve
 from metareason.plugins.behaviors.calls import stage_call
 
@@ -70,9 +69,7 @@ def teacher_data(kernel, pairs: list[tuple[object, dict]], mode: str, out: Path,
         raise UserError(f"teacher {section.teacher!r} ({mode}): no usable answer out of {len(pairs)} questions "
                         "(all wrong or failed; behaviors.keep_incorrect keeps wrong ones)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    tmp.replace(out)
+    write_jsonl_atomic(out, keep)
     n = max(len(rows), 1)
     return {"mode": mode, "questions": len(pairs), "answered": len(rows), "kept": len(keep), "output": str(out),
             "teacher_accuracy": sum(r["score"] for r in rows) / n,

@@ -98,12 +98,12 @@ def _bench(args) -> int:
     if args.which == "retrieval":
         from metareason.plugins.behaviors.retrieval_bench import run_retrieval_bench
 
-        run_retrieval_bench(n=args.n, queries=args.queries, out=args.out or "bench/results/behaviors-retrieval.json",
+        run_retrieval_bench(n=args.n, queries=args.queries, out=args.out or "bench-results/behaviors-retrieval.json",
                             embedder=args.embedder or "minilm", quiet=args.quiet)
     else:
         from metareason.plugins.behaviors.demo import run_demo
 
-        run_demo(args.config_dir, stages=args.stages, out=args.out or "bench/results/behaviors-demo.json",
+        run_demo(args.config_dir, stages=args.stages, out=args.out or "bench-results/behaviors-demo.json",
                  quiet=args.quiet)
     return 0
 
@@ -250,7 +250,7 @@ def add_commands(subparsers) -> None:
     _handbook_args(s)
     s.set_defaults(func=_stats)
 
-    s = sub.add_parser("bench", help="measured results under bench/results/: demo (tiny model) | retrieval (10k)")
+    s = sub.add_parser("bench", help="measured results under bench-results/: demo (tiny model) | retrieval (10k)")
     s.add_argument("which", choices=("demo", "retrieval"))
     s.add_argument("config_dir", nargs="?", default="configs/behaviors", help="demo: folder of its configs")
     s.add_argument("--stages", default="all", help="demo: comma list of stages (default all)")

@@ -16,7 +16,7 @@ Stages (``--stages`` picks some; each reads what the previous ones wrote under
 5. ``bcsft``    student: the same questions, no behaviors in the prompt, teacher's BCI answers.
 6. ``report``   greedy evaluation on the same 300 held-out questions: mix with / without BCI,
                 sft and bcsft without; accuracy, mean generated tokens, mean prompt tokens ->
-                ``bench/results/behaviors-demo.md`` and ``.json``.
+                ``bench-results/behaviors-demo.md`` and ``.json``.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.api import UserError
+from metareason.api import UserError, write_json_atomic, write_jsonl_atomic
 
 STAGES = ("extract", "teacher", "mix", "sft", "bcsft", "report")
 #: the mix model learns two formats from one pass over the questions (half each); it trains for
@@ -59,12 +59,6 @@ def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
     from metareason.api import Kernel, evaluate, load_weights_into, prompt_ids
 
@@ -83,7 +77,7 @@ def _evaluate(run_dir: Path, label: str, bci: bool) -> dict:
             "eval_s": time.perf_counter() - t0, "samples": str(samples)}
 
 
-def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: str = "bench/results/behaviors-demo.json",
+def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: str = "bench-results/behaviors-demo.json",
              quiet: bool = False, overrides: Optional[list[str]] = None) -> dict:
     from metareason.api import Kernel, cpu_name, write_record
     from metareason.plugins.behaviors.bcsft import student_config, teacher_data
@@ -139,7 +133,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
                 row = dict(r if use else plain_by_id[r["id"]])
                 row["use_behaviors"] = use
                 mixed.append(row)
-            _write_jsonl(files["mix"], mixed)
+            write_jsonl_atomic(files["mix"], mixed)
         elif stage in ("mix", "sft", "bcsft"):
             data = {"mix": files["mix"], "sft": files["plain"], "bcsft": files["bci"]}[stage]
             n = len(_rows(data))
@@ -174,9 +168,7 @@ def run_demo(config_dir: str = "configs/behaviors", stages: str = "all", out: st
         write_record(out, record, _markdown(record))
     else:
         record_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_name(record_path.name + ".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        tmp.replace(record_path)
+        write_json_atomic(record_path, record)
     return record
 
 

@@ -15,10 +15,10 @@ arm's total generated tokens (all calls after attempt 1), so the budgets are vis
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
+from metareason.api import write_jsonl_atomic
 from metareason.plugins.behaviors.behavior import Provenance, parse_extraction, trace_hash
 from metareason.plugins.behaviors.bci import render_block
 from metareason.plugins.behaviors.calls import stage_call
@@ -101,8 +101,6 @@ def self_improve(kernel, pairs: list[tuple[object, dict]], out: Optional[Path] =
     summary["mean_behaviors_extracted"] = _mean(len(r["behaviors"]) for r in rows)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(out)
+        write_jsonl_atomic(out, rows)
         summary["output"] = str(out)
     return summary

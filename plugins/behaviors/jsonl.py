@@ -11,8 +11,9 @@ import json
 from pathlib import Path
 from typing import Sequence, Union
 
+from metareason.api import atomic_file
 from metareason.plugins.behaviors.behavior import Behavior, BehaviorError
-from metareason.plugins.behaviors.persist import HandbookError, write_atomic
+from metareason.plugins.behaviors.persist import HandbookError
 
 #: the largest file ``import`` reads (bytes); a handbook of 100k behaviors with provenance is ~100 MB
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
@@ -75,7 +76,8 @@ def write_jsonl(path: Union[str, Path], behaviors: Sequence[Behavior]) -> int:
     """Write ``behaviors`` to ``path`` atomically (a crash leaves the old file or the new one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(b.to_json(), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n" for b in behaviors)
-    write_atomic(path, lines)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.writelines(json.dumps(b.to_json(), ensure_ascii=False, allow_nan=False).encode("utf-8") + b"\n"
+                     for b in behaviors)
     return len(behaviors)
 

@@ -1,4 +1,4 @@
-"""Files beside a handbook: durable atomic writes and the persisted index.
+"""Files beside a handbook: the persisted index (written atomically, :mod:`metareason.durable`).
 
 ``<handbook>.faiss`` is one file, written in one atomic step, that holds the index *and* the
 handbook state it was built from, so the two can never be out of step on disk::
@@ -17,13 +17,12 @@ import hashlib
 import json
 import os
 import struct
-import threading
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Union
 
 import numpy as np
 
-from metareason.api import UserError
+from metareason.api import UserError, atomic_file
 
 MAGIC = b"MRBHIDX1"
 FORMAT = 1
@@ -41,37 +40,6 @@ class IndexFileError(ValueError):
     """A persisted index that cannot be trusted; the message says why, in a few words."""
 
 
-def fsync_dir(directory: Union[str, Path]) -> None:
-    try:
-        fd = os.open(str(directory), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse fsync on a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Union[str, Path], chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to a temporary file beside ``path``, fsync it, rename it over ``path``
-    and fsync the directory: readers see the old file or the whole new one, also after a crash."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(path.parent)
-
-
 def ids_digest(ids: np.ndarray) -> str:
     """SHA-256 of the ids, sorted, as int64 little-endian (independent of index order)."""
     return hashlib.sha256(np.sort(np.asarray(ids, dtype="<i8")).tobytes()).hexdigest()
@@ -87,7 +55,8 @@ def write_index_file(path: Union[str, Path], ids: np.ndarray, vecs: np.ndarray, 
         digest.update(part)
     header = dict(state, format=FORMAT, count=len(ids), ids_sha256=ids_digest(ids), payload_sha256=digest.hexdigest())
     head = json.dumps(header, sort_keys=True).encode("utf-8")
-    write_atomic(path, [MAGIC, _LEN.pack(len(head)), head, *payload])
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # readers see the old file or the whole new one
+        f.writelines([MAGIC, _LEN.pack(len(head)), head, *payload])
 
 
 def read_index_file(path: Union[str, Path]) -> tuple[dict, np.ndarray, np.ndarray]:

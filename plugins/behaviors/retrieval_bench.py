@@ -103,7 +103,7 @@ def score_hits(found: list, targets: list, stored_as: list, ks=(1, 5, 10)) -> di
             "found_merged_into": merged_found}
 
 
-def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench/results/behaviors-retrieval.json",
+def run_retrieval_bench(n: int = 10000, queries: int = 1000, out: str = "bench-results/behaviors-retrieval.json",
                         embedder: str = "minilm", batch: int = 500, quiet: bool = False) -> dict:
     import os
     import platform

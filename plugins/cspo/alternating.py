@@ -1,7 +1,7 @@
 """Alternating control inference: the target generates, the alter writes control segments.
 
 The target is loaded through a :class:`metareason.Kernel` (so its tokenizer gets the control
-tokens and generation runs through ``metareason.generate``) with a
+tokens and generation runs through ``metareason.generation.generate``) with a
 :class:`~metareason.plugins.cspo.handover.HandoverController` registered on it; the controller
 calls the alter at every hand-over. With ``cspo.ray: true`` (the default) target and alter each
 live in their own Ray actor with ``target_model_gpu`` / ``alter_model_gpu`` GPUs (0 when the

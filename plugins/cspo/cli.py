@@ -41,10 +41,10 @@ def add_commands(subparsers) -> None:
         s.add_argument("--quiet", action="store_true", help="no progress bars")
         s.set_defaults(func=fn)
     s = sub.add_parser("demo", help="the causal-loop demonstration: SFT, takeover, SFT with control, CSPO, "
-                                    "evaluation -> bench/results/cspo-demo.md")
+                                    "evaluation -> bench-results/cspo-demo.md")
     s.add_argument("config_dir", nargs="?", default="configs/cspo", help="folder of causal_loop_*.yaml")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every stage")
     s.add_argument("--stages", default="all", help="comma list of sft,takeover,control,cspo,report (default all)")
-    s.add_argument("--out", default="bench/results/cspo-demo", help="report path without suffix (.md and .json)")
+    s.add_argument("--out", default="bench-results/cspo-demo", help="report path without suffix (.md and .json)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_demo)

@@ -11,7 +11,7 @@ Stages, each a config in the folder (each also runs alone with ``metareason run`
                                               -> "after CSPO"
 5. ``nomask``   the same with ``cspo.mask_rl_loss=false`` (plain GRPO on every token; ablation)
 6. ``report``   accuracy and mean generated tokens of 1, 3, 4, 5 on the same held-out problems,
-                greedy and sampled -> ``bench/results/cspo-demo.md`` and ``.json``
+                greedy and sampled -> ``bench-results/cspo-demo.md`` and ``.json``
 
 The driver chains the stages: the takeover's target is stage 1's run, its output is the file
 stage 3 reads, and stages 3 and 4 start from the previous stage's latest checkpoint.
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.api import UserError
+from metareason.api import UserError, write_text_atomic
 
 STAGES = ("sft", "takeover", "control", "cspo", "nomask", "report")
 FILES = {"sft": "causal_loop_sft.yaml", "takeover": "causal_loop_takeover.yaml",
@@ -157,7 +157,7 @@ def _rl_summary(run_dir: Path, window: int = 10) -> dict:
     return {"first": mean(rows[:window]), "last": mean(rows[-window:])}
 
 
-def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "bench/results/cspo-demo",
+def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "bench-results/cspo-demo",
              quiet: bool = False, overrides: Optional[list[str]] = None) -> dict:
     from metareason.api import Kernel, load_config
     from metareason.plugins.cspo.takeover import run_takeover
@@ -214,7 +214,7 @@ def run_demo(config_dir: str = "configs/cspo", stages: str = "all", out: str = "
         record["cspo_training"] = _rl_summary(runs["cspo"]) if runs["cspo"].exists() else {}
         record["nomask_training"] = _rl_summary(runs["nomask"]) if runs["nomask"].exists() else {}
         args = [config_dir, *user_overrides] + (["--stages", stages] if stages != "all" else [])
-        args += (["--out", out] if out != "bench/results/cspo-demo" else []) + (["--quiet"] if quiet else [])
+        args += (["--out", out] if out != "bench-results/cspo-demo" else []) + (["--quiet"] if quiet else [])
         env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_NUM_THREADS",) if k in os.environ)
         record["command"] = env + "metareason cspo demo " + " ".join(shlex.quote(a) for a in args)
         record["machine"] = _machine()
@@ -236,9 +236,7 @@ def write_report(out: Path, record: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((out.with_suffix(".json"), json.dumps(record, indent=2) + "\n"),
                        (out.with_suffix(".md"), render_markdown(record))):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
 
 
 def _table(res: dict, pick) -> list[str]:

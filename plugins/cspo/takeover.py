@@ -19,13 +19,12 @@ unless ``cspo.keep_incorrect``. The file (``cspo.output``, default
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
+from metareason.api import write_json_atomic, write_jsonl_atomic
 from metareason.plugins.cspo.alter import decision_of
 from metareason.plugins.cspo.segments import parse_segments
 
@@ -44,21 +43,6 @@ def end_after_conclusion(text: str) -> str:
 
 def control_labels(text: str) -> list[dict]:
     return [{"decision": decision_of(s.content), "content": s.content} for s in parse_segments(text).segments]
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _output_path(config: Any, default_name: str) -> Path:
@@ -114,6 +98,7 @@ def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet:
     if not rows:
         raise ConfigError(f"{kernel.source}: takeover kept no example (every final answer was wrong); "
                           "set cspo.keep_incorrect: true to keep them")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_path, rows)
     n = len(gens)
     summary = {
@@ -123,7 +108,7 @@ def run_takeover(config_path: str, overrides: Optional[list[str]] = None, quiet:
         "takeovers_per_prompt": sum(decisions.values()) / n,
         "decisions": dict(decisions), "declined_triggers": stats.get("declined", 0),
     }
-    _write_summary(out_path.with_suffix(".summary.json"), summary)
+    write_json_atomic(out_path.with_suffix(".summary.json"), summary)
     return summary
 
 
@@ -153,15 +138,10 @@ def run_infer(config_path: str, overrides: Optional[list[str]] = None, quiet: bo
         rows.append({"id": ex.get("id"), "prompt": ex["prompt"], "completion": g["text"], "answer": ex.get("answer"),
                      "score": score, "target_tokens": g["num_tokens"], "controls": labels,
                      "handovers": g["handovers"], "stop_reason": g["stop_reason"]})
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out_path, rows)
     summary = {"output": str(out_path), "prompts": len(rows), "accuracy": sum(scores) / len(scores),
                "mean_target_tokens": sum(r["target_tokens"] for r in rows) / len(rows),
                "takeovers_per_prompt": sum(decisions.values()) / len(rows), "decisions": dict(decisions)}
-    _write_summary(out_path.with_suffix(".summary.json"), summary)
+    write_json_atomic(out_path.with_suffix(".summary.json"), summary)
     return summary
-
-
-def _write_summary(path: Path, summary: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -105,7 +105,7 @@ def add_commands(subparsers) -> None:
                                    "OUT/PREFIX.md, .json and PNG plots. Finished trials are reused (resume).")
     s.add_argument("config_dir", help="directory of run configs, e.g. configs/lru/")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every config")
-    s.add_argument("--out", default="bench/results", help="report directory (default: bench/results)")
+    s.add_argument("--out", default="bench-results", help="report directory (default: bench-results)")
     s.add_argument("--prefix", default="lru-sweep", help="report file prefix (default: lru-sweep)")
     s.add_argument("--runs-dir", default="runs/lru-sweep", help="where the run directories go")
     s.add_argument("--steps", type=int, help="train.max_steps for every group (default: the configs')")

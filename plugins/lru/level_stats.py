@@ -9,13 +9,13 @@ LRU, whose ``levels`` is then empty); the sweep reads that file.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from metareason.api import write_json_atomic
 from metareason.plugins.lru.stats import per_token
 
 KEYS = ("iterations", "ponder", "first_residual", "last_residual")
@@ -83,7 +83,5 @@ def run_dir_stats(run_dir: str, checkpoint: Optional[str] = None, quiet: bool = 
     record = {"checkpoint": ckpt.name, "model_type": getattr(model.config, "model_type", None),
               "num_parameters": sum(p.numel() for p in model.parameters()), "levels": stats}
     target = path / "lru_stats.json"
-    tmp = path / ".lru_stats.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    tmp.replace(target)
+    write_json_atomic(target, record)
     return target

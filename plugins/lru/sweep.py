@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from metareason.api import UserError
+from metareason.api import UserError, atomic_dir, write_json_atomic
 
 TAIL = 4000  # characters of a failed process's output kept in the report
 BUDGET_FIELDS = (("data", "train"), ("data", "max_length"), ("train", "batch_size"), ("train", "grad_accum"),
@@ -243,19 +243,13 @@ def keep_results(trial: dict, plan: dict) -> None:
     if target is None:
         return
     run_dir = Path(trial["run_dir"])
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for name in KEPT_FILES:
-        if (run_dir / name).exists():
-            shutil.copy2(run_dir / name, tmp / name)
-    ckpt = _latest_checkpoint(run_dir)
-    if plan.get("keep_weights") and ckpt is not None and not (run_dir / "sweep-test.json").exists():
-        shutil.copytree(ckpt, tmp / KEPT_WEIGHTS / ckpt.name, ignore=shutil.ignore_patterns(*TRAINING_STATE))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with atomic_dir(target, replace=True) as tmp:
+        for name in KEPT_FILES:
+            if (run_dir / name).exists():
+                shutil.copy2(run_dir / name, tmp / name)
+        ckpt = _latest_checkpoint(run_dir)
+        if plan.get("keep_weights") and ckpt is not None and not (run_dir / "sweep-test.json").exists():
+            shutil.copytree(ckpt, tmp / KEPT_WEIGHTS / ckpt.name, ignore=shutil.ignore_patterns(*TRAINING_STATE))
 
 
 def drop_kept_weights(trial: dict, plan: dict) -> None:
@@ -316,9 +310,7 @@ def run_trial(trial: dict, plan: dict, env: dict) -> dict:
         return {"ok": False, "train_wall_s": t1 - t0, "eval_wall_s": t2 - t1,
                 "error": f"validation evaluation exited {ev.returncode}:\n{_tail(ev.stderr + ev.stdout)}"}
     record = {"fingerprint": trial["fingerprint"], "train_wall_s": t1 - t0, "eval_wall_s": t2 - t1}
-    tmp = run_dir / f".{TRIAL_FILE}.tmp"
-    tmp.write_text(json.dumps(record), encoding="utf-8")
-    os.replace(tmp, run_dir / TRIAL_FILE)
+    write_json_atomic(run_dir / TRIAL_FILE, record, indent=None)
     keep_results(trial, plan)
     return {"ok": True, "resumed": False, **{k: record[k] for k in ("train_wall_s", "eval_wall_s")}, "error": None}
 

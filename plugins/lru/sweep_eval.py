@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from metareason.api import write_json_atomic
+
 SPLITS = ("validation", "test")
 LRU_KEYS = ("iterations", "ponder", "first_residual", "last_residual")
 
@@ -132,9 +134,7 @@ def evaluate_split(run_dir: str, split: str, samples: int, seed: int, batch_size
               "iterations_by_example": ([[level_number(r["group"]), r["iterations"] / max(r["tokens"], 1)]
                                          for r in tf["rows"]] if tf["has_lru"] else [])}
     target = path / f"sweep-{split}.json"
-    tmp = path / f".sweep-{split}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
-    os.replace(tmp, target)
+    write_json_atomic(target, record, indent=1)
     return target
 
 

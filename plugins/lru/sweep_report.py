@@ -19,21 +19,12 @@ from typing import Any, Optional
 
 import yaml
 
-from metareason.api import __version__, read_metrics
+from metareason.api import __version__, atomic_file, read_metrics, write_json_atomic, write_text_atomic
 
 LOSS_TERMS = ("L_pred", "L_stability", "L_sparsity", "L_ponder")
 LRU_QUANTITIES = (("iterations", "mean iterations", ".3f"), ("ponder", "ponder cost n+R", ".3f"),
                   ("convergence_ratio", "convergence ratio", ".3g"))
 FLAT_WINDOW = 0.2  # the last 20% of logged steps against the 20% before them
-
-
-def _atomic_write(path: Path, data, binary: bool = False) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    if binary:
-        tmp.write_bytes(data)
-    else:
-        tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _levels(keys) -> list[str]:
@@ -249,11 +240,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     _plt().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_accuracy(groups: list[dict], path: Path) -> bool:
@@ -538,7 +528,7 @@ def write_report(specs, results, chosen: dict, test_errors: dict, plan, out_dir:
         if fn(out_dir / name):
             plots[key] = name
     data["plots"] = plots
-    _atomic_write(out_dir / f"{prefix}.json", json.dumps(data, indent=1) + "\n")
+    write_json_atomic(out_dir / f"{prefix}.json", data, indent=1)
     md = out_dir / f"{prefix}.md"
-    _atomic_write(md, render_markdown(data, plots) + "\n")
+    write_text_atomic(md, render_markdown(data, plots) + "\n")
     return md

@@ -57,11 +57,11 @@ def add_commands(subparsers) -> None:
     s.set_defaults(func=_eval)
 
     s = sub.add_parser("compare", help="MCFT vs critique SFT vs answer SFT and a threshold sweep on the same data "
-                                       "-> bench/results/mcft-compare.md/json")
+                                       "-> bench-results/mcft-compare.md/json")
     s.add_argument("config", nargs="?", default="configs/mcft/compare.yaml", help="base config of every arm")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
     s.add_argument("--arms", default="all", help="comma list of arm names (default all)")
-    s.add_argument("--out", default="bench/results/mcft-compare", help="report path without suffix (.md and .json)")
+    s.add_argument("--out", default="bench-results/mcft-compare", help="report path without suffix (.md and .json)")
     s.add_argument("--reuse", action="store_true", help="skip training an arm whose run directory holds its final checkpoint "
                                                          "and the same model/data/train/mcft config")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -69,13 +69,13 @@ def add_commands(subparsers) -> None:
 
     s = sub.add_parser("experiment", help="issue 30: a base that solves the task, a small critique set, threshold / "
                                           "bf_beta / solution-SFT / answer-SFT arms, lr chosen on validation, "
-                                          "several seeds, McNemar -> bench/results/mcft-experiment.md/json")
+                                          "several seeds, McNemar -> bench-results/mcft-experiment.md/json")
     s.add_argument("config", nargs="?", default="configs/mcft/experiment.yaml",
                    help="base config of every run, with an experiment: section (seeds, lrs, steps, sizes)")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     s.add_argument("--arms", default=None, help="comma list of arm names (default all: t0,t0.1,t0.2,t0.3,bf0,"
                                                 "solution_sft,answer_sft)")
-    s.add_argument("--out", default="bench/results/mcft-experiment", help="report path without suffix (.md and .json)")
+    s.add_argument("--out", default="bench-results/mcft-experiment", help="report path without suffix (.md and .json)")
     s.add_argument("--quick", action="store_true", help="every stage at a miniature size (a smoke test, not a measurement)")
     s.add_argument("--reuse", action="store_true", help="skip training a run whose directory holds its final checkpoint")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

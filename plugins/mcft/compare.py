@@ -152,7 +152,7 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_compare(config: str, overrides: list[str], out: str = "bench/results/mcft-compare", arms: str = "all",
+def run_compare(config: str, overrides: list[str], out: str = "bench-results/mcft-compare", arms: str = "all",
                 quiet: bool = False, reuse: bool = False) -> dict:
     import torch
 

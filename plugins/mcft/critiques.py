@@ -12,10 +12,9 @@ and counted as ``malformed``.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from metareason.api import ConfigError
+from metareason.api import ConfigError, write_jsonl_atomic
 from metareason.plugins.mcft.answers import answers_equivalent, extract_answer
 from metareason.plugins.mcft.format import CRITIQUE, CRITIQUE_END, REASONING, REASONING_END, section
 
@@ -67,9 +66,7 @@ def build_critiques(kernel, split: str = "train", out=None, quiet: bool = False)
         bar.update(len(chunk))
     bar.close()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    write_jsonl_atomic(out, rows)
     matched = sum(r["answer_match"] for r in rows)
     return {"output": str(out), "rows": len(rows), "answer_match": matched, "dropped": len(rows) - matched,
             "malformed": malformed, "attempts_correct": sum(r["attempt_correct"] for r in rows)}

@@ -22,15 +22,16 @@ from __future__ import annotations
 import csv
 import os
 import random
-from typing import Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from metareason.api import Task, TaskError, load_records
+from pydantic import Field, StrictBool, StrictStr, field_validator
+
+from metareason.api import Task, TaskError, TaskParams, load_records, parse_params
 from metareason.plugins.mcft.answers import extract_answer, is_correct
 from metareason.plugins.mcft.format import (DEFAULT_TEMPLATE, SYSTEM_INSTRUCTION, build_answer_only,
                                             build_completion, build_prompt, build_solution_only)
 
 REQUIRED = ("prompt", "cot", "critique", "reasoning", "answer")
-_KNOWN = ("path", "target", "template", "system", "shuffle", "name")
 _TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
 
 
@@ -102,27 +103,34 @@ class MCFTTask(Task):
         return float(is_correct(completion, example.get("gold", example["answer"])))
 
 
+class MCFTParams(TaskParams):
+    """``params`` of the ``mcft`` task (see the module docstring)."""
+
+    path: Annotated[StrictStr, Field(min_length=1)]  # a .csv or .jsonl file of critiques
+    target: Literal["critique", "answer", "solution"] = "critique"
+    template: Optional[StrictStr] = None  # default (also when empty): the seed's
+    system: Optional[StrictStr] = None  # default: the seed's
+    shuffle: StrictBool = True
+    name: Optional[StrictStr] = None  # set by a registration of a named task
+
+    @field_validator("template")
+    @classmethod
+    def _has_prompt_and_cot(cls, value):
+        for key in ("prompt", "cot"):
+            if value and "{" + key + "}" not in value:
+                raise ValueError(f"must contain {{{key}}}")
+        return value
+
+
 def make_task(params: dict, seed: int, num_samples: int) -> MCFTTask:
-    params = dict(params or {})
-    unknown = sorted(k for k in params if k not in _KNOWN)
-    if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: {', '.join(_KNOWN[:-1])})")
-    path = params.get("path")
-    if not isinstance(path, str) or not path:
-        raise TaskError("params.path: required (a .csv or .jsonl file of critiques)")
-    target = params.get("target", "critique")
-    if target not in ("critique", "answer", "solution"):
-        raise TaskError(f"params.target: expected critique, answer or solution, got {target!r}")
-    template = params.get("template") or DEFAULT_TEMPLATE
-    system = params.get("system")
-    system = SYSTEM_INSTRUCTION if system is None else system
-    for key in ("prompt", "cot"):
-        if "{" + key + "}" not in template:
-            raise TaskError(f"params.template: must contain {{{key}}}")
+    p = parse_params(MCFTParams, params)
+    path, target = p.path, p.target
+    template = p.template or DEFAULT_TEMPLATE
+    system = SYSTEM_INSTRUCTION if p.system is None else p.system
     rows, dropped = load_critiques(os.path.expanduser(path))
     if not rows:
         raise TaskError(f"params.path: {path} holds no usable rows ({dropped} dropped for answer_match false)")
-    if params.get("shuffle", True):
+    if p.shuffle:
         random.Random(seed).shuffle(rows)
     examples = []
     for r in rows[:num_samples]:

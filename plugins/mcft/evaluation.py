@@ -7,10 +7,10 @@ teacher-forced forward over prompt + generated tokens (see ``entropy.py``).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
+from metareason.api import write_json_atomic, write_jsonl_atomic
 from metareason.plugins.mcft.entropy import completion_entropies, flag_metrics
 from metareason.plugins.mcft.format import is_well_formed
 
@@ -47,9 +47,7 @@ def evaluate_mcft(kernel, model, tokenizer, entropy_threshold: Optional[float] =
                  "well_formed": f, "mean_entropy": e}
                 for ex, g, c, f, e in zip(examples, gens, correct, formatted, entropies)]
         samples_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = samples_path.with_suffix(samples_path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        tmp.replace(samples_path)
+        write_jsonl_atomic(samples_path, rows)
     return metrics
 
 
@@ -63,7 +61,5 @@ def evaluate_run(run_dir: str, overrides: list[str], checkpoint: Optional[str] =
     trained = load_trained(path, checkpoint, overrides)
     metrics = evaluate_mcft(trained.kernel, trained.model, trained.tokenizer, entropy_threshold,
                             samples_path=path / "mcft_eval_samples.jsonl")
-    tmp = path / ".mcft_eval.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path / "mcft_eval.json")
+    write_json_atomic(path / "mcft_eval.json", metrics)
     return metrics

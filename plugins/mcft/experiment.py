@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.api import mcnemar_exact
+from metareason.api import mcnemar_exact, write_jsonl_atomic
 
 PROMPT_TEMPLATE = "{prompt}\nAttempt: {cot}\n"
 
@@ -146,9 +146,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_jsonl_atomic(path, rows)
 
 
 def _finished(kernel) -> bool:
@@ -471,7 +469,7 @@ def render(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_experiment(config: str, overrides: list[str], out: str = "bench/results/mcft-experiment",
+def run_experiment(config: str, overrides: list[str], out: str = "bench-results/mcft-experiment",
                    quick: bool = False, quiet: bool = False, reuse: bool = False,
                    arms: Optional[str] = None, log=None) -> dict:
     import torch

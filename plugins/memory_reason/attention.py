@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from metareason.api import atomic_file
 from metareason.plugins.memory_reason.steps import parse_generated
 
 CATEGORIES = ("prompt", "memory", "reason", "answer")
@@ -104,7 +105,6 @@ def plot_heatmap(shares: torch.Tensor, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)

@@ -36,11 +36,11 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("memory_reason", help="disentangled memory/reason steps: the comparison experiment")
     sub = p.add_subparsers(dest="memory_reason_command", metavar="SUBCOMMAND", required=True)
     s = sub.add_parser("compare", help="synthetic world: plain CoT SFT vs memory/reason tokens (full, "
-                                       "lora+prompt-tuning) from one base -> bench/results/memory_reason-*.md/json")
+                                       "lora+prompt-tuning) from one base -> bench-results/memory_reason-*.md/json")
     s.add_argument("config_dir", nargs="?", default="configs/memory_reason",
                    help="folder with world_base.yaml, world_plain.yaml, world_tokens_full.yaml, world_tokens_lora_pt.yaml")
     s.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant (not the base)")
-    s.add_argument("--out", default="bench/results/memory_reason-world", help="report path without suffix")
+    s.add_argument("--out", default="bench-results/memory_reason-world", help="report path without suffix")
     s.add_argument("--output-dir", default="runs", help="where the runs go (default runs)")
     s.add_argument("--stages", default="base,variants,report", help="comma list of base,variants,report")
     s.add_argument("--seeds", type=_seeds, default=(0,), help="comma list of training seeds per variant (default 0)")
@@ -48,7 +48,7 @@ def add_commands(subparsers) -> None:
     s.set_defaults(func=_compare)
 
     e = sub.add_parser("experiment", help="issue 29 on the varied world: a base per seed (gated), lr chosen on "
-                                          "validation, 5 arms on held-out, paired tests -> bench/results/*.md/json")
+                                          "validation, 5 arms on held-out, paired tests -> bench-results/*.md/json")
     e.add_argument("config_dir", nargs="?", default="configs/memory_reason/varied",
                    help="folder with base.yaml, base_arith.yaml and one YAML per arm")
     e.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
@@ -56,7 +56,7 @@ def add_commands(subparsers) -> None:
     e.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma list; the first one's base holds the lr grid")
     e.add_argument("--arms", default="plain,tokens_full,filler,plain_lora,tokens_lora_pt", help="comma list of arms")
     e.add_argument("--stages", default="base,grid,heldout,report", help="comma list of base,grid,heldout,report")
-    e.add_argument("--out", default="bench/results/memory_reason-varied", help="report path without suffix")
+    e.add_argument("--out", default="bench-results/memory_reason-varied", help="report path without suffix")
     e.add_argument("--grid", default="", help="comma list of lrs for every arm (default: the design's grid per arm)")
     e.add_argument("--n-val", type=int, default=300, help="validation questions (default 300)")
     e.add_argument("--n-heldout", type=int, default=700, help="held-out questions (default 700)")

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from metareason.api import UserError
+from metareason.api import UserError, write_json_atomic
 
 BASE = "world_base.yaml"
 VARIANTS = (("plain CoT SFT", "world_plain.yaml"), ("tokens, full", "world_tokens_full.yaml"),
@@ -114,7 +114,7 @@ def markdown(record: dict) -> str:
     return "\n".join(lines)
 
 
-def run_compare(config_dir: str, out: str = "bench/results/memory_reason-world", overrides=(), quiet: bool = False,
+def run_compare(config_dir: str, out: str = "bench-results/memory_reason-world", overrides=(), quiet: bool = False,
                 output_dir: str = "runs", stages: str = "base,variants,report", seeds=(0,)) -> dict:
     import os
 
@@ -139,9 +139,7 @@ def run_compare(config_dir: str, out: str = "bench/results/memory_reason-world",
             for name, file in VARIANTS:
                 done[f"{name}|{seed}"] = _variant(config_dir, file, (base_dir / "hf").resolve(), output_dir,
                                                   list(overrides), quiet, seed)
-                tmp = results.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done, indent=2))
-                tmp.replace(results)
+                write_json_atomic(results, done)
     rows = {name: [done[f"{name}|{s}"] for s in seeds if f"{name}|{s}" in done] for name, _ in VARIANTS}
     rows = {k: v for k, v in rows.items() if v}
     record = {"command": "metareason memory_reason compare " + " ".join(sys.argv[3:]).strip(),

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from metareason.api import UserError
+from metareason.api import UserError, write_json_atomic
 
 ARMS = {"plain": "A plain CoT", "tokens_full": "B step tokens, full", "filler": "C filler control",
         "plain_lora": "D plain CoT + LoRA", "tokens_lora_pt": "E step tokens, lora+prompt-tuning"}
@@ -64,9 +64,7 @@ class Experiment:
 
     def _save(self):
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        tmp.replace(self.state_path)
+        write_json_atomic(self.state_path, self.state)
 
     def _config(self, name: str) -> Path:
         path = self.config_dir / name
@@ -261,7 +259,7 @@ def markdown(record: dict) -> str:
 
 
 def run_experiment(config_dir="configs/memory_reason/varied", output_dir="runs/memory_reason_i29", seeds=(0, 1, 2),
-                   arms=tuple(ARMS), stages="base,grid,heldout,report", out="bench/results/memory_reason-varied",
+                   arms=tuple(ARMS), stages="base,grid,heldout,report", out="bench-results/memory_reason-varied",
                    overrides=(), quiet=False, quick=False, gates=True, n_val=300, n_heldout=700, grid=None) -> dict:
     wanted = [s.strip() for s in stages.split(",") if s.strip()]
     bad = set(wanted) - {"base", "grid", "heldout", "report"}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from metareason.api import write_text_atomic
+
 SECTION = "memory_reason.md"
 HEATMAP = "memory_reason_attention.png"
 
@@ -47,6 +49,4 @@ def write_section(run_dir, step: int, stats: dict, shares) -> None:
         heatmap = f"plots/{HEATMAP}"
     folder = run_dir / "report_sections"
     folder.mkdir(exist_ok=True)
-    tmp = folder / (SECTION + ".tmp")
-    tmp.write_text(section_markdown(step, stats, heatmap), encoding="utf-8")
-    tmp.replace(folder / SECTION)
+    write_text_atomic(folder / SECTION, section_markdown(step, stats, heatmap))

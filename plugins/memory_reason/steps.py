@@ -146,3 +146,8 @@ def answers_match(predicted: Optional[str], gold: Any) -> bool:
         return float(a) == float(b)
     except ValueError:
         return False
+
+
+def plain_completion(steps: list[dict], answer: str) -> str:
+    """The SFT target of typed steps: their texts, one a line, then the answer."""
+    return "\n".join([s["text"] for s in steps] + [f"The answer is: {answer}"])

@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
-from metareason.api import Task, TaskError
+from pydantic import Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from metareason.api import FieldName, Task, TaskError, TaskParams, load_records, parse_params
 from metareason.plugins.memory_reason.steps import (answers_match, extract_answer, has_markers, normalise_steps,
-                                                    parse_markers)
+                                                    parse_markers, plain_completion)
+from metareason.plugins.memory_reason.world import PRETRAIN_PARTS, STRUCTURES, world_examples
 
 NAMES = ("Ava", "Bo", "Cy", "Di", "Ed", "Flo", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Oz", "Pia",
          "Quin", "Rex", "Sue", "Tom")
 ATTRIBUTES = ("pens", "cups", "keys", "hats")
 OPS = ("sum", "diff")
-_WORLD_KEYS = ("entities", "attributes", "ops", "world_seed", "split", "heldout_fraction", "max_value", "kind",
-               "structures", "val_fraction", "mix")
 KINDS = ("questions", "facts", "recall", "varied", "pretrain")
 
 
@@ -36,17 +37,6 @@ class StepTask(Task):
 
     def score(self, completion: str, example: dict) -> float:
         return float(answers_match(self.extract_answer(completion), example["answer"]))
-
-
-def plain_completion(steps: list[dict], answer: str) -> str:
-    return "\n".join([s["text"] for s in steps] + [f"The answer is: {answer}"])
-
-
-def _int(params: dict, key: str, default: int, lo: int, hi: int) -> int:
-    v = params.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise TaskError(f"params.{key}: expected an integer in [{lo}, {hi}], got {v!r}")
-    return v
 
 
 def build_world(entities: int, attributes: int, world_seed: int, max_value: int) -> dict[tuple[str, str], int]:
@@ -77,35 +67,47 @@ def _fact(world, e: str, attr: str) -> dict:
             "facts": [{"entity": e, "attribute": attr, "value": x}]}
 
 
-def make_world_task(params: dict, seed: int, num_samples: int) -> StepTask:
-    params = dict(params or {})
-    unknown = sorted(k for k in params if k not in _WORLD_KEYS)
-    if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: {', '.join(_WORLD_KEYS)})")
-    n_ent = _int(params, "entities", 10, 2, len(NAMES))
-    n_attr = _int(params, "attributes", 2, 1, len(ATTRIBUTES))
-    world_seed = _int(params, "world_seed", 0, 0, 2**31)
-    max_value = _int(params, "max_value", 9, 1, 99)
-    ops = params.get("ops", list(OPS))
-    if not isinstance(ops, list) or not ops or any(o not in OPS for o in ops):
-        raise TaskError(f"params.ops: expected a non-empty list of {', '.join(OPS)}, got {ops!r}")
-    split = params.get("split", "train")
-    if split not in ("train", "heldout", "val"):
-        raise TaskError(f"params.split: expected train, val or heldout, got {split!r}")
-    frac = params.get("heldout_fraction", 0.2)
-    if not isinstance(frac, (int, float)) or not 0 < frac < 1:
-        raise TaskError(f"params.heldout_fraction: expected a number in (0, 1), got {frac!r}")
+def _int_in(lo: int, hi: int):
+    return Annotated[StrictInt, Field(ge=lo, le=hi)]
 
-    kind = params.get("kind", "questions")
-    if kind not in KINDS:
-        raise TaskError(f"params.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+
+
+
+class WorldParams(TaskParams):
+    """``params`` of ``memory_world``."""
+
+    entities: _int_in(2, len(NAMES)) = 10
+    attributes: _int_in(1, len(ATTRIBUTES)) = 2
+    world_seed: _int_in(0, 2**31) = 0
+    max_value: _int_in(1, 99) = 9
+    ops: Annotated[list[Literal[OPS]], Field(min_length=1)] = list(OPS)
+    split: Literal["train", "heldout", "val"] = "train"
+    heldout_fraction: Annotated[StrictFloat, Field(gt=0, lt=1)] = 0.2
+    kind: Literal[KINDS] = "questions"
+    # kind: varied
+    structures: Annotated[list[Literal[STRUCTURES]], Field(min_length=1)] = list(STRUCTURES)
+    val_fraction: Annotated[StrictFloat, Field(ge=0, lt=1)] = 0.1
+    # kind: pretrain, the weight of each part
+    mix: dict[Literal[PRETRAIN_PARTS], Annotated[StrictFloat, Field(ge=0)]] = {"facts": 0.4, "arithmetic": 0.3, "multi": 0.3}
+
+    @field_validator("mix")
+    @classmethod
+    def _some_weight(cls, value):
+        if not value or not sum(value.values()):
+            raise ValueError("at least one part needs a weight above 0")
+        return value
+
+
+def make_world_task(params: dict, seed: int, num_samples: int) -> StepTask:
+    p = parse_params(WorldParams, params)
+    n_ent, n_attr, world_seed, max_value = p.entities, p.attributes, p.world_seed, p.max_value
+    ops, split, frac, kind = p.ops, p.split, p.heldout_fraction, p.kind
+    params = p.model_dump()
     world = build_world(n_ent, n_attr, world_seed, max_value)
     names = NAMES[:n_ent]
     if kind in ("recall", "varied", "pretrain"):
-        from metareason.plugins.memory_reason.world import make_task
-
-        task = make_task(kind, params, world, names, ATTRIBUTES[:n_attr], max_value, world_seed, split, frac, seed,
-                         num_samples)
+        task = StepTask(world_examples(kind, params, world, names, ATTRIBUTES[:n_attr], max_value, world_seed, split,
+                                       frac, seed, num_samples))
         task.name, task.world = "memory_world", world
         return task
     if split == "val":
@@ -134,32 +136,33 @@ def make_world_task(params: dict, seed: int, num_samples: int) -> StepTask:
 
 
 # ---------------------------------------------------------------------------------------------
-_JSONL_KEYS = ("path", "question_field", "answer_field", "steps_field", "prompt_template", "id_field",
-               "group_field", "shuffle")
+class JsonlStepParams(TaskParams):
+    """``params`` of ``memory_reason_jsonl``."""
+
+    path: Annotated[StrictStr, Field(min_length=1)]  # a JSON Lines file
+    question_field: FieldName = "question"
+    answer_field: FieldName = "answer"
+    steps_field: FieldName = "cot_steps"
+    prompt_template: StrictStr = "Q: {question}\n"
+    id_field: Optional[FieldName] = None
+    group_field: Optional[FieldName] = None
+    shuffle: StrictBool = True
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _has_question(cls, value):
+        if "{question}" not in value:
+            raise ValueError("must contain {question}")
+        return value
 
 
 def make_jsonl_task(params: dict, seed: int, num_samples: int) -> StepTask:
     """Users' labelled data: one JSON object per line with a question, an answer and typed steps
     (``cot_steps: [{type, text}]`` or a string with ``[memory]:`` / ``[rag]:`` / ``[reason]:``)."""
-    from metareason.api import load_records
-
-    params = dict(params or {})
-    unknown = sorted(k for k in params if k not in _JSONL_KEYS)
-    if unknown:
-        raise TaskError(f"params.{unknown[0]}: unknown parameter (known: {', '.join(_JSONL_KEYS)})")
-    path = params.get("path")
-    if not isinstance(path, str) or not path:
-        raise TaskError("params.path: required (a JSON Lines file)")
-    path = os.path.expanduser(path)
-    qf, af = params.get("question_field", "question"), params.get("answer_field", "answer")
-    sf = params.get("steps_field", "cot_steps")
-    template = params.get("prompt_template", "Q: {question}\n")
-    if not isinstance(template, str) or "{question}" not in template:
-        raise TaskError("params.prompt_template: must contain {question}")
-    idf, gf = params.get("id_field"), params.get("group_field")
-    shuffle = params.get("shuffle", True)
-    if not isinstance(shuffle, bool):
-        raise TaskError(f"params.shuffle: expected true or false, got {shuffle!r}")
+    p = parse_params(JsonlStepParams, params)
+    path = os.path.expanduser(p.path)
+    qf, af, sf, template = p.question_field, p.answer_field, p.steps_field, p.prompt_template
+    idf, gf, shuffle = p.id_field, p.group_field, p.shuffle
     records = load_records(path)
     if not records:
         raise TaskError(f"params.path: {path} holds no records")

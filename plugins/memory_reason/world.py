@@ -40,6 +40,7 @@ import random
 from collections import Counter
 
 from metareason.api import TaskError
+from metareason.plugins.memory_reason.steps import plain_completion
 
 STRUCTURES = ("hop", "plus", "sum2", "diff", "compare", "sum2_plus", "offset", "sum3", "compare_sum")
 TYPES = {"hop": "m", "plus": "mr", "sum2": "mmr", "diff": "mmr", "compare": "mmr", "sum2_plus": "mmrr", "offset": "rmr",
@@ -130,8 +131,6 @@ def question(structure: str, key: tuple, world) -> dict:
                  {"type": _R, "text": f"{p + r}+{x}={p + r + x}"}]
     else:
         raise TaskError(f"params.structures: unknown structure {structure!r}")
-    from metareason.plugins.memory_reason.tasks import plain_completion
-
     ans = str(ans)
     return {"id": "memory_world/" + "/".join([structure] + [str(k) for k in key]), "prompt": f"Q: {q}\n",
             "answer": ans, "group": structure, "structure": structure, "cot_steps": steps,
@@ -191,8 +190,6 @@ def fact_example(world, e, a) -> dict:
 
 
 def _example(ident, prompt, steps, answer, group) -> dict:
-    from metareason.plugins.memory_reason.tasks import plain_completion
-
     return {"id": ident, "prompt": prompt, "answer": str(answer), "group": group, "structure": group,
             "cot_steps": steps, "completion": plain_completion(steps, str(answer))}
 
@@ -251,19 +248,18 @@ def pretrain_examples(params, world, names, attrs, max_value, seed, num_samples)
     return out
 
 
-def make_task(kind, params, world, names, attrs, max_value, world_seed, split, frac, seed, num_samples):
-    from metareason.plugins.memory_reason.tasks import StepTask
-
+def world_examples(kind, params, world, names, attrs, max_value, world_seed, split, frac, seed,
+                   num_samples) -> list[dict]:
+    """The examples of ``memory_world`` kinds recall, pretrain and varied."""
     if kind == "recall":
         facts = [fact_example(world, e, a) for a in attrs for e in names]
         if num_samples < len(facts):
             raise TaskError(f"num_samples: kind: recall checks every fact; the world has {len(facts)} facts, "
                             f"got num_samples {num_samples}")
-        return StepTask(facts)
+        return facts
     if kind == "pretrain":
-        return StepTask(pretrain_examples(params, world, names, attrs, max_value, seed, num_samples))
-    return StepTask(varied_examples(params, world, names, attrs, max_value, world_seed, split, frac, seed,
-                                    num_samples))
+        return pretrain_examples(params, world, names, attrs, max_value, seed, num_samples)
+    return varied_examples(params, world, names, attrs, max_value, world_seed, split, frac, seed, num_samples)
 
 
 # --------------------------------------------------------------------------------- statistics

@@ -17,7 +17,7 @@ the tokens against ``generate``):
   model's code; attention goes through the attention function the model itself would call
   (``sdpa``) with the mask ``create_causal_mask`` gives a one-token step: ``None`` without
   padding, else the boolean key-padding mask ``[B, 1, 1, K]``;
-* keys and values go into the buffers of :mod:`metareason.decode`'s growing cache layers.
+* keys and values go into the buffers of :mod:`metareason.generation.decode`'s growing cache layers.
 
 :meth:`DecodeStep.build` returns ``None`` (the loop then calls the model) unless every module
 on that path is exactly the family's own class from ``transformers`` (``llama``, ``qwen2``,
@@ -115,7 +115,7 @@ class DecodeStep:
 
     @classmethod
     def build(cls, model) -> Optional["DecodeStep"]:
-        """The step for ``model`` (a :func:`metareason.decode.decoder_model`), or ``None`` when
+        """The step for ``model`` (a :func:`metareason.generation.decode.decoder_model`), or ``None`` when
         its forward is not exactly its family's (see the module docstring)."""
         config = getattr(model, "config", None)
         classes = _family_classes(getattr(config, "model_type", None))

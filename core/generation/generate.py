@@ -1,5 +1,5 @@
 """Batched sampling with a KV cache, stop strings, per-token log-probs, and a hand-over point
-for alternating inference. Decoding is :mod:`metareason.decode`'s lean loop, equal to the
+for alternating inference. Decoding is :mod:`metareason.generation.decode`'s lean loop, equal to the
 model's own ``generate`` token for token, or ``generate`` itself (``generation.decoder: hf``,
 or settings the loop does not implement).
 
@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from metareason.generation.decode import StopStrings, decode, decoder_model, resolve
+from metareason.generation.prefill import shared_prefill
 from metareason.metrics import progress
 from metareason.models.compat import CACHE_KWARG
 
@@ -83,35 +85,8 @@ def encode_prompts(tokenizer, prompts: list[str], device) -> dict[str, torch.Ten
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-@torch.no_grad()
-def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """A ``DynamicCache`` of all but the last prompt token of every row, each distinct prompt
-    (consecutive identical rows) computed once and gathered out to its rows; ``None`` when no
-    prompt repeats. ``generate`` given this cache runs only the last prompt token per row."""
-    from transformers import DynamicCache
-
-    if input_ids.shape[1] < 2:
-        return None
-    key = torch.cat([input_ids, attention_mask.long()], dim=1)
-    unique, inverse = torch.unique_consecutive(key, dim=0, return_inverse=True)
-    if unique.shape[0] == input_ids.shape[0]:
-        return None
-    width = input_ids.shape[1]
-    ids, mask = unique[:, : width - 1], unique[:, width:-1]
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    cache = DynamicCache(config=config)
-    kwargs = {}
-    if not bool(mask.all()):
-        kwargs = {"attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1, **kwargs)
-    cache.batch_select_indices(inverse)
-    return cache
-
-
 def _lean_plan(model, kwargs: dict[str, Any]):
-    """``(module, Sampling)`` for :func:`metareason.decode.decode`, or ``None``: use ``generate``."""
-    from metareason.decode import decoder_model, resolve
-
+    """``(module, Sampling)`` for :func:`metareason.generation.decode.decode`, or ``None``: use ``generate``."""
     module = decoder_model(model)
     if module is None:
         return None
@@ -145,8 +120,8 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
                    return_logprobs: bool = False, device: Optional[torch.device] = None,
                    generate_kwargs: Optional[dict[str, Any]] = None, share_prompts: bool = False,
                    decoder: str = "lean") -> list[Generation]:
-    """One decode of a left-padded batch: :mod:`metareason.decode`'s loop (``decoder="lean"``,
-    the default, whose one-token steps run through :mod:`metareason.decode_step` for Llama-family
+    """One decode of a left-padded batch: :mod:`metareason.generation.decode`'s loop (``decoder="lean"``,
+    the default, whose one-token steps run through :mod:`metareason.generation.decode_step` for Llama-family
     models; ``"lean_model"`` calls the model's forward every step) or the model's own ``generate``
     (``"hf"``, and whenever the lean loop cannot reproduce ``generate`` for this model and these
     settings); the results are identical.
@@ -178,8 +153,6 @@ def generate_batch(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
     model.eval()
     try:
         if lean is not None:
-            from metareason.decode import StopStrings, decode
-
             seqs, logprobs = decode(lean[0], enc["input_ids"], enc["attention_mask"], lean[1],
                                     share_prompts=share_prompts, stop=StopStrings(tokenizer, stops) if stops else None,
                                     return_logprobs=return_logprobs, step_forward=decoder == "lean")

@@ -8,7 +8,7 @@ the model's own forward). This loop does the same arithmetic directly, under
 ``torch.inference_mode``:
 
 * the prompt is prefilled once (each distinct prompt once with ``share_prompts``, as
-  :func:`metareason.generate.shared_prefill`), then each step is a one-token forward over the
+  :func:`metareason.generation.generate.shared_prefill`), then each step is a one-token forward over the
   cache the model returned, with ``logits_to_keep=1``; the layers of a ``DynamicCache`` write
   into buffers reserved for the whole decode instead of growing by ``torch.cat`` each step
   (the attention sees the same keys and values);
@@ -18,7 +18,7 @@ the model's own forward). This loop does the same arithmetic directly, under
 * the token is drawn with one ``torch.multinomial`` over the whole batch per step (finished rows
   included, exactly as ``generate`` does, so a fixed seed gives the same tokens), or argmax;
 * a row finishes on EOS or when the tail of its new text contains a stop string (the check
-  ``metareason.generate.StopOnStrings`` makes, for the unfinished rows in one ``batch_decode``);
+  ``metareason.generation.generate.StopOnStrings`` makes, for the unfinished rows in one ``batch_decode``);
   finished rows get the pad token; the loop ends when every row has finished;
 * the attention mask (preallocated, sliced), position ids and the output buffer are kept
   incrementally; the model gets exactly the inputs ``generate`` would give it (no mask at all
@@ -40,6 +40,8 @@ from typing import Any, Optional
 
 import torch
 
+from metareason.generation.decode_step import DecodeStep
+from metareason.generation.prefill import shared_prefill
 from metareason.models.compat import CACHE_KWARG
 
 #: generation-config fields the loop implements
@@ -231,10 +233,8 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
     normalize_logits=True)``). ``input_ids``/``attention_mask``: a left-padded prompt batch.
     ``model`` must be a :func:`decoder_model`; it is not put in eval mode here. With
     ``step_forward`` the one-token steps of a Llama-family model run through
-    :class:`metareason.decode_step.DecodeStep` (the same arithmetic, bit-identical logits)
+    :class:`metareason.generation.decode_step.DecodeStep` (the same arithmetic, bit-identical logits)
     instead of ``model(...)``."""
-    from metareason.generate import shared_prefill
-
     s = sampling
     B, P = input_ids.shape
     device = input_ids.device
@@ -308,8 +308,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
                                  f"needs one (set generation.decoder: hf)")
             _reserve(cache, P + s.max_new_tokens)
             if step_forward and takes_positions and _all_growing(cache, model):
-                from metareason.decode_step import DecodeStep
-
                 fast = DecodeStep.build(model)
         scores = logits[:, -1].to(copy=True, dtype=torch.float32)
         del logits
