@@ -32,9 +32,10 @@ from typing import Callable
 import torch
 
 from metareason import ops
+from metareason.benchmarks.interleaved import interleaved, ratio
+from metareason.benchmarks.kernels_linear_ce import bench_linear_ce, print_linear_ce
 from metareason.ops import LRUParams
 from metareason.ops.lru_act import lru_act_eager_compact, lru_act_reference
-from metareason.benchmarks.kernels_linear_ce import bench_linear_ce, print_linear_ce
 from metareason.ops.mla_decode import absorb_queries, mla_decode_reference, mla_decompress_attention
 
 
@@ -82,33 +83,6 @@ def timeit(fn: Callable[[], object], device: str, repeats: int, budget_s: float 
         if time.perf_counter() - start > budget_s and len(times) >= 3:
             break
     return statistics.median(times)
-
-
-def interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int,
-                budget_s: float = 60.0) -> dict[str, list[float]]:
-    """Seconds per call of each of ``fns``, calls interleaved round by round after one warm-up
-    call each; stops early past ``budget_s`` once 3 rounds are done."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for fn in fns.values():
-        fn()
-        sync()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    for i in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and i >= 2:
-            break
-    return times
-
-
-def ratio(times: dict[str, list[float]], base: str, of: str = "fused") -> tuple[float, list[float]]:
-    """Median and [min, max] over rounds of ``base``'s time / ``of``'s time in the same round."""
-    r = [b / f for b, f in zip(times[base], times[of])]
-    return statistics.median(r), [min(r), max(r)]
 
 
 def _compiled(fn, enabled: bool):

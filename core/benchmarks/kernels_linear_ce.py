@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from metareason.benchmarks.interleaved import interleaved, ratio
 from metareason.ops import linear_cross_entropy
 from metareason.ops.linear_ce import linear_cross_entropy_reference
 
@@ -42,7 +43,6 @@ def _peak_bytes(fn, device: str) -> Optional[int]:
 
 def bench_linear_ce(N: int, H: int, V: int, dtype: torch.dtype, device: str, repeats: int, backend: str,
                     peer: bool) -> dict:
-    from metareason.benchmarks.kernels import interleaved, ratio
 
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(N, H, generator=g).to(dtype=dtype, device=device).requires_grad_()
