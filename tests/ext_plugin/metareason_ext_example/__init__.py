@@ -5,7 +5,7 @@ CLI subcommand, so the test suite can check each path from outside the kernel's 
 """
 from pydantic import BaseModel, ConfigDict
 
-from metareason import hookimpl
+from metareason.api import hookimpl
 
 
 class ExtExampleConfig(BaseModel):
@@ -20,7 +20,7 @@ def metareason_config_sections():
 
 
 def _echo_task(params, seed, num_samples):
-    from metareason.data import ListTask, TaskError
+    from metareason.api import ListTask, TaskError
 
     word = params.get("word", "echo")
     if not isinstance(word, str):
