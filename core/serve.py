@@ -301,7 +301,7 @@ def build_app(server: Server):
                 err = None
                 if not server.host_allowed(host):
                     err = APIError(400, f"Host: {host!r} is not an allowed host (--allowed-host)", param="Host")
-                elif scope["path"] in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
+                elif server.docs and scope["path"] in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
                     try:
                         server.check_key(headers.get(b"authorization", b"").decode("latin-1") or None)
                     except APIError as exc:
