@@ -298,6 +298,7 @@ class Scheduler:
         try:
             for pi, ids in enumerate(job.prompts):
                 if job.cancelled or job.failed:
+                    self._release(job)  # rows already added leave at the next retirement
                     return
                 logits, cache = self._prefill(ids, all_logits=p.prompt_logprobs)
                 rows = [_Row(job, pi, j, ids, self.tokenizer, generator) for j in range(job.n)]
