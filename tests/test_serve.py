@@ -395,3 +395,35 @@ def test_openai_backend_retries_through_a_server_restart(bigram_dir):
         if "s" in restarted:
             restarted["s"].stop()
         gen.close()
+
+
+@pytest.mark.slow
+def test_smollm2_concurrent_chat_equals_local_generation_and_streams_the_same_text(smollm2_dir):
+    # the real pretrained model and its BPE tokenizer: requests of different lengths batched
+    # continuously give the greedy text of local generation, streamed piece by piece as generated
+    from metareason.generators.local import LocalGenerator, load_local_model
+
+    model, tok, _, fmt = load_local_model(str(smollm2_dir), device="cpu")
+    gen = LocalGenerator(model, tok, batch_size=1, fmt=fmt)
+    questions = [[{"role": "user", "content": q}] for q in
+                 ("What is 2 + 3?", "Name a colour.", "Write one sentence about the sea, with an é and a €.")]
+    local = [gen.generate([q], max_new_tokens=24, temperature=0)[0] for q in questions]
+    s = Served(smollm2_dir, "--model-name", "smol")
+    try:
+        client = s.client()
+
+        def ask(i):
+            time.sleep(0.2 * i)
+            stream = client.chat.completions.create(model="smol", messages=questions[i], max_tokens=24,
+                                                    temperature=0, stream=True)
+            return [c.choices[0].delta.content or "" for c in stream if c.choices]
+
+        with ThreadPoolExecutor(3) as pool:
+            pieces = list(pool.map(ask, range(3)))
+        plain = client.chat.completions.create(model="smol", messages=questions[2], max_tokens=24, temperature=0)
+    finally:
+        assert s.stop() == 0
+    assert ["".join(p) for p in pieces] == [c.text for c in local]
+    for p, c in zip(pieces, local):  # token by token, not one final chunk
+        assert sum(1 for x in p if x) >= c.completion_tokens // 2 >= 1, (p, c)
+    assert plain.choices[0].message.content == local[2].text and plain.usage.prompt_tokens == local[2].prompt_tokens
