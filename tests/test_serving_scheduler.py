@@ -201,3 +201,22 @@ def test_tokens_are_streamed_before_the_request_finishes_and_the_budget_is_enfor
         wait([submit(sched, tok, ["C=5;"], max_tokens=100, temperature=0)])  # room again
     finally:
         sched.stop(5)
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step(tiny):
+    # a short request arriving while a long one decodes is admitted between two steps of it and
+    # finishes first (a static batcher would make it wait for the long one to end)
+    model, tok = tiny
+    sched = Scheduler(model, tok)
+    try:
+        long = submit(sched, tok, ["C=5;"], max_tokens=110, temperature=0)
+        while not any(k == "token" for k, _, _ in long.events):
+            time.sleep(0.005)
+        short = submit(sched, tok, ["Z"], max_tokens=3, temperature=0)
+        wait([short, long])
+        short_done = next(t for k, _, t in short.events if k == "done")
+        long_tokens = [t for k, _, t in long.events if k == "token"]
+        assert short_done < long_tokens[-1]
+        assert sum(t < short_done for t in long_tokens) < 100  # joined mid-way, not after the end
+    finally:
+        sched.stop(5)
