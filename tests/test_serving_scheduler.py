@@ -113,8 +113,10 @@ def test_rows_with_their_own_parameters_share_a_batch(tiny):
         mixed = [submit(sched, tok, ["A=1;"], max_tokens=12, temperature=0.7, top_p=0.9),
                  submit(sched, tok, ["C=5;", "Z"], n=2, max_tokens=12, temperature=1.0, seed=7),
                  submit(sched, tok, ["Q=7;"], max_tokens=12, temperature=0),
-                 submit(sched, tok, ["A=1;B=A+2;"], max_tokens=30, temperature=0, stop=["rl"])]
+                 submit(sched, tok, ["A=1;B=A+2;"], max_tokens=30, temperature=0, stop=["rl"]),
+                 submit(sched, tok, ["C=5;"], max_tokens=12, temperature=1e-300)]  # tiny: greedy, not NaN
         wait(mixed)
+        assert mixed[4].done[0].text == reference(model, tok, "C=5;", 12).text
         # a seed gives the same samples whatever else is in the batch; the samples differ from each other
         assert [r.text for r in mixed[1].done] == [r.text for r in alone.done]
         assert len({r.text for r in alone.done}) == 4
