@@ -271,7 +271,7 @@ def raw_post(base, body: bytes, headers=(), read=True, timeout=30):
     sock = socket.create_connection((host, int(port)), timeout=timeout)
     t0 = time.monotonic()
     try:
-        head = [f"POST /v1/completions HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
+        head = ["POST /v1/completions HTTP/1.1", f"Host: 127.0.0.1:{port}", "Content-Type: application/json",
                 *headers]
         if not any(h.lower().startswith("content-length") for h in headers):
             head.append(f"Content-Length: {len(body)}")

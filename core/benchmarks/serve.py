@@ -39,7 +39,8 @@ MAX_TOKENS = [16, 32, 64, 128]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
-                        help="a model directory, or a name `metareason models get` knows (default SmolLM2-135M-Instruct)")
+                        help="a model directory, or a name `metareason models get` knows "
+                             "(default SmolLM2-135M-Instruct)")
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma list of requests in flight")
     parser.add_argument("--max-batch-size", type=int, default=64)
