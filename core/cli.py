@@ -30,7 +30,7 @@ BENCHMARKS = {
     "data": ("metareason.benchmarks.data", "causal-loop data generation speed"),
     "train": ("metareason.benchmarks.train", "SFT loop against Hugging Face Trainer"),
     "grpo": ("metareason.benchmarks.grpo", "GRPO loop against TRL's GRPOTrainer (step time, peak memory)"),
-    "serve": ("metareason.benchmarks.serve", "metareason serve at concurrency 1/8/32 against sequential local generation"),
+    "serve": ("metareason.benchmarks.serve", "continuous batching (metareason serve) against static batching at 1/8/32/64 in flight"),
     "scale": ("metareason.benchmarks.scale", "GRPO rollout throughput with 1, 2 Ray rollout actors vs the single-process loop"),
 }
 

@@ -1,136 +1,75 @@
 """``metareason serve RUN_DIR|MODEL_DIR``: an OpenAI-compatible HTTP server for a trained model.
 
-FastAPI + uvicorn, bound to 127.0.0.1 unless ``--host`` says otherwise. Endpoints: ``/health``,
-``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions`` (``stream: true`` answers with
-server-sent events in OpenAI's chunk format). Concurrent requests are batched dynamically
-(:mod:`metareason.generators.batching`); a full queue answers 429. Errors are OpenAI-style JSON
-(``{"error": {"message", "type", "param", "code"}}``): 400 for a bad request (naming the field),
-401 for a missing or wrong API key, 429 when busy, 503 while shutting down. SIGTERM stops
-accepting connections, lets in-flight requests finish, then fails any still queued.
+FastAPI + uvicorn over :class:`metareason.serving.scheduler.Scheduler` (continuous batching:
+requests join the running batch at the next decoding step and leave it when done; tokens are
+streamed as they are generated). Endpoints: ``/health``, ``/v1/models``, ``/v1/completions``
+and ``/v1/chat/completions`` (``stream: true``: server-sent events in OpenAI's chunk format).
 
-Streaming sends a request's completion once its batch has finished, as one chunk per token:
-the framing is OpenAI's, but tokens are not delivered while they are being generated.
+Bounded work: limits per request and a server-wide token budget (:mod:`metareason.serving.limits`;
+429 with ``Retry-After`` when over it), a body-size limit (413), JSON parsing, validation and
+tokenisation in worker threads (the event loop keeps answering ``/health``), and a client that
+disconnects cancels its queued or running work. Safe by default: bound to 127.0.0.1, a
+non-loopback ``--host`` needs ``--api-key-env`` (or ``--insecure``), ``Content-Type:
+application/json`` required (415), the ``Host`` header checked against ``--allowed-host``
+(DNS rebinding), ``/docs`` and ``/openapi.json`` off unless ``--docs``. Errors are OpenAI-style
+JSON (:class:`metareason.serving.openai_schema.APIError`), never a plain-text 500 for bad input.
+SIGTERM: waiting requests get 503 at once, running ones ``--shutdown-grace-s`` to finish, then
+the process exits with status 0.
 """
 
 import argparse
-import json
+import ipaddress
 import os
 import sys
+import threading
 import time
 import uuid
-from typing import Any, Optional, Union
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from dataclasses import dataclass
+from typing import Any, Optional
 
 from metareason.errors import UserError
+from metareason.serving.limits import COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_STOP, Limits
+from metareason.serving.openai_schema import APIError, loads, validate
+from metareason.serving.scheduler import Busy, Job, Params, Stopped
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
-# ------------------------------------------------------------------------------- request models
-class _Body(BaseModel):
-    # fields OpenAI clients may send that this server does not use are accepted and ignored
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=16)
-    stop: Union[str, list[str], None] = None
-    stream: bool = False
-    seed: Optional[int] = None
+@dataclass
+class Prepared:
+    """A checked request: what the scheduler runs and what the answer needs."""
+
+    chat: bool
+    prompts: list[list[int]]  # token ids per prompt
+    prompt_texts: list[str]
+    n: int
+    params: Params
+    stream: bool
+    include_usage: bool
+    echo: bool
 
 
-class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
-
-
-class ChatBody(_Body):
-    messages: list[Message] = Field(..., min_length=1)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, kind: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
-        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error",
-                             503: "service_unavailable"}.get(status, "server_error")
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------- the app
 class Server:
-    """The model, its batching engine and the request checks (kept apart from HTTP for tests)."""
+    """The request checks and the scheduler (kept apart from HTTP for tests)."""
 
-    def __init__(self, generator, model_name: str, context_length: int, max_tokens_limit: int,
-                 api_key: Optional[str] = None, max_batch: int = 32, window_s: float = 0.01, max_queue: int = 256):
-        from metareason.generators.batching import BatchingEngine
+    def __init__(self, scheduler, tokenizer, model_name: str, limits: Limits, api_key: Optional[str] = None,
+                 fmt=None, allowed_hosts: Optional[set[str]] = None, docs: bool = False, grace_s: float = 10.0):
+        self.scheduler, self.tokenizer, self.model_name, self.limits = scheduler, tokenizer, model_name, limits
+        self.api_key, self.fmt, self.docs, self.grace_s = api_key, fmt, docs, grace_s
+        self.allowed_hosts = set(LOOPBACK_NAMES) | {"[::1]"} if allowed_hosts is None else set(allowed_hosts)
+        self._token_text: dict[int, str] = {}
 
-        self.generator, self.model_name = generator, model_name
-        self.context_length, self.max_tokens_limit, self.api_key = context_length, max_tokens_limit, api_key
-        self.engine = BatchingEngine(generator, max_batch=max_batch, window_s=window_s, max_queue=max_queue)
-
-    def parse(self, raw: bytes, chat: bool):
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(data, dict):
-            raise APIError(400, "the body must be a JSON object")
-        try:
-            body = (ChatBody if chat else CompletionBody).model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            param = ".".join(str(p) for p in err.get("loc", ()))
-            kind = err.get("type", "")
-            msg = "field required" if kind == "missing" else err.get("msg", "invalid value")
-            raise APIError(400, f"{param}: {msg}", param=param) from None
-        if body.model != self.model_name:
-            raise APIError(400, f"model: unknown model {body.model!r} (this server serves {self.model_name!r})",
-                           param="model")
-        if body.max_tokens is not None and body.max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens: {body.max_tokens} is over this server's limit of "
-                                f"{self.max_tokens_limit}", param="max_tokens")
-        return body
-
-    def request_for(self, body) -> Any:
-        from metareason.data.chat import ChatTemplateError
-        from metareason.generators.batching import Request
-        from metareason.generators.local import render_prompt
-
-        if isinstance(body, ChatBody):
-            prompts = [[m.model_dump() for m in body.messages]]
-        else:
-            prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-            if not prompts:
-                raise APIError(400, "prompt: must not be empty", param="prompt")
-        chat = isinstance(body, ChatBody)
-        try:
-            fmt = getattr(self.generator, "fmt", None)  # the run's chat format (LocalGenerator)
-            lengths = [self.generator.prompt_tokens(render_prompt(self.generator.tokenizer, p, fmt)) for p in prompts]
-        except ChatTemplateError as exc:
-            raise APIError(400, f"messages: {exc}", param="messages") from None
-        longest = max(lengths)
-        if longest >= self.context_length:
-            raise APIError(400, f"{'messages' if chat else 'prompt'}: {longest} tokens, the model's context is "
-                                f"{self.context_length}", param="messages" if chat else "prompt")
-        room = self.context_length - longest
-        if body.max_tokens is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
-            max_new = min(room, self.max_tokens_limit, 16 if not chat else room)
-        elif longest + body.max_tokens > self.context_length:
-            raise APIError(400, f"max_tokens: prompt ({longest} tokens) + max_tokens ({body.max_tokens}) exceed "
-                                f"the model's context of {self.context_length}", param="max_tokens")
-        else:
-            max_new = body.max_tokens
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        if any(not s for s in stop):
-            raise APIError(400, "stop: must be non-empty strings", param="stop")
-        return Request(prompts=prompts, n=body.n, max_new_tokens=max_new, temperature=body.temperature,
-                       top_p=body.top_p, stop=stop, seed=body.seed)
-
+    # -------------------------------------------------------------- checks
     def check_key(self, header: Optional[str]) -> None:
         if self.api_key is None:
             return
@@ -141,46 +80,243 @@ class Server:
         if not hmac.compare_digest(header[len("Bearer "):].encode(), self.api_key.encode()):
             raise APIError(401, "invalid API key")
 
-    def tokens_of(self, text: str) -> list[str]:
-        """The completion split at token boundaries (stream chunks); joined they give ``text``."""
-        tok = self.generator.tokenizer
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        pieces, prev = [], ""
-        for k in range(1, len(ids) + 1):
-            cur = tok.decode(ids[:k], skip_special_tokens=False)
-            if cur.startswith(prev) and len(cur) > len(prev):
-                pieces.append(cur[len(prev):])
-                prev = cur
-        if prev != text:  # tokenisation did not round-trip: one chunk with the rest
-            pieces.append(text[len(prev):] if text.startswith(prev) else text)
-        return pieces
+    def host_allowed(self, host_header: Optional[str]) -> bool:
+        if "*" in self.allowed_hosts:
+            return True
+        host = (host_header or "").strip().lower()
+        if host.startswith("["):  # [::1]:8000
+            host = host[: host.find("]") + 1] if "]" in host else host
+        elif host.count(":") == 1:
+            host = host.split(":")[0]
+        return host in self.allowed_hosts or host.strip("[]") in self.allowed_hosts
+
+    # -------------------------------------------------------------- parsing (worker threads)
+    def prepare(self, raw: bytes, chat: bool) -> Prepared:
+        """Parse, validate and tokenise one request body (400 naming what is wrong)."""
+        from metareason.data.tokenize import prompt_ids
+
+        body = validate(loads(raw), chat)
+        lim = self.limits
+        if body.model != self.model_name:
+            raise APIError(400, f"model: unknown model {body.model!r} (this server serves {self.model_name!r})",
+                           param="model")
+        if body.n > lim.max_n:
+            raise APIError(400, f"n: {body.n} is over this server's limit of {lim.max_n}", param="n")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        if len(stop) > MAX_STOP:
+            raise APIError(400, f"stop: at most {MAX_STOP} stop strings, got {len(stop)}", param="stop")
+        if any(not s for s in stop):
+            raise APIError(400, "stop: must be non-empty strings", param="stop")
+        name, max_tokens = "max_tokens", body.max_tokens
+        if chat and body.max_completion_tokens is not None:
+            name, max_tokens = "max_completion_tokens", body.max_completion_tokens
+        if max_tokens is not None and max_tokens > lim.max_tokens:
+            raise APIError(400, f"{name}: {max_tokens} is over this server's limit of {lim.max_tokens}", param=name)
+        echo = not chat and body.echo
+        if max_tokens == 0 and not echo:
+            raise APIError(400, f"{name}: must be at least 1 (0 only with echo)", param=name)
+
+        where = "messages" if chat else "prompt"
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            texts = [self.render(messages)]
+            prompts = [prompt_ids(self.tokenizer, texts[0])]
+        else:
+            raw_prompts = body.prompt
+            if isinstance(raw_prompts, str):
+                raw_prompts = [raw_prompts]
+            elif raw_prompts and isinstance(raw_prompts[0], int):
+                raw_prompts = [raw_prompts]  # one prompt as token ids
+            if not raw_prompts:
+                raise APIError(400, "prompt: must not be empty", param="prompt")
+            if len(raw_prompts) > lim.max_prompts:
+                raise APIError(400, f"prompt: {len(raw_prompts)} prompts in one request, this server's limit is "
+                                    f"{lim.max_prompts}", param="prompt")
+            texts, prompts = [], []
+            vocab = len(self.tokenizer)
+            for p in raw_prompts:
+                if isinstance(p, str):
+                    texts.append(p)
+                    prompts.append(prompt_ids(self.tokenizer, p))
+                else:
+                    if any(not 0 <= t < vocab for t in p):
+                        raise APIError(400, f"prompt: token ids must be in [0, {vocab})", param="prompt")
+                    texts.append(self.tokenizer.decode(p, skip_special_tokens=False))
+                    prompts.append(list(p))
+        if any(not p for p in prompts):
+            raise APIError(400, f"{where}: empty (no tokens, and the tokenizer adds no BOS)", param=where)
+        if len(prompts) * body.n > lim.max_rows:
+            raise APIError(400, f"n: {len(prompts)} prompts x n={body.n} rows exceed this server's batch of "
+                                f"{lim.max_rows}", param="n")
+        longest = max(len(p) for p in prompts)
+        if longest >= lim.context:
+            raise APIError(400, f"{where}: {longest} tokens, the model's context is {lim.context}", param=where)
+        room = lim.context - longest
+        if max_tokens is None:  # completions: OpenAI's 16; chat: a bounded default, not the rest of the context
+            max_tokens = min(room, COMPLETIONS_DEFAULT_MAX_TOKENS if not chat else lim.default_max_tokens)
+        elif longest + max_tokens > lim.context:
+            raise APIError(400, f"{name}: prompt ({longest} tokens) + {name} ({max_tokens}) exceed the model's "
+                                f"context of {lim.context}", param=name)
+        if chat:
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        else:
+            logprobs = body.logprobs
+        params = Params(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=stop,
+                        seed=body.seed, logprobs=logprobs, prompt_logprobs=echo and logprobs is not None)
+        tokens = body.n * sum(len(p) + max_tokens for p in prompts)
+        if tokens > lim.token_budget:
+            raise APIError(400, f"{name}: the request needs {tokens} tokens (prompt + {name}, x n), over this "
+                                f"server's budget of {lim.token_budget}", param=name)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return Prepared(chat, prompts, texts, body.n, params, body.stream, include_usage, echo)
+
+    def render(self, messages: list[dict]) -> str:
+        from metareason.generators.local import render_prompt
+
+        try:
+            return render_prompt(self.tokenizer, messages, self.fmt)
+        except Exception as exc:  # noqa: BLE001 - a template (user data) may raise anything
+            raise APIError(400, f"messages: the chat template could not render them: "
+                                f"{type(exc).__name__}: {exc}"[:300], param="messages") from None
+
+    # -------------------------------------------------------------- answers
+    def token_text(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def chat_logprob(self, entry) -> dict:
+        token, lp, top = entry
+        t = self.token_text(token)
+        return {"token": t, "logprob": lp, "bytes": list(t.encode()),
+                "top_logprobs": [{"token": self.token_text(i), "logprob": v, "bytes": list(self.token_text(i).encode())}
+                                 for i, v in top]}
+
+    def completion_logprobs(self, prep: Prepared, res, offset: int) -> Optional[dict]:
+        """OpenAI's legacy ``logprobs`` object; with ``echo`` the prompt's tokens come first (the
+        BOS this server added is not part of the prompt text, so it is left out)."""
+        if prep.params.logprobs is None:
+            return None
+        tokens, lps, tops = [], [], []
+        if prep.echo and res.prompt_logprobs is not None:
+            ids, plp = res.prompt_ids, res.prompt_logprobs
+            skip = 1 if ids and ids[0] == self.tokenizer.bos_token_id and \
+                not prep.prompt_texts[res.prompt_index].startswith(self.tokenizer.bos_token or "\0") else 0
+            for t, e in zip(ids[skip:], plp[skip:]):
+                tokens.append(t)
+                lps.append(None if e is None else e[0])
+                tops.append(None if e is None else {self.token_text(i): v for i, v in e[1]})
+        for t, lp, top in res.logprobs or []:
+            tokens.append(t)
+            lps.append(lp)
+            tops.append({self.token_text(i): v for i, v in top})
+        texts = [self.token_text(t) for t in tokens]
+        offsets, at = [], 0 if prep.echo else offset
+        for s in texts:
+            offsets.append(at)
+            at += len(s)
+        return {"tokens": texts, "token_logprobs": lps, "top_logprobs": tops if prep.params.logprobs else None,
+                "text_offset": offsets}
+
+
+def _usage(results) -> dict:
+    # prompt tokens once per prompt (as OpenAI counts them with n > 1), completion tokens of every sample
+    prompt = sum(r.prompt_tokens for r in results if r.sample_index == 0)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class _Bridge:
+    """Scheduler events (worker thread) into the event loop: every event for a stream, only the
+    end of each row (or the error) otherwise."""
+
+    def __init__(self, loop, rows: int, stream: bool):
+        import asyncio
+
+        self.loop, self.rows, self.stream = loop, rows, stream
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.results: list = []
+        self.future = loop.create_future()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        if not self.stream and kind == "token":
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._put, kind, payload)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
+
+    def _put(self, kind, payload):
+        if self.stream:
+            self.queue.put_nowait((kind, payload))
+            return
+        if self.future.done():
+            return
+        if kind == "error":
+            self.future.set_exception(APIError(payload[0], payload[1]))
+        else:
+            self.results.append(payload)
+            if len(self.results) == self.rows:
+                self.future.set_result(sorted(self.results, key=lambda r: r.index))
 
 
 def build_app(server: Server):
     import asyncio
+    import json
+    from concurrent.futures import ThreadPoolExecutor
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request as HTTPRequest
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    from metareason.generators.batching import EngineStopped, QueueFull
+    pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-parse")
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        server.engine.stop()
+        server.scheduler.stop(server.grace_s)
+        pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="metareason", lifespan=lifespan)
+    app = FastAPI(title="metareason", lifespan=lifespan, docs_url="/docs" if server.docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if server.docs else None)
+
+    def error_response(exc: APIError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return JSONResponse(status_code=exc.status, content={"error": {
-            "message": exc.message, "type": exc.kind, "param": exc.param, "code": None}})
+        return error_response(exc)
+
+    class Guard:
+        """Every request: the Host header (DNS rebinding); the docs need the key when one is set."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = dict(scope.get("headers") or [])
+                host = headers.get(b"host", b"").decode("latin-1")
+                err = None
+                if not server.host_allowed(host):
+                    err = APIError(400, f"Host: {host!r} is not an allowed host (--allowed-host)", param="Host")
+                elif server.docs and scope["path"] in ("/docs", "/openapi.json", "/docs/oauth2-redirect"):
+                    try:
+                        server.check_key(headers.get(b"authorization", b"").decode("latin-1") or None)
+                    except APIError as exc:
+                        err = exc
+                if err is not None:
+                    await error_response(err)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": server.model_name, "batches": server.engine.batches,
-                "batched_requests": server.engine.batched_requests}
+        status = "draining" if server.scheduler.draining else "ok"
+        return {"status": status, "model": server.model_name, **server.scheduler.stats()}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -188,55 +324,169 @@ def build_app(server: Server):
         return {"object": "list", "data": [{"id": server.model_name, "object": "model", "created": 0,
                                             "owned_by": "metareason"}]}
 
+    async def read_body(request: HTTPRequest) -> bytes:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
+            raise APIError(415, f"Content-Type: must be application/json, got {ctype or 'none'!r}",
+                           param="Content-Type")
+        limit = server.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise APIError(400, "Content-Length: not a number", param="Content-Length")
+            if int(declared) > limit:
+                raise APIError(413, f"the body is {declared} bytes, this server's limit is {limit}")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"the body is over this server's limit of {limit} bytes")
+        return bytes(raw)
+
+    async def watch_disconnect(request: HTTPRequest, job: Job) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                job.cancel()
+                return
+
     async def complete(request: HTTPRequest, chat: bool):
         server.check_key(request.headers.get("authorization"))
-        body = server.parse(await request.body(), chat)
-        req = server.request_for(body)
+        raw = await read_body(request)
+        loop = asyncio.get_running_loop()
+        prep = await loop.run_in_executor(pool, server.prepare, raw, chat)
+        bridge = _Bridge(loop, len(prep.prompts) * prep.n, prep.stream)
+        job = Job(prep.prompts, prep.n, prep.params, bridge)
         try:
-            fut = server.engine.submit(req)
-        except QueueFull as exc:
-            raise APIError(429, f"server busy: {exc}; retry later") from None
-        except EngineStopped as exc:
-            raise APIError(503, str(exc)) from None
-        try:
-            completions = await asyncio.wrap_future(fut)
-        except EngineStopped as exc:
+            server.scheduler.submit(job)
+        except Busy as exc:
+            raise APIError(429, f"server busy: {exc}; retry later", headers={"Retry-After": str(exc.retry_after)}
+                           ) from None
+        except Stopped as exc:
             raise APIError(503, str(exc)) from None
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param="n") from None
+        watcher = asyncio.ensure_future(watch_disconnect(request, job))
         created, rid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        # one prompt_tokens per prompt, completion tokens summed over every sample
-        prompt_tokens = sum(c.prompt_tokens for c in completions if c.sample_index == 0)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(c.completion_tokens for c in completions)}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        if body.stream:
-            return StreamingResponse(_stream(completions, chat, rid, created), media_type="text/event-stream")
+        if prep.stream:
+            try:  # the first event decides the status: an error before any token is an HTTP error
+                first = await _next(bridge.queue, watcher)
+            except BaseException:
+                job.cancel()
+                watcher.cancel()
+                raise
+            if first is None:
+                watcher.cancel()
+                return JSONResponse(status_code=499, content={})
+            if first[0] == "error":
+                watcher.cancel()
+                raise APIError(first[1][0], first[1][1])
+            return StreamingResponse(_stream(prep, bridge, job, watcher, first, rid, created),
+                                     media_type="text/event-stream")
+        try:
+            done, _ = await asyncio.wait({bridge.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not bridge.future.done():
+                job.cancel()
+            watcher.cancel()
+        if bridge.future not in done:
+            return JSONResponse(status_code=499, content={})  # the client is gone; nobody reads this
+        results = bridge.future.result()
+        body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": server.model_name, "usage": _usage(results)}
         if chat:
-            choices = [{"index": k, "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": c.finish_reason, "logprobs": None} for k, c in enumerate(completions)]
-            return {"id": rid, "object": "chat.completion", "created": created, "model": server.model_name,
-                    "choices": choices, "usage": usage}
-        choices = [{"index": k, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-                   for k, c in enumerate(completions)]
-        return {"id": rid, "object": "text_completion", "created": created, "model": server.model_name,
-                "choices": choices, "usage": usage}
+            body["choices"] = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
+                                "finish_reason": r.finish_reason,
+                                "logprobs": None if r.logprobs is None else
+                                {"content": [server.chat_logprob(e) for e in r.logprobs], "refusal": None}}
+                               for r in results]
+        else:
+            body["choices"] = []
+            for r in results:
+                prefix = prep.prompt_texts[r.prompt_index] if prep.echo else ""
+                body["choices"].append({"index": r.index, "text": prefix + r.text, "finish_reason": r.finish_reason,
+                                        "logprobs": server.completion_logprobs(prep, r, 0)})
+        return body
 
-    def _stream(completions, chat, rid, created):
-        obj = "chat.completion.chunk" if chat else "text_completion"
+    async def _next(queue: asyncio.Queue, watcher):
+        """The next event, or ``None`` when the client went away first."""
+        if not queue.empty():
+            return queue.get_nowait()
+        get = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        return None
 
-        def event(choice: dict) -> str:
+    async def _stream(prep: Prepared, bridge: _Bridge, job: Job, watcher, first, rid, created):
+        obj = "chat.completion.chunk" if prep.chat else "text_completion"
+        started: set[int] = set()
+        results: list = []
+        offsets: dict[int, int] = {}
+
+        def event(choices: list, **extra) -> str:
             return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": server.model_name,
-                                          "choices": [choice]}) + "\n\n"
+                                          "choices": choices, **extra}) + "\n\n"
 
-        for k, c in enumerate(completions):
-            if chat:
-                yield event({"index": k, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-            for piece in server.tokens_of(c.text):
-                yield event({"index": k, "delta": {"content": piece}, "finish_reason": None} if chat
-                            else {"index": k, "text": piece, "finish_reason": None, "logprobs": None})
-            yield event({"index": k, "delta": {}, "finish_reason": c.finish_reason} if chat
-                        else {"index": k, "text": "", "finish_reason": c.finish_reason, "logprobs": None})
-        yield "data: [DONE]\n\n"
+        def opening(index: int) -> list[str]:
+            if index in started:
+                return []
+            started.add(index)
+            if prep.chat:
+                return [event([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                "finish_reason": None}])]
+            if prep.echo:
+                text = prep.prompt_texts[index // prep.n]
+                offsets[index] = len(text)
+                return [event([{"index": index, "text": text, "logprobs": None, "finish_reason": None}])]
+            return []
+
+        try:
+            item = first
+            while item is not None:
+                kind, payload = item
+                if kind == "error":
+                    yield "data: " + json.dumps(APIError(payload[0], payload[1]).body()) + "\n\n"
+                    break
+                if kind == "token":
+                    index, piece, entry = payload
+                    for e in opening(index):
+                        yield e
+                    if piece or entry is not None:
+                        if prep.chat:
+                            lp = None if entry is None or prep.params.logprobs is None else \
+                                {"content": [server.chat_logprob(entry)], "refusal": None}
+                            yield event([{"index": index, "delta": {"content": piece}, "logprobs": lp,
+                                          "finish_reason": None}])
+                        else:
+                            lp = None
+                            if entry is not None and prep.params.logprobs is not None:
+                                t = server.token_text(entry[0])
+                                lp = {"tokens": [t], "token_logprobs": [entry[1]],
+                                      "top_logprobs": [{server.token_text(i): v for i, v in entry[2]}],
+                                      "text_offset": [offsets.get(index, 0)]}
+                            offsets[index] = offsets.get(index, 0) + len(piece)
+                            yield event([{"index": index, "text": piece, "logprobs": lp, "finish_reason": None}])
+                else:  # done
+                    res = payload
+                    results.append(res)
+                    for e in opening(res.index):
+                        yield e
+                    yield event([{"index": res.index, "delta": {}, "logprobs": None,
+                                  "finish_reason": res.finish_reason} if prep.chat else
+                                 {"index": res.index, "text": "", "logprobs": None,
+                                  "finish_reason": res.finish_reason}])
+                    if len(results) == bridge.rows:
+                        if prep.include_usage:
+                            yield event([], usage=_usage(results))
+                        break
+                item = await _next(bridge.queue, watcher)
+            yield "data: [DONE]\n\n"
+        finally:
+            if len(results) < bridge.rows:
+                job.cancel()
+            watcher.cancel()
 
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest):
@@ -252,29 +502,65 @@ def build_app(server: Server):
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", help="a run directory (runs/NAME) or a Hugging Face model directory")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; any other needs --api-key-env "
+                        "or --insecure)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id clients send (default: the directory's name)")
     p.add_argument("--checkpoint", help="run directories: a checkpoint directory (default: the latest)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--api-key-env", help="name of an environment variable holding the API key clients must send")
-    p.add_argument("--max-batch-size", type=int, default=32, help="rows per batched generate call")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long the first waiting request waits for others to share its batch")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key (anyone who can reach it can use it)")
+    p.add_argument("--allowed-host", action="append", default=[],
+                   help="a Host header value to accept besides the loopback names and --host (repeatable; "
+                        "'*' accepts any)")
+    p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--max-tokens", type=int, default=None,
-                   help="the largest max_tokens a request may ask for (default: the model's context)")
+                   help="the largest max_tokens a request may ask for (default: min(context, 2048))")
+    p.add_argument("--default-max-tokens", type=int, default=512,
+                   help="max_tokens of chat requests that do not say (capped by --max-tokens; completions: 16)")
+    p.add_argument("--max-tokens-in-flight", type=int, default=None,
+                   help="token budget: prompt + max_tokens over every queued and running row, beyond which "
+                        "requests get 429 (default: max-batch-size x min(context, 2048))")
+    p.add_argument("--max-prompts", type=int, default=32, help="prompts in one /v1/completions request")
+    p.add_argument("--max-n", type=int, default=8, help="the largest n a request may ask for")
+    p.add_argument("--max-body-kb", type=int, default=2048, help="the largest request body, in KiB")
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                   help="on SIGTERM, how long running requests may go on before they are failed")
+
+
+def server_limits(args: argparse.Namespace, context: int) -> Limits:
+    limits = Limits.defaults(context, args.max_batch_size, max_tokens=args.max_tokens,
+                             default_max_tokens=args.default_max_tokens, token_budget=args.max_tokens_in_flight,
+                             max_prompts=args.max_prompts, max_n=args.max_n, max_body_bytes=args.max_body_kb * 1024,
+                             max_queue=args.max_queue)
+    try:
+        limits.check()
+    except ValueError as exc:
+        raise UserError(f"--{str(exc).replace('_', '-')}") from None
+    return limits
+
+
+def check_exposure(args: argparse.Namespace) -> None:
+    if not is_loopback(args.host) and not args.api_key_env and not args.insecure:
+        raise UserError(f"--host: {args.host} is reachable from other machines; refusing to serve it without "
+                        f"--api-key-env (or pass --insecure to allow anyone who can reach it)")
 
 
 def build_server(args: argparse.Namespace) -> Server:
     from pathlib import Path
 
-    from metareason.generators.local import LocalGenerator, load_local_model
+    from metareason.generators.local import load_local_model
+    from metareason.serving.scheduler import Scheduler
 
     for name in ("max_batch_size", "max_queue", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise UserError(f"--{name.replace('_', '-')}: must be positive")
+    check_exposure(args)
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -283,15 +569,28 @@ def build_server(args: argparse.Namespace) -> Server:
     model, tokenizer, _, fmt = load_local_model(args.target, args.checkpoint, args.device, args.dtype)
     config = model.config
     context = int(getattr(config, "max_position_embeddings", 0) or getattr(tokenizer, "model_max_length", 2048))
-    limit = args.max_tokens or context
-    generator = LocalGenerator(model, tokenizer, batch_size=args.max_batch_size, name="serve", fmt=fmt)
-    return Server(generator, args.model_name or Path(args.target).resolve().name, context, limit, api_key,
-                  max_batch=args.max_batch_size, window_s=args.batch_window_ms / 1000.0, max_queue=args.max_queue)
+    limits = server_limits(args, context)
+    if args.max_tokens is not None and args.max_tokens > context:
+        raise UserError(f"--max-tokens: {args.max_tokens} is over the model's context of {context}")
+    try:
+        scheduler = Scheduler(model, tokenizer, max_rows=args.max_batch_size, max_queue=args.max_queue,
+                              token_budget=limits.token_budget)
+    except ValueError as exc:
+        raise UserError(f"{args.target}: {exc}") from None
+    hosts = set(LOOPBACK_NAMES) | {"[::1]"} | {h.lower() for h in args.allowed_host}
+    wildcard = args.host in ("0.0.0.0", "::")
+    if not wildcard:
+        hosts.add(args.host.lower())
+    elif api_key and not args.allowed_host:
+        hosts.add("*")  # any address of this machine; the key keeps browsers' rebinding out
+    return Server(scheduler, tokenizer, args.model_name or Path(args.target).resolve().name, limits, api_key,
+                  fmt=fmt, allowed_hosts=hosts, docs=args.docs, grace_s=args.shutdown_grace_s)
 
 
-def _uvicorn_server(app, host: str, port: int):
+def _uvicorn_server(app, host: str, port: int, on_exit=None, grace_s: float = 10.0):
     """uvicorn's server, except that SIGTERM/SIGINT end it with status 0 after the graceful
-    shutdown (uvicorn re-raises the signal, which a supervisor reads as a crash)."""
+    shutdown (uvicorn re-raises the signal, which a supervisor reads as a crash), and that
+    ``on_exit`` runs first (the scheduler refuses what waits and starts its grace period)."""
     import contextlib
     import signal
 
@@ -307,15 +606,30 @@ def _uvicorn_server(app, host: str, port: int):
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+        def handle_exit(self, sig, frame):
+            if on_exit is not None:
+                on_exit()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s + 5)
     return Server(config)
 
 
 def run(args: argparse.Namespace) -> int:
     server = build_server(args)
-    http = _uvicorn_server(build_app(server), args.host, args.port)
-    print(f"[serve] {server.model_name} on http://{args.host}:{args.port}/v1 "
-          f"(batch {args.max_batch_size}, window {args.batch_window_ms:g} ms, queue {args.max_queue}"
+    sched = server.scheduler
+
+    def on_exit():
+        if not sched.draining:
+            sched.begin_shutdown()
+            timer = threading.Timer(server.grace_s, lambda: setattr(sched, "aborting", True))
+            timer.daemon = True
+            timer.start()
+
+    http = _uvicorn_server(build_app(server), args.host, args.port, on_exit, server.grace_s)
+    lim = server.limits
+    print(f"[serve] {server.model_name} on http://{args.host}:{args.port}/v1 (batch {lim.max_rows}, "
+          f"max_tokens {lim.max_tokens}, {lim.token_budget} tokens in flight, queue {lim.max_queue}"
           f"{', API key required' if server.api_key else ''})", file=sys.stderr, flush=True)
     http.run()
     if not http.started:

@@ -3,7 +3,7 @@
 accumulation and clipping, the LR schedule and weight-decay groups, the NaN/inf stop, resume of the
 metrics log, checkpoint pruning and failed-save cleanup, reward weighting, chained hooks, special
 token initialisation of an untied head, left-padded batched generation, the backends' finish
-reasons and retries, the batching engine's bounded queue, serve's request checks, the GRPO
+reasons and retries, the batching engine's bounded queue, the GRPO
 objective's pessimistic min, left-padding positions for absolute-position models, the EOS kept in
 rollouts, and a self-contained unmerged export.
 
@@ -426,62 +426,6 @@ def test_batching_queue_full_raises_and_results_are_split():
     # requests with a seed are never batched with others; without one, equal parameters share a batch
     assert Request(prompts=["a"], seed=1, uid=1).key() != Request(prompts=["a"], seed=1, uid=2).key()
     assert Request(prompts=["a"], uid=1).key() == Request(prompts=["b"], uid=2).key()
-
-
-# ------------------------------------------------------------------------------------ serve
-class CharGenerator:
-    """What serve needs from a generator: a tokenizer, prompt token counts, ``generate``."""
-
-    def __init__(self):
-        self.tokenizer = build_char_tokenizer()
-
-    def prompt_tokens(self, text):
-        from metareason.data.tokenize import prompt_ids
-
-        return len(prompt_ids(self.tokenizer, text))
-
-    def generate(self, prompts, *, n=1, max_new_tokens=16, temperature=0.0, top_p=1.0, stop=None, seed=None):
-        from metareason.generators import Completion
-
-        return [Completion("ok", 1, 1, "stop", i, j) for i in range(len(prompts)) for j in range(n)]
-
-
-def test_serve_checks_key_limits_and_answers_429_when_full():
-    from starlette.testclient import TestClient
-
-    from metareason.generators.batching import QueueFull
-    from metareason.serve import APIError, Server, build_app
-
-    server = Server(CharGenerator(), "m", context_length=32, max_tokens_limit=16, api_key="s3cret")
-    try:
-        for header in (None, "s3cret", "Bearer wrong"):
-            with pytest.raises(APIError) as info:
-                server.check_key(header)
-            assert info.value.status == 401
-        server.check_key("Bearer s3cret")
-
-        with pytest.raises(APIError) as info:
-            server.parse(b'{"model": "m", "prompt": "a", "max_tokens": 17}', chat=False)
-        assert info.value.status == 400 and info.value.param == "max_tokens"
-        body = server.parse(b'{"model": "m", "prompt": "' + b"a" * 20 + b'", "max_tokens": 12}', chat=False)
-        with pytest.raises(APIError) as info:
-            server.request_for(body)  # 21 prompt tokens (BOS + 20) + 12 > 32
-        assert info.value.status == 400 and info.value.param == "max_tokens"
-        ok = server.request_for(server.parse(b'{"model": "m", "prompt": "a", "max_tokens": 12}', chat=False))
-        assert ok.max_new_tokens == 12
-
-        def full(request):
-            raise QueueFull("request queue full (1 waiting)")
-
-        server.engine.submit = full
-        client = TestClient(build_app(server), raise_server_exceptions=False)
-        r = client.post("/v1/completions", json={"model": "m", "prompt": "a", "max_tokens": 2},
-                        headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
-        r = client.post("/v1/completions", json={"model": "m", "prompt": "a"}, headers={"Authorization": "Bearer x"})
-        assert r.status_code == 401
-    finally:
-        server.engine.stop(5)
 
 
 # ------------------------------------------------------------------------------------ GRPO objective details

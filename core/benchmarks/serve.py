@@ -1,13 +1,20 @@
-"""``metareason bench serve``: what dynamic batching buys a served model.
+"""``metareason bench serve``: continuous batching against static batching (and, optionally,
+``transformers serve --continuous-batching``) on the same model and requests.
 
-The same N greedy requests (causal-loop prompts, ``max_tokens`` each) are answered
-1. one after another by the kernel's local generation in this process (the baseline), then
-2. by ``metareason serve`` in a subprocess, through the official ``openai`` client with 1, 8 and
-   32 requests in flight.
-Requests/s and completion tokens/s of each, and the speed-up over the baseline, are written to
-``bench/results/serve-<device>.json`` and ``.md``. Client and server share the machine, as they
-would on a one-box deployment; the default model is the quickstart architecture (random init,
-so completion lengths vary but are the same for every side: greedy decoding of the same prompts).
+The requests are chat questions of mixed prompt lengths with mixed ``max_tokens`` (16 to 128),
+greedy, ending naturally (EOS) or at their budget. Each side answers all of them at 1, 8, 32 and
+64 requests in flight:
+
+* ``continuous``: ``metareason serve`` in a subprocess, through the ``openai`` client, streaming;
+* ``static``: this project's earlier engine (:class:`metareason.generators.batching.BatchingEngine`:
+  requests with equal parameters batched for a 10 ms window, each batch run to its end), driven in
+  this process with no HTTP in between (which favours it), answers arriving only at the end;
+* ``transformers``: ``transformers serve MODEL --continuous-batching`` (``--transformers``), if it
+  comes up and answers; a side that fails is recorded as failed, not dropped.
+
+Per side and level: requests/s, completion tokens/s, time to first token and per-token latency
+(time between streamed tokens; for the static side the whole latency over the tokens) p50/p99.
+Written to ``bench/results/serve-<device>.json`` and ``.md``. Client and server share the machine.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
+import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -26,37 +33,30 @@ from pathlib import Path
 
 from metareason.benchmarks import cpu_name, write_record
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+TOPICS = ["the sea", "a mountain", "bread", "a library", "rain", "a bicycle", "chess", "the moon"]
+MAX_TOKENS = [16, 32, 64, 128]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="a model or run directory (default: the quickstart architecture, random init)")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help="a model directory, or a name `metareason models get` knows "
+                             "(default SmolLM2-135M-Instruct)")
     parser.add_argument("--requests", type=int, default=64, help="requests per measurement")
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", default="1,8,32", help="comma list of requests in flight")
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--batch-window-ms", type=float, default=10.0)
+    parser.add_argument("--concurrency", default="1,8,32,64", help="comma list of requests in flight")
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--sides", default="continuous,static", help="comma list of continuous, static, transformers")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per request before a side is failed")
     parser.add_argument("--out", default=None, help="default: bench/results/serve-<device>.json")
 
 
-def _quickstart_model(path: Path) -> Path:
-    import torch
-
-    from metareason.kernel import Kernel
-
-    torch.manual_seed(0)
-    kernel = Kernel(QUICKSTART, overrides=["quiet=true", "model.device=cpu"])
-    model, tokenizer = kernel.load()
-    model.save_pretrained(str(path))
-    tokenizer.save_pretrained(str(path))
-    return path
-
-
-def _prompts(n: int) -> list[str]:
-    from metareason.data.causal_loop import make_task
-
-    task = make_task({"levels": [1, 2], "split": "test"}, 99, n)
-    return [task[i]["prompt"] for i in range(n)]
+def requests_for(n: int) -> list[tuple[list[dict], int]]:
+    """``n`` chat requests: prompts of 1 to 8 sentences of context, max_tokens 16..128."""
+    out = []
+    for i in range(n):
+        context = " ".join(f"Fact {k}: {TOPICS[(i + k) % len(TOPICS)]} is worth a thought." for k in range(1 + i % 8))
+        question = f"{context} Write about {TOPICS[i % len(TOPICS)]} in a few sentences."
+        out.append(([{"role": "user", "content": question}], MAX_TOKENS[(i * 3) % len(MAX_TOKENS)]))
+    return out
 
 
 def _free_port() -> int:
@@ -65,86 +65,173 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_up(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_up(base: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"metareason serve exited with {proc.returncode}")
+            raise RuntimeError(f"the server exited with {proc.returncode}")
         try:
             urllib.request.urlopen(base + "/health", timeout=2).read()
             return
         except OSError:
             time.sleep(0.5)
-    raise RuntimeError("metareason serve did not come up")
+    raise RuntimeError("the server did not come up")
 
 
-def _row(name: str, wall: float, requests: int, tokens: int, baseline: float | None) -> dict:
-    rps = requests / wall
-    return {"side": name, "wall_s": round(wall, 3), "requests": requests, "completion_tokens": tokens,
-            "requests_per_s": round(rps, 3), "completion_tokens_per_s": round(tokens / wall, 1),
-            "speedup_vs_sequential_local": round(rps / baseline, 2) if baseline else 1.0}
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def _row(side: str, c: int, wall: float, answers: list[dict]) -> dict:
+    tokens = sum(a["tokens"] for a in answers)
+    ttft = [a["ttft"] for a in answers]
+    gaps = [g for a in answers for g in a["gaps"]]
+    ms = lambda x: round(1000 * x, 1)  # noqa: E731
+    return {"side": side, "concurrency": c, "wall_s": round(wall, 2), "requests": len(answers),
+            "completion_tokens": tokens, "requests_per_s": round(len(answers) / wall, 3),
+            "completion_tokens_per_s": round(tokens / wall, 1), "ttft_p50_ms": ms(_pct(ttft, 0.5)),
+            "ttft_p99_ms": ms(_pct(ttft, 0.99)), "token_latency_p50_ms": ms(_pct(gaps, 0.5)),
+            "token_latency_p99_ms": ms(_pct(gaps, 0.99))}
+
+
+def _streaming_client(base: str, model: str, timeout: float):
+    import openai
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=timeout)
+
+    def ask(req):
+        messages, max_tokens = req
+        t0 = time.perf_counter()
+        stamps, text, tokens = [], "", None
+        stream = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                                stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                stamps.append(time.perf_counter())
+                text += chunk.choices[0].delta.content
+            if getattr(chunk, "usage", None):
+                tokens = chunk.usage.completion_tokens
+        ttft = (stamps[0] if stamps else time.perf_counter()) - t0
+        return {"ttft": ttft, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+                "tokens": tokens if tokens is not None else len(stamps), "text": text}
+    return ask
+
+
+def _measure(side: str, ask, reqs, levels) -> list[dict]:
+    ask(reqs[0])  # warm-up
+    rows = []
+    for c in levels:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(c) as pool:
+            answers = list(pool.map(ask, reqs))
+        rows.append(_row(side, c, time.perf_counter() - t0, answers))
+        print(f"[bench serve] {side} x{c}: {rows[-1]['requests_per_s']} req/s, "
+              f"{rows[-1]['completion_tokens_per_s']} tok/s, ttft p99 {rows[-1]['ttft_p99_ms']} ms",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def _continuous(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "metareason", "serve", str(model_dir), "--port", str(port),
+                             "--model-name", "bench", "--max-batch-size", str(args.max_batch_size),
+                             "--max-queue", "4096", "--max-tokens-in-flight", str(10 ** 7), "--device", device],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_up(base, proc)
+        return _measure("continuous (metareason serve)", _streaming_client(base, "bench", args.timeout), reqs, levels)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _static(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+    from metareason.generators.batching import BatchingEngine, Request
+    from metareason.generators.local import LocalGenerator, load_local_model
+
+    model, tokenizer, _, fmt = load_local_model(str(model_dir), device=device)
+    engine = BatchingEngine(LocalGenerator(model, tokenizer, batch_size=args.max_batch_size, fmt=fmt),
+                            max_batch=args.max_batch_size, window_s=0.01, max_queue=4096)
+
+    def ask(req):
+        messages, max_tokens = req
+        t0 = time.perf_counter()
+        (c,) = engine.submit(Request(prompts=[messages], max_new_tokens=max_tokens, temperature=0.0)).result()
+        wall = time.perf_counter() - t0
+        return {"ttft": wall, "gaps": [wall / max(c.completion_tokens, 1)] * max(c.completion_tokens - 1, 0),
+                "tokens": c.completion_tokens, "text": c.text}
+    try:
+        return _measure("static (earlier engine, in-process)", ask, reqs, levels)
+    finally:
+        engine.stop(5)
+
+
+def _transformers(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(["transformers", "serve", str(model_dir), "--continuous-batching", "--port", str(port),
+                             "--device", device, "--dtype", "float32"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_up(base, proc)
+        return _measure("transformers serve --continuous-batching",
+                        _streaming_client(base, str(model_dir), args.timeout), reqs, levels)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+SIDES = {"continuous": _continuous, "static": _static, "transformers": _transformers}
 
 
 def run(args: argparse.Namespace) -> int:
-    import openai
     import torch
 
-    from metareason.generators.local import LocalGenerator, load_local_model
+    from metareason.errors import UserError
 
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    for s in sides:
+        if s not in SIDES:
+            raise UserError(f"--sides: unknown side {s!r} (one of {', '.join(SIDES)})")
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        from metareason.models.pretrained import ensure_model
+
+        model_dir = Path(ensure_model(args.model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"bench/results/serve-{device}.json")
-    prompts = _prompts(args.requests)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(args.model) if args.model else _quickstart_model(Path(tmp) / "model")
-        model, tokenizer, _, fmt = load_local_model(str(model_dir), device=device)
-        local = LocalGenerator(model, tokenizer, batch_size=1, fmt=fmt)
-        local.generate(prompts[:2], max_new_tokens=args.max_tokens)  # warm-up
-        t0 = time.perf_counter()
-        seq = [local.generate([p], max_new_tokens=args.max_tokens)[0] for p in prompts]
-        base_wall = time.perf_counter() - t0
-        base_tokens = sum(c.completion_tokens for c in seq)
-        rows = [_row("local, sequential", base_wall, len(prompts), base_tokens, None)]
-        print(f"[bench serve] local sequential: {rows[0]['requests_per_s']} req/s", file=sys.stderr)
-        baseline = rows[0]["requests_per_s"]
-        del local, model
+    reqs = requests_for(args.requests)
+    rows, failures = [], {}
+    for side in sides:
+        result: dict = {}
 
-        port = _free_port()
-        base = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([sys.executable, "-m", "metareason", "serve", str(model_dir), "--port", str(port),
-                                 "--model-name", "bench", "--max-batch-size", str(args.max_batch_size),
-                                 "--batch-window-ms", str(args.batch_window_ms), "--device", device],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        mismatches = 0
-        try:
-            _wait_up(base, proc)
-            client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
-
-            def ask(p):
-                r = client.completions.create(model="bench", prompt=p, max_tokens=args.max_tokens, temperature=0)
-                return r.choices[0].text, r.usage.completion_tokens
-
-            ask(prompts[0])  # warm-up
-            for c in levels:
-                t0 = time.perf_counter()
-                with ThreadPoolExecutor(c) as pool:
-                    answers = list(pool.map(ask, prompts))
-                wall = time.perf_counter() - t0
-                mismatches += sum(a[0] != s.text for a, s in zip(answers, seq))
-                rows.append(_row(f"serve, concurrency {c}", wall, len(prompts), sum(a[1] for a in answers), baseline))
-                print(f"[bench serve] concurrency {c}: {rows[-1]['requests_per_s']} req/s "
-                      f"({rows[-1]['speedup_vs_sequential_local']}x)", file=sys.stderr)
-        finally:
-            proc.terminate()
-            proc.wait(60)
+        def work():
+            try:
+                result["rows"] = SIDES[side](model_dir, device, reqs, levels, args)
+            except Exception as exc:  # noqa: BLE001 - recorded, the other sides still run
+                result["error"] = f"{type(exc).__name__}: {exc}"
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        t.join(args.timeout * (len(levels) + 1))
+        if "rows" in result:
+            rows.extend(result["rows"])
+        else:
+            failures[side] = result.get("error", f"no answer within {args.timeout * (len(levels) + 1):g} s")
+            print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
     record = {
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-        "model": str(args.model) if args.model else "quickstart architecture (random init)",
-        "requests": args.requests, "max_tokens": args.max_tokens, "max_batch_size": args.max_batch_size,
-        "batch_window_ms": args.batch_window_ms,
-        "greedy_texts_differing_from_local": mismatches, "rows": rows,
+        "model": args.model, "requests": args.requests, "max_tokens": MAX_TOKENS,
+        "max_batch_size": args.max_batch_size, "rows": rows, "failed_sides": failures,
         "command": " ".join(["metareason bench serve"] + (sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else [])),
     }
     write_record(out, record, _markdown(record))
@@ -155,16 +242,20 @@ def _markdown(r: dict) -> str:
     lines = [
         "# `metareason bench serve`", "",
         f"{r['date']} · {r['device']} · {r['cpus']} CPUs · torch {r['torch']}", "",
-        f"{r['requests']} greedy requests (causal-loop prompts), max_tokens {r['max_tokens']}, model: {r['model']}; "
-        f"server batch {r['max_batch_size']}, window {r['batch_window_ms']:g} ms. Client and server on the same "
-        "machine.", "",
+        f"{r['requests']} greedy chat requests of mixed prompt lengths, max_tokens cycling through "
+        f"{r['max_tokens']} (most end at EOS first), model {r['model']}; batch {r['max_batch_size']}. "
+        "Client and server on the same machine. Time to first token (TTFT) and per-token latency are "
+        "percentiles over requests and streamed tokens; the static side does not stream, so its TTFT is the "
+        "whole latency and its per-token latency the latency over the tokens.", "",
         f"Command: `{r['command']}`", "",
-        "| side | wall s | req/s | completion tok/s | speed-up vs sequential local |",
-        "|---|---|---|---|---|",
+        "| side | in flight | req/s | completion tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms |",
+        "|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        lines.append(f"| {row['side']} | {row['wall_s']} | {row['requests_per_s']} | {row['completion_tokens_per_s']} "
-                     f"| {row['speedup_vs_sequential_local']}x |")
-    lines += ["", f"Served greedy texts that differ from the local ones (all concurrency levels): "
-                  f"{r['greedy_texts_differing_from_local']} (batched fp32 matmuls may flip near-ties).", ""]
+        lines.append(f"| {row['side']} | {row['concurrency']} | {row['requests_per_s']} | "
+                     f"{row['completion_tokens_per_s']} | {row['ttft_p50_ms']} / {row['ttft_p99_ms']} | "
+                     f"{row['token_latency_p50_ms']} / {row['token_latency_p99_ms']} |")
+    for side, why in r["failed_sides"].items():
+        lines.append(f"\n{side}: failed ({why}).")
+    lines.append("")
     return "\n".join(lines)

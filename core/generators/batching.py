@@ -1,4 +1,6 @@
-"""Dynamic batching for a local generator shared by concurrent callers (``metareason serve``).
+"""Static dynamic batching for a local generator shared by concurrent callers: the engine
+``metareason serve`` used before continuous batching (:mod:`metareason.serving`), kept as the
+baseline ``metareason bench serve`` measures against.
 
 Callers ``submit`` a request and get a ``concurrent.futures.Future``. One worker thread takes the
 first waiting request, waits up to ``window_s`` (or until ``max_batch`` rows) for more, and runs
