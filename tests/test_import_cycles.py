@@ -16,14 +16,7 @@ PACKAGES = {"metareason": ROOT / "core", "metareason.plugins": ROOT / "plugins"}
 EXTENSIONS = {"metareason._C"}  # compiled modules: leaves
 
 # each entry: the set of modules of one cycle that remains, and why
-KNOWN = {
-    # ops/__init__ defines ``extension`` before importing the op modules, whose fused fronts
-    # import it back from the half-initialised package (core/ops: owned by the kernels work)
-    frozenset({"metareason.ops", "metareason.ops._dispatch", "metareason.ops.linear_ce",
-               "metareason.ops.linear_ce.fused", "metareason.ops.lru_act", "metareason.ops.lru_act.fused",
-               "metareason.ops.mla_decode", "metareason.ops.mla_decode.fused"}):
-        "ops __init__ <-> _dispatch / fused fronts",
-}
+KNOWN: dict[frozenset, str] = {}  # none remains; a cycle that has to stay is listed here with its reason
 
 
 def modules() -> dict[str, Path]:

@@ -9,42 +9,11 @@ front (``fused.py``); see docs/architecture.md, "Compiled kernels".
 """
 from __future__ import annotations
 
-
-def extension():
-    """The compiled extension module ``metareason._C``, or ``None`` when it was not built."""
-    try:
-        from metareason import _C  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return _C
-
-
-def available_backends() -> list[str]:
-    """Backends usable on this machine, in dispatch order (reference is always there)."""
-    backends = []
-    ext = extension()
-    import torch
-
-    if ext is not None and ext.has_cuda() and torch.cuda.is_available():
-        backends.append("cuda")
-    if torch.cuda.is_available() and _dispatch_triton_ok():
-        backends.append("triton")
-    if ext is not None:
-        backends.append("cpu")
-    backends.append("reference")
-    return backends
-
-
-def _dispatch_triton_ok() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
-from metareason.ops._dispatch import BACKENDS, BackendUnavailableError  # noqa: E402
-from metareason.ops.linear_ce import linear_cross_entropy, linear_token_logps  # noqa: E402
-from metareason.ops.lru_act import LRUActOutput, LRUParams, lru_act  # noqa: E402
-from metareason.ops.mla_decode import mla_decode  # noqa: E402
+from metareason.ops._extension import _dispatch_triton_ok, available_backends, extension  # noqa: F401
+from metareason.ops._dispatch import BACKENDS, BackendUnavailableError
+from metareason.ops.linear_ce import linear_cross_entropy, linear_token_logps
+from metareason.ops.lru_act import LRUActOutput, LRUParams, lru_act
+from metareason.ops.mla_decode import mla_decode
 
 __all__ = [
     "BACKENDS",

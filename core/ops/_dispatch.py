@@ -45,7 +45,7 @@ def select(op: str, why_not: Mapping[str, str | None], explicit: str | None = No
 
 def extension_why_not(device: torch.device, backend: str, symbol: str) -> str | None:
     """Reason the compiled extension cannot run ``symbol`` for ``backend`` on ``device`` (None = it can)."""
-    from metareason.ops import extension
+    from metareason.ops._extension import extension
 
     ext = extension()
     if ext is None:

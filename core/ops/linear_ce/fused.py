@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from metareason.ops import _dispatch
+import metareason.ops._dispatch as _dispatch
 from metareason.ops.linear_ce.reference import (IGNORE_INDEX, REDUCTIONS, linear_cross_entropy_reference,
                                                 linear_token_logps_reference)
 

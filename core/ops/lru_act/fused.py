@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from metareason.ops import _dispatch
+import metareason.ops._dispatch as _dispatch
 from metareason.ops.lru_act.compact import lru_act_given_halting
 from metareason.ops.lru_act.params import LRUParams
 from metareason.ops.lru_act.reference import LRUActOutput, compute_dtype, lru_act_reference
@@ -72,7 +72,7 @@ def _forward_fn(backend: str):
         from metareason.ops.lru_act.triton_kernel import lru_act_forward_triton
 
         return lru_act_forward_triton
-    from metareason.ops import extension
+    from metareason.ops._extension import extension
 
     ext = extension()
     return ext.lru_act_forward if backend == "cpu" else ext.lru_act_forward_cuda

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from metareason.ops import _dispatch
+import metareason.ops._dispatch as _dispatch
 from metareason.ops.mla_decode.reference import BLOCK, default_scale, mla_decode_reference
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -83,7 +83,7 @@ def mla_decode(
         from metareason.ops.mla_decode.triton_kernel import mla_decode_triton
 
         return mla_decode_triton(q, kv_cache, block_table, cache_seqlens, head_dim_v, scale, causal, num_splits)
-    from metareason.ops import extension
+    from metareason.ops._extension import extension
 
     ext = extension()
     fn = ext.mla_decode if name == "cpu" else ext.mla_decode_cuda
