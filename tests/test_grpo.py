@@ -238,7 +238,7 @@ def test_bench_grpo_runs_both_sides_on_the_same_work(tmp_path):
     record = json.loads(out.read_text())
     assert record["ours"]["completion_tokens"] == record["trl"]["completion_tokens"] == 5.0
     assert record["speedup"] > 0 and record["peak_memory_ratio"] > 0
-    assert "| metareason |" in out.with_suffix(".md").read_text()
+    assert "| metareason (share_prompt_forward on) |" in out.with_suffix(".md").read_text()
 
 
 # ------------------------------------------------------------------ the loop passes the config on
