@@ -344,14 +344,33 @@ def test_clients_that_disconnect_leave_no_work_running(tiny_server):
     assert r.usage.completion_tokens == 2  # and the server goes on serving
 
 
-def test_full_queue_429_then_sigterm_answers_every_client_and_exits(tiny_model_dir):
-    s = Served(tiny_model_dir, "--model-name", "tiny", "--max-queue", "4", "--max-batch-size", "1",
-               "--max-tokens-in-flight", "100000", "--shutdown-grace-s", "3")
+def _long_context_tiny(path):
+    """The tiny Llama with a 4096-token context: a 2000-token request keeps the one row busy for
+    seconds, so a full queue is there to see even on a loaded machine (100 tokens take ~0.2 s)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from metareason.models import build_char_tokenizer
+    from tests.conftest import TINY_LLAMA
+
+    torch.manual_seed(0)
+    tok = build_char_tokenizer()
+    arch = dict(TINY_LLAMA, max_position_embeddings=4096)
+    cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def test_full_queue_429_then_sigterm_answers_every_client_and_exits(tmp_path):
+    s = Served(_long_context_tiny(tmp_path / "tiny4k"), "--model-name", "tiny", "--max-queue", "4",
+               "--max-batch-size", "1", "--max-tokens-in-flight", "100000", "--shutdown-grace-s", "3")
     client = s.client()
 
-    def one(i):
+    def one(i, max_tokens=100):
         try:
-            r = client.completions.create(model="tiny", prompt="A=1;", max_tokens=100, temperature=0)
+            r = client.completions.create(model="tiny", prompt="A=1;", max_tokens=max_tokens, temperature=0)
             return ("ok", r.choices[0].finish_reason)
         except openai.RateLimitError as exc:
             assert "server busy" in exc.body["message"] and int(exc.response.headers["retry-after"]) >= 1
@@ -365,10 +384,11 @@ def test_full_queue_429_then_sigterm_answers_every_client_and_exits(tiny_model_d
     # a full queue when SIGTERM comes: the waiting requests get 503 at once, the running one its
     # grace period; every client gets an answer (no reset, no hang) and the server exits 0
     with ThreadPoolExecutor(8) as pool:
-        futures = [pool.submit(one, i) for i in range(8)]
+        futures = [pool.submit(one, i, 2000) for i in range(8)]
         deadline = time.monotonic() + 30
         while s.health()["waiting_requests"] < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert s.health()["waiting_requests"] == 4, "the queue never filled: the test needs slower requests"
         t0 = time.monotonic()
         s.proc.send_signal(signal.SIGTERM)
         results = [f.result(60) for f in futures]
