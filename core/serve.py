@@ -291,8 +291,8 @@ def build_app(server: Server):
     class Guard:
         """Every request: the Host header (DNS rebinding); the docs need the key when one is set."""
 
-        def __init__(self, inner):
-            self.inner = inner
+        def __init__(self, app):  # starlette < 0.37 passes it as app=, later ones by position
+            self.inner = app
 
         async def __call__(self, scope, receive, send):
             if scope["type"] == "http":
