@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from metareason import ops
+from metareason.benchmarks import DEFAULT_OUT
 from metareason.benchmarks.interleaved import interleaved, ratio
 from metareason.benchmarks.kernels_linear_ce import bench_linear_ce, print_linear_ce
 from metareason.ops import LRUParams
@@ -42,7 +43,7 @@ from metareason.ops.mla_decode import absorb_queries, mla_decode_reference, mla_
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to benchmark on")
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
-    parser.add_argument("--out", default="bench/results", help="folder for kernels-<device>.json")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"folder for kernels-<device>.json (default: {DEFAULT_OUT})")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     parser.add_argument("--threads", type=int, default=None,

@@ -142,7 +142,7 @@ def add_commands(subparsers) -> None:
                                    "with it switched off (decompressed), and the paged cache through "
                                    "metareason.ops.mla_decode. Writes OUT/kernels-decode-cpu.json.")
     b.add_argument("config_dir", help="directory holding a_llama.yaml and b_mla.yaml, e.g. configs/lru/")
-    b.add_argument("--out", default="bench/results", help="folder for kernels-decode-cpu.json (default: bench/results)")
+    b.add_argument("--out", default="bench-results", help="folder for kernels-decode-cpu.json (default: bench-results; this repository's record: --out bench/results)")
     b.add_argument("--quick", action="store_true", help="one small setting, one repeat (a smoke run)")
     b.add_argument("--repeats", type=int, help="timed rounds per model, best kept (default 2)")
     b.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
