@@ -183,6 +183,12 @@ def test_quick_mode_runs_every_stage_end_to_end(tmp_path):
     assert rec["data"]["test"]["groups"] == ["level_1", "level_2", "level_3"]
     base_model = rec["base"]["model"]
     assert (Path(base_model) / "config.json").exists() and rec["base"]["accuracy"] is not None
+    # the base learns in the arms' layout: question + attempt -> the solution alone, in their tags
+    base_cfg = yaml.safe_load((Path(rec["base"]["run_dir"]) / "config.yaml").read_text())
+    (base_train,), (base_eval,) = base_cfg["data"]["train"], base_cfg["data"]["eval"]
+    assert base_train["task"] == base_eval["task"] == "mcft" and base_train["params"]["target"] == "solution"
+    assert "Attempt: {cot}" in base_train["params"]["template"] and base_train["params"]["path"].endswith("base-pool.jsonl")
+    assert len((Path(base_train["params"]["path"])).read_text().splitlines()) == 32
     for name, a in rec["arms"].items():
         assert set(a["seeds"]) == {"0", "1"} and set(a["lr_grid_val_accuracy"]) == {f"{lr:g}" for lr in rec["lrs"]}
         for key in ("accuracy", "accuracy/attempt_wrong", "accuracy/level_1", "accuracy/level_3"):

@@ -60,6 +60,9 @@ DEFAULTS = {
     "base_train": {"max_steps": 3000, "batch_size": 32, "lr": 1.0e-3},
     "base_min_accuracy": 0.95,
     "base_model": None,  # a model directory to start every arm from instead of training a base
+    # "attempt": the base learns to solve from the arms' prompt (question + attempt) in their answer
+    # format (target: the solution alone); "plain": the task's own prompt and plain solutions
+    "base_layout": "attempt",
     "split_seed": 0,
 }
 QUICK = {
@@ -178,7 +181,12 @@ def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> di
 
     b = copy.deepcopy(raw)
     b["name"] = f"{raw['name']}-base"
-    b["data"] = dict(b.get("data", {}), train=[exp["base_task"]], eval=[exp["base_eval_task"]])
+    if exp["base_layout"] == "attempt":
+        pool, held = base_rows(raw, exp, root / "data", reuse, quiet)
+        b["data"] = dict(b.get("data", {}), train=[_task(pool, "solution", 10 ** 9)],
+                         eval=[_task(held, "solution", 10 ** 9)])
+    else:
+        b["data"] = dict(b.get("data", {}), train=[exp["base_task"]], eval=[exp["base_eval_task"]])
     b["train"] = dict(b.get("train", {}), seed=0, **exp["base_train"])
     b["eval"] = dict(b.get("eval", {}), at_end=False)
     # the tags in the vocabulary already (the arms' vocabulary), no masking, no format term
@@ -196,6 +204,27 @@ def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> di
     acc = metrics.get("eval/accuracy")
     return {"run_dir": str(run_dir), "model": str(out), "train_s": train_s, "reused": reused,
             "accuracy": acc, "metrics": metrics, "steps": b["train"]["max_steps"]}
+
+
+def base_rows(raw: dict, exp: dict, data_dir: Path, reuse: bool, quiet: bool) -> tuple[Path, Path]:
+    """The base's training and held-out rows in the arms' layout (``experiment.base_layout:
+    attempt``): ``base_task`` / ``base_eval_task`` questions, each with one noisy attempt, whose
+    target is the teacher's correct solution alone (no critique). A base trained on them solves
+    the task from the prompt the arms see (question + attempt) in the answer format they write,
+    so the critique set only has to teach the critique and the correction."""
+    from metareason.api import Kernel
+    from metareason.plugins.mcft.critiques import build_critiques
+
+    pool, held = data_dir / "base-pool.jsonl", data_dir / "base-eval.jsonl"
+    if reuse and pool.exists() and held.exists():
+        return pool, held
+    c = copy.deepcopy(raw)
+    c["data"] = dict(c.get("data", {}), train=[exp["base_task"]], eval=[exp["base_eval_task"]])
+    c["quiet"] = quiet or c.get("quiet", False)
+    kernel = Kernel(c)
+    build_critiques(kernel, "train", pool, quiet)
+    build_critiques(kernel, "eval", held, quiet)
+    return pool, held
 
 
 def given_base(raw: dict, exp: dict) -> dict:
@@ -435,7 +464,7 @@ def render(record: dict) -> str:
         f"Device: {record['device']}; torch {record['torch']}; seeds {record['seeds']}; {record['steps']} steps per "
         f"run; lr grid {record['lrs']} chosen per arm on validation (first seed). Intervals: 95% t-intervals of "
         "the mean across seeds.", "",
-        f"Base: accuracy {record['base']['accuracy']} on its held-out plain questions "
+        f"Base: accuracy {record['base']['accuracy']} on its held-out questions "
         f"(required {record['base_min_accuracy']}), {record['base']['steps']} steps.", "",
         "Data: " + ", ".join(f"{k}: {v['rows']} rows" for k, v in record["data"].items() if "rows" in v)
         + f"; copying the attempt's answer scores {record['data'].get('test', {}).get('copy_attempt_accuracy')} "
@@ -492,6 +521,8 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench-results/
     for gen in (raw.get("generators") or {}).values():  # `local` generator paths: ~ allowed here
         if isinstance(gen, dict) and isinstance(gen.get("path"), str):
             gen["path"] = os.path.expanduser(gen["path"])
+    if exp["base_layout"] not in ("attempt", "plain"):
+        raise UserError(f"experiment.base_layout: {exp['base_layout']!r} is not one of 'attempt', 'plain'")
     all_arms = arm_list(exp)
     names = list(all_arms) if not arms else [a.strip() for a in arms.split(",") if a.strip()]
     unknown = [a for a in names if a not in all_arms]
