@@ -1,8 +1,8 @@
 """The issue 28 part A driver (bench/behaviors_method.py) in miniature (``--quick``): every stage
 runs and the report's tables are written; a second invocation reuses every stage (no command
 runs, no checkpoint is rewritten); a run whose final checkpoint is gone is trained again from
-scratch, its stale evaluation copies replaced; a base below the gate stops the driver with a
-message naming the seed and the gate; a driver on a subset of the arms reuses the bases and never
+scratch, its stale evaluation copies replaced; a base below the gate is trained again with doubled steps
+(a run of its own) and the arms start from it; a driver on a subset of the arms reuses the bases and never
 trains one. Fast: the verdict rules and the per-answer measures."""
 import importlib.util
 import json
@@ -115,13 +115,30 @@ def test_interrupted_run_restarts_cleanly(quick, tmp_path):
 
 
 @pytest.mark.slow
-def test_gate_stops_with_a_clear_message(quick, capsys):
+def test_gate_doubles_a_failing_base_once_and_the_arms_start_from_it(quick, tmp_path, capsys):
+    """Below the gate, the design's one change: the base's steps doubled once, a run of its own
+    (``-x2``), trained only by a driver that may train bases; the arms' commands then start from
+    the doubled base's final checkpoint, and the report says what happened."""
     driver, runs, out, argv = quick
+    subset = argv[:-1] + [str(tmp_path / "subset"), "--gate", "0.9", "--arms", "bci"]
     with pytest.raises(SystemExit) as stop:
-        driver.main(argv + ["--gate", "0.9"])
+        driver.main(subset)
     message = str(stop.value.code)
-    assert "gate" in message and "seed 0" in message and "0.90" in message and "behaviors-methodq-base-s0" in message
-    assert "the arms do not start" in message
+    assert "seed 0" in message and "--bases-only" in message and "behaviors-methodq-base-s0-x2" in message
+    assert not (runs / "behaviors-methodq-base-s0-x2").exists()
+    assert driver.main(argv[:-1] + [str(tmp_path / "bases"), "--gate", "0.9", "--bases-only"]) == 0
+    steps = 2 * driver.QUICK.base_steps
+    for seed in (0, 1):
+        assert (runs / f"behaviors-methodq-base-s{seed}-x2" / "checkpoints" / f"step-{steps:07d}").is_dir()
+    err = capsys.readouterr().err
+    assert "doubled once (12)" in err and "'doubled': True" in err
+    plan = driver.Plan(driver.QUICK, runs, doubled={0})
+    argv0 = plan.student_argv("bci", 0, "2e-3", 4)
+    assert f"model.path={runs / 'behaviors-methodq-base-s0-x2' / 'checkpoints' / f'step-{steps:07d}'}" in argv0
+    assert f"train.max_steps={steps}" in plan.base_argv(0) and "name=behaviors-methodq-base-s0-x2" in plan.base_argv(0)
+    # a second --bases-only run reuses the doubled bases
+    assert driver.main(argv[:-1] + [str(tmp_path / "bases2"), "--gate", "0.9", "--bases-only"]) == 0
+    assert "doubled once" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
