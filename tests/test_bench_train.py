@@ -36,11 +36,23 @@ def test_bench_train_writes_json_and_markdown_with_each_sides_settings(tmp_path)
     assert "Command: `metareason bench train" in out.with_suffix(".md").read_text()
 
 
-def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path):
+def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path, tiny_model_dir):
     """`metareason bench grpo` end to end: ours and TRL on the same model and prompts, each side in
-    its own process; the record holds both sides' per-phase breakdown and the command."""
+    its own process; the record holds both sides' per-phase breakdown and the command. The model's
+    tokenizer has a chat template: both sides must compute on the same templated prompt tokens
+    (TRL applies no template to plain-string prompts, so the bench gives it the rendered text)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "templated"
+    shutil.copytree(tiny_model_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(model_dir)
     cfg = {"name": "g", "output_dir": str(tmp_path), "quiet": True,
-           "model": {"arch": dict(TINY_LLAMA), "tokenizer": {"type": "char"}},
+           "model": {"path": str(model_dir)},
            "data": {"max_length": 128, "train": [{"task": "causal_loop", "num_samples": 8,
                                                    "params": {"levels": [1]}}]}}
     path = tmp_path / "tiny.yaml"
@@ -61,3 +73,7 @@ def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path):
     assert abs(r["speedup_unshared"] - r["trl"]["step_s"] / r["ours_unshared"]["step_s"]) < 1e-9
     assert "share_prompt_forward off" in text
     assert abs(r["speedup"] - r["trl"]["step_s"] / r["ours"]["step_s"]) < 1e-9
+    # the same prompt tokens on every side, the template's included ("<user>" + prompt + "<assistant>")
+    raw = len("A=1;B=A+1;C=B+1;D=C+1;D=?")  # level-1 prompts all have this length in characters
+    assert r["ours"]["prompt_tokens"] == r["ours_unshared"]["prompt_tokens"] == r["trl"]["prompt_tokens"]
+    assert r["trl"]["prompt_tokens"] >= raw + len("<user>\n<assistant>")

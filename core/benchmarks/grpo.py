@@ -184,6 +184,7 @@ def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
             timers.mark()
             parts.append({k: metrics[k] for k in ("rl/time/generate_s", "rl/time/rollout_s", "rl/time/train_s")})
             parts[-1]["tokens"] = metrics["rl/completion_length/mean"]
+            parts[-1]["prompt_tokens"] = metrics["rl/prompt_length/mean"]
 
     kernel.register(Timer(), name="bench_timer")
     kernel.run(overwrite=True)
@@ -195,6 +196,7 @@ def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
             "rollout_s": sum(p["rl/time/rollout_s"] for p in timed) / len(timed),
             "train_s": sum(p["rl/time/train_s"] for p in timed) / len(timed),
             **_breakdown(times, timers, w), "completion_tokens": sum(p["tokens"] for p in timed) / len(timed),
+            "prompt_tokens": sum(p["prompt_tokens"] for p in timed) / len(timed),
             "share_prompt_forward": kernel.config.rl.share_prompt_forward}
 
 
@@ -204,6 +206,7 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from metareason.data.chat import needs_bos
     from metareason.train.grpo import load_train_examples
     from metareason.train.loop import seed_everything
 
@@ -212,10 +215,24 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
     seed_everything(cfg.train.seed)
     model, tokenizer = kernel.load()
     examples = load_train_examples(kernel)
-    dataset = Dataset.from_list([{"prompt": e["prompt"]} for e in examples])
+    # the prompt text our side generates from (the chat template when the run uses one), so both
+    # sides compute on the same tokens; TRL applies no template to plain-string prompts
+    fmt = kernel.chat_format(tokenizer)
+    texts = [kernel.prompt_text(e, tokenizer, fmt) for e in examples]
+    texts = [tokenizer.bos_token + t if needs_bos(tokenizer, t) else t for t in texts]  # ours adds it too
+    dataset = Dataset.from_list([{"prompt": t} for t in texts])
     stamps: list[float] = []
     lengths: list[float] = []
 
+    prompt_tokens: list[float] = []  # what TRL tokenised the prompts to (its own tokenizer call)
+    score = GRPOTrainer._generate_and_score_completions
+
+    def counted(self, *a, **k):
+        out = score(self, *a, **k)
+        prompt_tokens.append(float(out["prompt_mask"].sum(1).float().mean()))
+        return out
+
+    GRPOTrainer._generate_and_score_completions = counted
     timers = _Timers()
     timers.wrap(GRPOTrainer, "_generate", "sampling")
     timers.wrap(GRPOTrainer, "_generate_and_score_completions", "rollout")
@@ -250,7 +267,8 @@ def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
     w = args.warmup
     times = _step_times(stamps, w, args.steps)
     return {**times, "peak_mb": peak_mb(), "steps": len(stamps), **_breakdown(times, timers, w),
-            "completion_tokens": sum(lengths[w:]) / len(lengths[w:])}
+            "completion_tokens": sum(lengths[w:]) / len(lengths[w:]),
+            "prompt_tokens": sum(prompt_tokens[w:]) / len(prompt_tokens[w:])}
 
 
 def _child(args) -> int:
@@ -342,7 +360,8 @@ def run(args) -> int:
         if side in results:
             r = results[side]
             print(f"{name}: step {_spread(r, 'step_s')} wall, {_spread(r, 'step_cpu_s')} CPU; peak "
-                  f"{r['peak_mb']:.0f} MB; {r['completion_tokens']:.1f} tokens/completion")
+                  f"{r['peak_mb']:.0f} MB; {r.get('prompt_tokens', float('nan')):.1f} tokens/prompt, "
+                  f"{r['completion_tokens']:.1f} tokens/completion")
             for unit, tail in (("wall", "s"), ("CPU", "cpu_s")):
                 print(f"    {unit:4s}: " + ", ".join(f"{label} {_spread(r, key[:-1] + tail)}" for key, label in PARTS))
     if not {"ours", "trl"} <= set(results):
@@ -403,9 +422,13 @@ def _markdown(r: dict) -> str:
              f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f}; torch threads per side: "
              f"{r['ours'].get('threads')} (on a shared machine the CPU-time column is the steadier one, and more "
              f"threads than free cores make OpenMP spin: use `--threads 1` there).", "",
-             "| side | step (s, wall) | step (s, CPU) | peak RSS (MB) |", "|---|---|---|---|"]
+             "Prompt tokens per row as each side saw them (both sides get the run's prompt text, its chat "
+             "template applied where the run uses one).", "",
+             "| side | step (s, wall) | step (s, CPU) | peak RSS (MB) | prompt tokens | completion tokens |",
+             "|---|---|---|---|---|---|"]
     for name, x in rows:
-        lines.append(f"| {name} | {_spread(x, 'step_s')} | {_spread(x, 'step_cpu_s')} | {x['peak_mb']:.0f} |")
+        lines.append(f"| {name} | {_spread(x, 'step_s')} | {_spread(x, 'step_cpu_s')} | {x['peak_mb']:.0f} | "
+                     f"{x.get('prompt_tokens', float('nan')):.1f} | {x['completion_tokens']:.1f} |")
     lines += ["", f"Speed-up (TRL step time / ours): **{r['speedup']:.2f}x** wall, {r['cpu_time_speedup']:.2f}x "
               f"CPU time; peak memory ours / TRL: {r['peak_memory_ratio']:.2f}x."]
     if "speedup_unshared" in r:

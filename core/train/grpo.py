@@ -365,6 +365,7 @@ def generate_rollout(kernel, model, tokenizer, examples: list[dict], ref_model=N
         stats[f"rl/reward/{name}/std"] = _f(nanstd(per_func[:, j]))
     stats.update({"rl/advantage/mean": _f(advantages.mean()), "rl/advantage/std": _f(advantages.std()),
                   "rl/advantage/min": _f(advantages.min()), "rl/advantage/max": _f(advantages.max()),
+                  "rl/prompt_length/mean": _f(enc["attention_mask"].sum(1).float().mean()),
                   "rl/completion_length/mean": _f(lengths.float().mean()),
                   "rl/completion_length/min": int(lengths.min()), "rl/completion_length/max": int(lengths.max()),
                   "rl/truncated_frac": _f(truncated.float().mean()),
