@@ -34,6 +34,9 @@ def evaluate_target(target: str, overrides: list[str], checkpoint: Optional[str]
         logger.close()
         write_report(path, trained.kernel.config, read_metrics(path))
         return metrics, path
+    from metareason.train.loop import seed_everything
+
     kernel = Kernel(path, overrides=overrides)
+    seed_everything(kernel.config.train.seed)  # as for a run directory: sampled evaluations repeat
     model, tokenizer = kernel.load()
     return evaluate(kernel, model, tokenizer, write_samples=Path(samples) if samples else None), None
