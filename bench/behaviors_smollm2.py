@@ -132,7 +132,7 @@ class Plan:
         return spec
 
     def endpoint(self, role: str) -> str:
-        return f"generators.{role}.base_url=http://127.0.0.1:{self.port}/v1"
+        return f"generators.{role}.base_url=http://127.0.0.1:{self.port or 'PORT'}/v1"  # PORT: not started
 
     # the documented commands --------------------------------------------------
     def pilot_specs(self) -> list[dict]:
@@ -151,7 +151,7 @@ class Plan:
         return argv + ["--samples", str(self.dir / "pilot-samples.jsonl"), "--quiet"]
 
     def serve_argv(self) -> list[str]:
-        return ["serve", self.model_path(), "--port", str(self.port), "--model-name", "smollm2-135m-instruct"]
+        return ["serve", self.model_path(), "--port", str(self.port or "PORT"), "--model-name", "smollm2-135m-instruct"]
 
     def extract_argv(self) -> list[str]:
         return ["behaviors", "extract", str(EXPERIMENT)] + self.base() + [self.endpoint("strategist"), "--quiet"]
@@ -242,8 +242,7 @@ class Server:
         plan = self.plan
         plan.port = free_port()
         argv = plan.serve_argv()
-        plan.commands.append(plan.show(argv) + " &")
-        plan.executed.append(plan.show(argv) + " &")
+        plan.executed.append(plan.show(argv) + " &")  # plan.commands: the extraction stage shows it
         print(f"{TAG}   $ {plan.show(argv)} &", file=sys.stderr, flush=True)
         plan.dir.mkdir(parents=True, exist_ok=True)
         self.log = open(plan.dir / "serve.log", "ab")
@@ -375,7 +374,8 @@ def build(plan: Plan, groups: list[str], state: dict, server: Server) -> list[St
 
     if "extract" in groups:
         stages.append(Stage("strategist extraction (served model)", "extract", extract_json.exists, do_extract,
-                            lambda: [plan.show(plan.extract_argv()), plan.show(plan.export_argv())]))
+                            lambda: [plan.show(plan.serve_argv()) + " &", plan.show(plan.extract_argv()),
+                                     plan.show(plan.export_argv())]))
 
     # 3. B1: BCI on / off -----------------------------------------------------------------------
     if "bci" in groups:

@@ -6,6 +6,7 @@ invocation reuses every stage (no command runs). Fast: the pilot's task rule and
 subsampling on synthetic files."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -50,11 +51,17 @@ def test_quick_runs_every_stage_and_reports(quick):
     ex = json.loads((d / "extract.json").read_text())
     assert ex["examples_done"] == driver.QUICK.train and ex["returned_lines"] == ex["parsed"] + ex["rejected"]
     assert ex["behaviors_in_handbook"] == len(driver.read_jsonl(d / "handbook.jsonl"))
-    # the strategist really was the served model: its log shows the chat requests
-    assert "/v1/chat/completions" in (d / "serve.log").read_text()
+    # the strategist and the teacher were the served model: a real server on the port they were sent to
+    record = json.loads(out.with_suffix(".json").read_text())
+    serve = [c for c in record["executed"] if c.startswith("metareason serve ")]
+    assert len(serve) == 1
+    port = re.search(r"--port (\d+)", serve[0]).group(1)
+    log = (d / "serve.log").read_text()
+    assert f"on http://127.0.0.1:{port}/v1" in log and "[serve] stopped" in log  # started, then stopped
+    for cmd in [c for c in record["executed"] if " extract " in c or " bcsft " in c]:
+        assert f"base_url=http://127.0.0.1:{port}/v1" in cmd
     used = json.loads((d / "student-data.json").read_text())["used"]
     assert len(driver.read_jsonl(d / "train-sft.jsonl")) == len(driver.read_jsonl(d / "train-bcsft.jsonl")) == used
-    record = json.loads(out.with_suffix(".json").read_text())
     for arm in driver.ARMS:
         assert set(record["grid"][arm]["validation"]) == set(driver.QUICK.lr_grid)
         lr = record["grid"][arm]["lr"]
@@ -100,8 +107,8 @@ def test_pilot_rule_first_task_in_range_else_fallback(tmp_path):
     def samples(scores):
         rows = []
         for name, got in scores.items():
-            rows += [{"group": f"reasoning_gym/{name}/{name}", "score": s, "gen_tokens": 10,
-                      "completion": "answer: 1"} for s in got]
+            rows += [{"group": f"reasoning_gym/{name}/{name}", "score": s, "gen_tokens": 10, "answer": "7",
+                      "completion": "so 3 + 4 = 7" if s >= 1.0 else "answer: 8"} for s in got]
         write_jsonl(tmp_path / "p.jsonl", rows)
         return tmp_path / "p.jsonl"
 
@@ -110,6 +117,8 @@ def test_pilot_rule_first_task_in_range_else_fallback(tmp_path):
                                       "gcd": [1.0, 0.0]}), specs)
     assert got["chosen"] == "chain_sum" and got["params"] == {} and got["rule"] == "in range"
     assert [t["accuracy"] for t in got["tasks"]] == [0.9, 0.25, 0.5]
+    assert [t["last_number"] for t in got["tasks"]] == [0.9, 0.25, 0.5]  # the diagnostic: the last integer
+    assert [t["ends_with_answer"] for t in got["tasks"]] == [0.1, 0.75, 0.5]
     got = driver.choose_task(samples({"basic_arithmetic": [0.0] * 4, "chain_sum": [1.0] * 4, "gcd": [0.01] * 4}), specs)
     assert got["chosen"] == "basic_arithmetic" and got["params"] == {"min_terms": 3} and "no candidate" in got["rule"]
 
