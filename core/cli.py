@@ -70,7 +70,7 @@ def cmd_eval(args) -> int:
     from metareason.eval_command import evaluate_target
 
     metrics, run_dir = evaluate_target(args.target, list(args.overrides), checkpoint=args.checkpoint,
-                                       quiet=args.quiet)
+                                       quiet=args.quiet, samples=args.samples)
     _print_summary(metrics, run_dir)
     return 0
 
@@ -155,6 +155,9 @@ def build_parser(plugin_manager=None) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_samples=100")
     p.add_argument("--checkpoint", help="a checkpoint directory inside the run (default: latest)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--samples", metavar="PATH",
+                   help="write the per-question results (JSONL: id, group, prompt, completion, answer, score, "
+                        "gen_tokens) here (default: a run directory's eval_samples.jsonl; a config: none)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plugins", help="list installed plugins and the hooks they implement")

@@ -79,11 +79,12 @@ def test_malformed_extraction_lines_rejected_and_counted(tmp_path, section):
         if _stage(prompt) != "extract":
             return "some text"
         return ("Sure! Here you go:\nbehavior_good_rule: Keep this one.\nbehavior_Bad: no.\n"
-                "behavior_too_long: One. Two. Three.\nrandom words")
+                "behavior_too_long: One. Two. Three.\n\n  \nrandom words")
 
     with Handbook(section.handbook, embedder="hashing") as hb:
         rep = extract_behaviors(PythonGenerator(fn, "s"), examples(3), hb, section, quiet=True)
         assert (rep.parsed, rep.rejected) == (3, 12)
+        assert rep.returned_lines == 15  # non-blank lines only
         assert hb.names() == {"behavior_good_rule"}
         assert rep.rejected_samples[0]["text"] == "Sure! Here you go:"
 
@@ -360,6 +361,37 @@ def test_bcsft_teacher_under_bci_student_without(tmp_path):
     from metareason.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(bc["student_run"]) is not None
+
+
+SEEN_BY_TEACHER: list = []
+
+
+def recording_teacher(prompt, **_):
+    SEEN_BY_TEACHER.append(prompt)
+    return "answer: 0"
+
+
+def test_bcsft_teacher_system_prompt_sends_chat_messages(tmp_path):
+    _fill_handbook(tmp_path / "hb.db")
+    seen = SEEN_BY_TEACHER
+    from metareason.plugins.behaviors import bcsft
+
+    for system in (None, "Solve step by step."):
+        seen.clear()
+        cfg = config(tmp_path, teacher_system_prompt=system, keep_incorrect=True,
+                     bci={"enabled": False, "retrieval": "topic", "k": 3})
+        cfg["generators"]["teacher"]["function"] = "test_behaviors_pipeline:recording_teacher"
+        kernel = Kernel(cfg)
+        pairs = __import__("metareason.plugins.behaviors.examples", fromlist=["x"]).load_examples(kernel, "train")[:4]
+        out = bcsft.teacher_data(kernel, pairs, "bci", tmp_path / "t.jsonl", quiet=True)
+        assert out["answered"] == 4
+        if system is None:
+            assert all(isinstance(p, str) and p.startswith("Behaviors") for p in seen)
+        else:
+            assert all(p[0] == {"role": "system", "content": system} and p[1]["role"] == "user"
+                       and p[1]["content"].startswith("Behaviors") for p in seen)
+        rows = [json.loads(x) for x in open(tmp_path / "t.jsonl")]
+        assert all(r["teacher_prompt"].startswith("Behaviors") for r in rows)  # the user's text
 
 
 # ------------------------------------------------------------------ CLI

@@ -236,3 +236,17 @@ def test_adamw8bit_is_selectable(tmp_path):
     kernel.run()
     rows = [json.loads(l) for l in (kernel.config.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and rows[-1]["train/loss"] > 0
+
+
+def test_eval_samples_option_writes_per_question_results(tmp_path):
+    from metareason.cli import main as cli_main
+
+    cfg = tiny(tmp_path, "samples", max_steps=1, save_every=0)
+    path = tmp_path / "samples.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out" / "config-samples.jsonl"
+    assert cli_main(["eval", str(path), "quiet=true", "--samples", str(out)]) == 0  # a config: only with --samples
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    n = sum(spec["num_samples"] for spec in cfg["data"]["eval"])
+    assert len(rows) == n and all({"id", "group", "completion", "score", "gen_tokens"} <= set(r) for r in rows)
+    assert not (tmp_path / "samples").exists()  # evaluating a config writes no run directory

@@ -5,7 +5,9 @@ no behaviors in its prompt (the kernel's SFT loop), so the behaviors end up in i
 no behaviors), i.e. ordinary SFT on teacher answers. Teacher answers are written to a JSONL file
 (``question``, ``completion``, ``answer``, ``id``, ``group``, ``topic``, ``teacher_prompt``,
 token counts, ``score``); with ``behaviors.keep_incorrect: false`` (default) only answers the
-task scores as correct are kept. The student run is the config's own run with ``data.train``
+task scores as correct are kept. With ``behaviors.teacher_system_prompt`` the teacher gets chat
+messages (that system message, then the prompt), so a chat model answers as it would in
+``metareason eval`` under ``data.system_prompt``. The student run is the config's own run with ``data.train``
 replaced by that file (``jsonl`` task) and ``behaviors.bci.enabled: false``.
 """
 from __future__ import annotations
@@ -49,7 +51,10 @@ def teacher_data(kernel, pairs: list[tuple[object, dict]], mode: str, out: Path,
                 prompts.append(render_block(section, found, ex["prompt"]) if found else ex["prompt"])
             else:
                 prompts.append(ex["prompt"])
-        got, failed = stage_call(teacher, prompts, ids, section, f"teacher-{mode}", quiet)
+        sent = prompts if section.teacher_system_prompt is None else [
+            [{"role": "system", "content": section.teacher_system_prompt}, {"role": "user", "content": p}]
+            for p in prompts]
+        got, failed = stage_call(teacher, sent, ids, section, f"teacher-{mode}", quiet)
         failures.extend(vars(f) for f in failed)
         for i, c in got.items():
             task, ex = batch[i]

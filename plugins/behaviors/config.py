@@ -100,6 +100,10 @@ class BehaviorsSection(Section):
     prompts: PromptTemplates = PromptTemplates()
     output: Optional[str] = None  # JSONL written by improve / bcsft (default under runs/<name>/)
     keep_incorrect: bool = False  # bcsft: keep teacher answers whose final answer is wrong
+    # bcsft: send each teacher prompt as chat messages, this system message then the prompt (with its
+    # BCI block) as the user message, so a chat model answers in the template and under the system
+    # prompt the student is trained and evaluated with (set it to data.system_prompt); None: text prompts
+    teacher_system_prompt: Optional[str] = None
 
     @field_validator("embedder")
     @classmethod

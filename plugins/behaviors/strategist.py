@@ -28,6 +28,7 @@ class ExtractionError(UserError):
 class ExtractionReport:
     examples: int = 0
     examples_done: int = 0
+    returned_lines: int = 0  # non-blank lines of the extraction outputs (what the parser was given)
     parsed: int = 0  # behaviors that passed the strict parser
     inserted: int = 0
     merged: int = 0
@@ -68,6 +69,7 @@ def extract_behaviors(generator, examples: list[dict], handbook, section, quiet:
                 alive = [j for j in alive if j in texts[stage]]
             new = []
             for j in alive:
+                report.returned_lines += sum(1 for line in texts["extract"][j].splitlines() if line.strip())
                 parsed = parse_extraction(texts["extract"][j], section.max_instruction_sentences)
                 report.rejected += len(parsed.rejected)
                 for line, why in parsed.rejected:
