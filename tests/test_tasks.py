@@ -140,6 +140,21 @@ def test_reasoning_gym_worked_solution_becomes_the_completion():
     assert task.score(ex["completion"], ex) == 1.0
 
 
+def test_reasoning_gym_last_integer_extraction():
+    """``extract: last_integer``: a completion without the marker is scored on its last integer
+    (the default scores the whole text, which a worked answer never equals); the marker still wins."""
+    task = reasoning_gym_task.make_task({"name": "gcd", "extract": "last_integer"}, 0, 3)
+    plain = reasoning_gym_task.make_task({"name": "gcd"}, 0, 3)
+    ex = task.example(0)
+    worked = f"Divide and take remainders: ... so the GCD is {ex['answer']}."
+    assert task.score(worked, ex) == 1.0 and plain.score(worked, ex) < 1.0
+    assert task.extract_answer("it is -12, not 7") == "7" and task.extract_answer("no digits") is None
+    assert task.score(f"{ex['answer']} ... answer: 999999", ex) < 1.0  # the marker wins
+    assert task.extract_answer("x <answer>5</answer> then 9") == "5"
+    with pytest.raises(TaskError, match=r"params\.extract: 'first' is not one of marker, last_integer"):
+        reasoning_gym_task.make_task({"name": "gcd", "extract": "first"}, 0, 3)
+
+
 def test_reasoning_gym_errors():
     with pytest.raises(TaskError) as err:
         reasoning_gym_task.make_task({"name": "leg_countin"}, 0, 3)

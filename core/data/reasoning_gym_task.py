@@ -11,7 +11,10 @@ dataset name, ``metadata`` the dataset's metadata (needed by its scorer). The SF
 
 Scoring uses the dataset's own ``score_answer(answer, entry)`` (some give partial credit). The
 answer in a model completion is the text after the last ``answer:`` marker, else the content of
-the last ``<answer>...</answer>`` tag, else the whole completion, stripped.
+the last ``<answer>...</answer>`` tag, else the whole completion, stripped. With
+``params.extract: last_integer`` the fallback is the completion's last integer instead of the
+whole completion (for small chat models that work a problem out but rarely write the marker;
+the marker and the tag still win where present).
 
 Examples are generated on first access (reasoning-gym builds item ``i`` from ``seed + i``), so a
 large ``num_samples`` costs nothing until it is read.
@@ -29,7 +32,11 @@ _MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.IGNORECASE | re.DOTALL)
 
 
-def extract_answer(completion: Optional[str]) -> Optional[str]:
+_INTEGER = re.compile(r"-?\d+")
+EXTRACTORS = ("marker", "last_integer")
+
+
+def extract_answer(completion: Optional[str], extract: str = "marker") -> Optional[str]:
     """The answer in a model completion (see the module docstring); ``None`` when empty."""
     if completion is None:
         return None
@@ -38,7 +45,13 @@ def extract_answer(completion: Optional[str]) -> Optional[str]:
         text = completion[markers[-1].end():]
     else:
         tags = _TAG.findall(completion)
-        text = tags[-1] if tags else completion
+        if tags:
+            text = tags[-1]
+        elif extract == "last_integer":
+            found = _INTEGER.findall(completion)
+            text = found[-1] if found else ""
+        else:
+            text = completion
     text = text.strip()
     return text or None
 
@@ -52,7 +65,8 @@ def dataset_names() -> list[str]:
 class ReasoningGymTask(Task):
     """Lazily generated reasoning-gym items scored by the dataset's ``score_answer``."""
 
-    def __init__(self, name: str, dataset: Any):
+    def __init__(self, name: str, dataset: Any, extract: str = "marker"):
+        self.extract = extract
         self.name = f"reasoning_gym/{name}"
         self.dataset_name = name
         self.dataset = dataset
@@ -83,7 +97,7 @@ class ReasoningGymTask(Task):
         return [self.dataset_name]
 
     def extract_answer(self, completion: str) -> Optional[str]:
-        return extract_answer(completion)
+        return extract_answer(completion, self.extract)
 
     def score(self, completion: str, example: dict) -> float:
         entry = {"question": example.get("prompt", ""), "answer": example["answer"],
@@ -111,6 +125,9 @@ def make_task(params: dict, seed: int, num_samples: int) -> ReasoningGymTask:
         hint = f"did you mean {', '.join(close)}? " if close else ""
         raise TaskError(f"params.name: unknown reasoning-gym dataset {name!r} ({hint}{len(names)} available, "
                         f"e.g. {', '.join(names[:8])}, ...)")
+    extract = params.pop("extract", "marker")
+    if extract not in EXTRACTORS:
+        raise TaskError(f"params.extract: {extract!r} is not one of {', '.join(EXTRACTORS)}")
     for reserved, use in (("size", "num_samples"), ("seed", "seed")):
         if reserved in params:
             raise TaskError(f"params.{reserved}: set the task spec's {use} instead")
@@ -127,4 +144,4 @@ def make_task(params: dict, seed: int, num_samples: int) -> ReasoningGymTask:
         raise
     except (TypeError, ValueError, AssertionError) as exc:
         raise TaskError(f"params: reasoning_gym/{name} rejected its config: {exc or type(exc).__name__}") from None
-    return ReasoningGymTask(name, dataset)
+    return ReasoningGymTask(name, dataset, extract)
