@@ -521,7 +521,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
     p.add_argument("--prefill-tokens-per-step", type=int, default=4096,
                    help="the most prompt tokens (prompts x the longest, padding included) prefilled together "
-                        "between two decoding steps; more waits for the next step (a longer prompt goes alone)")
+                        "between two decoding steps; more waits for the next step (a request over it goes alone)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: min(context, 2048))")
     p.add_argument("--default-max-tokens", type=int, default=512,

@@ -277,24 +277,30 @@ def test_requests_admitted_in_one_step_are_prefilled_together_and_each_equals_it
 
 def test_the_prefill_cap_spreads_admission_over_steps(tiny):
     # prefill_tokens_per_step bounds one step's prefill (prompts x the widest, padding counted):
-    # a burst is admitted over several steps, a prompt over the cap alone, and the text is unchanged
+    # a burst is admitted over several steps, the running row decoding a token between two of
+    # them, a prompt over the cap alone, and the text is unchanged
     model, tok = tiny
     refs = {p: reference(model, tok, p) for p in PROMPTS}
     shapes, handle = prefill_shapes(model)
     cap = 24
     sched = Scheduler(model, tok, max_rows=16, prefill_tokens_per_step=cap)
+    at_step = []
+    stepped = model.register_forward_pre_hook(
+        lambda m, a, kw: at_step.append(sched.steps) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
     try:
         running = running_job(sched, tok)
-        del shapes[:]
+        del shapes[:], at_step[:]
         with sched._lock:
             jobs = [submit(sched, tok, [p], max_tokens=20, temperature=0) for p in PROMPTS]
         wait(jobs + [running])
-        assert sorted(b for b, _ in shapes) != [len(PROMPTS)] and sum(b for b, _ in shapes) == len(PROMPTS)
+        assert len(shapes) > 2 and sum(b for b, _ in shapes) == len(PROMPTS)
         assert all(b * w <= cap or b == 1 for b, w in shapes) and max(b for b, _ in shapes) > 1
+        assert all(a < b for a, b in zip(at_step, at_step[1:]))  # a step between two prefills
         assert (1, len(prompt_ids(tok, "x" * 30))) in shapes  # over the cap: alone
         for c, p in zip(jobs, PROMPTS):
             assert c.done[0].text == refs[p].text
     finally:
+        stepped.remove()
         handle.remove()
         sched.stop(5)
 

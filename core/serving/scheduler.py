@@ -8,7 +8,7 @@ batched prefill; each row's first token is chosen and the rows (a prompt's cache
 of its ``n`` samples) are appended to the running batch's cache
 (:class:`metareason.serving.kv.RowsKV`). ``prefill_tokens_per_step`` caps that forward (prompts x
 the longest prompt, padding included) so the running rows wait at most one bounded prefill per
-step; a single prompt over the cap is prefilled alone, whole. A request that scores its prompt
+step; a request over the cap by itself is prefilled alone, whole. A request that scores its prompt
 (``echo``: every position's logits) is prefilled alone. A step runs all rows through one forward
 (:class:`metareason.generation.decode_step.DecodeStep` for Llama-family models, else the model's own
 forward) with each row's own position and padding mask, then chooses each row's token with its
