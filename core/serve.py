@@ -519,6 +519,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json (behind the API key if set)")
     p.add_argument("--max-batch-size", type=int, default=32, help="rows (prompts x n) decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before new ones get 429")
+    p.add_argument("--prefill-tokens-per-step", type=int, default=4096,
+                   help="the most prompt tokens (prompts x the longest, padding included) prefilled together "
+                        "between two decoding steps; more waits for the next step (a request over it goes alone)")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: min(context, 2048))")
     p.add_argument("--default-max-tokens", type=int, default=512,
@@ -557,7 +560,7 @@ def build_server(args: argparse.Namespace) -> Server:
     from metareason.generators.local import load_local_model
     from metareason.serving.scheduler import Scheduler
 
-    for name in ("max_batch_size", "max_queue", "port"):
+    for name in ("max_batch_size", "max_queue", "prefill_tokens_per_step", "port"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise UserError(f"--{name.replace('_', '-')}: must be positive")
     check_exposure(args)
@@ -574,7 +577,7 @@ def build_server(args: argparse.Namespace) -> Server:
         raise UserError(f"--max-tokens: {args.max_tokens} is over the model's context of {context}")
     try:
         scheduler = Scheduler(model, tokenizer, max_rows=args.max_batch_size, max_queue=args.max_queue,
-                              token_budget=limits.token_budget)
+                              token_budget=limits.token_budget, prefill_tokens_per_step=args.prefill_tokens_per_step)
     except ValueError as exc:
         raise UserError(f"{args.target}: {exc}") from None
     hosts = set(LOOPBACK_NAMES) | {"[::1]"} | {h.lower() for h in args.allowed_host}

@@ -223,3 +223,129 @@ def test_a_request_joins_the_running_batch_at_the_next_step(tiny):
         assert sum(t < short_done for t in long_tokens) < 100  # joined mid-way, not after the end
     finally:
         sched.stop(5)
+
+
+
+def prefill_shapes(model):
+    """``(rows, width)`` of every prefill forward (more than one token per row), as it happens."""
+    shapes = []
+
+    def hook(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            shapes.append(tuple(kwargs["input_ids"].shape))
+    return shapes, model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def running_job(sched, tok, max_tokens=60):
+    c = submit(sched, tok, ["C=5;"], max_tokens=max_tokens, temperature=0)
+    while not any(k == "token" for k, _, _ in c.events):
+        time.sleep(0.005)
+    return c
+
+
+def test_requests_admitted_in_one_step_are_prefilled_together_and_each_equals_its_solo_greedy_text(tiny):
+    # prompts of different lengths (and one request of two prompts x two samples) arrive together
+    # while another request decodes: one left-padded prefill forward for all six prompts, and
+    # every row's greedy text equals its prompt's generation alone
+    model, tok = tiny
+    refs = {p: reference(model, tok, p) for p in PROMPTS}
+    running_ref = reference(model, tok, "C=5;", 60)
+    shapes, handle = prefill_shapes(model)
+    sched = Scheduler(model, tok, max_rows=16)
+    try:
+        running = running_job(sched, tok)
+        with sched._lock:  # the worker takes all of them at its next round
+            singles = [submit(sched, tok, [p], max_tokens=20, temperature=0, logprobs=0) for p in PROMPTS[:4]]
+            pair = submit(sched, tok, PROMPTS[4:], n=2, max_tokens=20, temperature=0)
+        wait(singles + [pair, running])
+        widest = max(len(prompt_ids(tok, p)) for p in PROMPTS)
+        assert shapes[:2] == [(1, len(prompt_ids(tok, "C=5;"))), (6, widest)]
+        for c, p in zip(singles, PROMPTS):
+            assert c.error is None and c.done[0].text == refs[p].text and c.streamed() == refs[p].text
+            alone = submit(sched, tok, [p], max_tokens=20, temperature=0, logprobs=0)
+            wait([alone])  # the same log-probabilities as prefilled and decoded alone (positions, mask)
+            assert [e[0] for e in c.done[0].logprobs] == [e[0] for e in alone.done[0].logprobs]
+            assert torch.allclose(torch.tensor([e[1] for e in c.done[0].logprobs]),
+                                  torch.tensor([e[1] for e in alone.done[0].logprobs]), atol=1e-5)
+        assert [r.text for r in pair.done] == [refs[PROMPTS[4]].text] * 2 + [refs[PROMPTS[5]].text] * 2
+        assert running.done[0].text == running_ref.text
+        assert idle(sched)
+    finally:
+        handle.remove()
+        sched.stop(5)
+
+
+def test_the_prefill_cap_spreads_admission_over_steps(tiny):
+    # prefill_tokens_per_step bounds one step's prefill (prompts x the widest, padding counted):
+    # a burst is admitted over several steps, the running row decoding a token between two of
+    # them, a prompt over the cap alone, and the text is unchanged
+    model, tok = tiny
+    refs = {p: reference(model, tok, p) for p in PROMPTS}
+    shapes, handle = prefill_shapes(model)
+    cap = 24
+    sched = Scheduler(model, tok, max_rows=16, prefill_tokens_per_step=cap)
+    at_step = []
+    stepped = model.register_forward_pre_hook(
+        lambda m, a, kw: at_step.append(sched.steps) if kw["input_ids"].shape[1] > 1 else None, with_kwargs=True)
+    try:
+        running = running_job(sched, tok)
+        del shapes[:], at_step[:]
+        with sched._lock:
+            jobs = [submit(sched, tok, [p], max_tokens=20, temperature=0) for p in PROMPTS]
+        wait(jobs + [running])
+        assert len(shapes) > 2 and sum(b for b, _ in shapes) == len(PROMPTS)
+        assert all(b * w <= cap or b == 1 for b, w in shapes) and max(b for b, _ in shapes) > 1
+        assert all(a < b for a, b in zip(at_step, at_step[1:]))  # a step between two prefills
+        assert (1, len(prompt_ids(tok, "x" * 30))) in shapes  # over the cap: alone
+        for c, p in zip(jobs, PROMPTS):
+            assert c.done[0].text == refs[p].text
+    finally:
+        stepped.remove()
+        handle.remove()
+        sched.stop(5)
+
+
+def test_a_failing_shared_prefill_is_retried_request_by_request(tiny):
+    model, tok = tiny
+    refs = {p: reference(model, tok, p) for p in PROMPTS[:4]}
+    bad = tok.convert_tokens_to_ids("!")
+    shapes, handle = prefill_shapes(model)
+
+    def hook(module, args, kwargs):
+        ids = kwargs["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == bad).any()):
+            raise torch.OutOfMemoryError("injected prefill failure")
+
+    failing = model.register_forward_pre_hook(hook, with_kwargs=True)
+    sched = Scheduler(model, tok, max_rows=16)
+    try:
+        running = running_job(sched, tok)
+        del shapes[:]
+        with sched._lock:
+            jobs = {p: submit(sched, tok, [p], max_tokens=20, temperature=0) for p in PROMPTS[:2]}
+            jobs["bad!"] = submit(sched, tok, ["bad!"], max_tokens=20, temperature=0)
+            jobs.update({p: submit(sched, tok, [p], max_tokens=20, temperature=0) for p in PROMPTS[2:4]})
+        wait(list(jobs.values()) + [running])
+        assert shapes[0][0] == 5 and [b for b, _ in shapes[1:]] == [1] * 5  # shared, then one by one
+        assert jobs["bad!"].error[0] == 500 and "injected prefill" in jobs["bad!"].error[1]
+        for p in PROMPTS[:4]:
+            assert jobs[p].error is None and jobs[p].done[0].text == refs[p].text
+        assert running.error is None and idle(sched) and sched.alive
+    finally:
+        failing.remove()
+        handle.remove()
+        sched.stop(5)
+
+
+def test_a_padded_prefill_cache_keeps_nothing_from_its_padding():
+    # the attention weighs padding by exactly 0, but 0 x NaN is NaN: padding columns are zeroed
+    from types import SimpleNamespace
+
+    from metareason.serving.kv import RowsKV
+
+    k = torch.randn(2, 1, 3, 4)
+    k[0, :, 0] = float("nan")
+    kv = RowsKV.from_prefill(SimpleNamespace(layers=[SimpleNamespace(keys=k, values=k.clone())]),
+                             torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert torch.isfinite(kv.k[0]).all() and torch.isfinite(kv.v[0]).all()
+    assert torch.equal(kv.k[0][0, :, 1:], k[0, :, 1:]) and torch.equal(kv.k[0][1], k[1])

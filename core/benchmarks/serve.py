@@ -9,12 +9,16 @@ greedy, ending naturally (EOS) or at their budget. Each side answers all of them
 * ``static``: this project's earlier engine (:class:`metareason.generators.batching.BatchingEngine`:
   requests with equal parameters batched for a 10 ms window, each batch run to its end), driven in
   this process with no HTTP in between (which favours it), answers arriving only at the end;
-* ``transformers``: ``transformers serve MODEL --continuous-batching`` (``--transformers``), if it
+* ``transformers``: ``transformers serve MODEL --continuous-batching`` (``--sides ...,transformers``), if it
   comes up and answers; a side that fails is recorded as failed, not dropped.
 
+Every side is started (and warmed up with one request) first; then each level is measured on each
+side in turn, the order alternating between levels, so a machine shared with other work loads the
+sides alike (the 1-minute load average is recorded after each measurement).
 Per side and level: requests/s, completion tokens/s, time to first token and per-token latency
 (time between streamed tokens; for the static side the whole latency over the tokens) p50/p99.
-Written to ``bench/results/serve-<device>.json`` and ``.md``. Client and server share the machine.
+Written to ``--out`` (default ``bench-results/serve-<device>.json``) and ``.md`` beside it. Client
+and server share the machine.
 """
 from __future__ import annotations
 
@@ -28,10 +32,11 @@ import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from metareason.benchmarks import cpu_name, write_record
+from metareason.benchmarks import DEFAULT_OUT, cpu_name, write_record
 
 TOPICS = ["the sea", "a mountain", "bread", "a library", "rain", "a bicycle", "chess", "the moon"]
 MAX_TOKENS = [16, 32, 64, 128]
@@ -46,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--sides", default="continuous,static", help="comma list of continuous, static, transformers")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request before a side is failed")
-    parser.add_argument("--out", default=None, help="default: bench/results/serve-<device>.json")
+    parser.add_argument("--out", default=None,
+                        help=f"JSON record (and .md beside it); default: {DEFAULT_OUT}/serve-<device>.json")
 
 
 def requests_for(n: int) -> list[tuple[list[dict], int]]:
@@ -120,21 +126,38 @@ def _streaming_client(base: str, model: str, timeout: float):
     return ask
 
 
-def _measure(side: str, ask, reqs, levels) -> list[dict]:
-    ask(reqs[0])  # warm-up
-    rows = []
-    for c in levels:
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(c) as pool:
-            answers = list(pool.map(ask, reqs))
-        rows.append(_row(side, c, time.perf_counter() - t0, answers))
-        print(f"[bench serve] {side} x{c}: {rows[-1]['requests_per_s']} req/s, "
-              f"{rows[-1]['completion_tokens_per_s']} tok/s, ttft p99 {rows[-1]['ttft_p99_ms']} ms",
-              file=sys.stderr, flush=True)
-    return rows
+def _level(side: str, ask, reqs, c: int) -> dict:
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(c) as pool:
+        answers = list(pool.map(ask, reqs))
+    row = _row(side, c, time.perf_counter() - t0, answers)
+    print(f"[bench serve] {side} x{c}: {row['requests_per_s']} req/s, {row['completion_tokens_per_s']} tok/s, "
+          f"ttft p99 {row['ttft_p99_ms']} ms (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    return row
 
 
-def _continuous(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+def _within(seconds: float, fn, *args):
+    """``fn(*args)`` in a daemon thread; raises ``TimeoutError`` when it has not returned in time
+    (the thread is left behind: a side that hangs is recorded as failed, the others go on)."""
+    result: dict = {}
+
+    def work():
+        try:
+            result["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            result["error"] = exc
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(seconds)
+    if "error" in result:
+        raise result["error"]
+    if "value" not in result:
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    return result["value"]
+
+
+@contextmanager
+def _continuous(model_dir: Path, device: str, args):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "metareason", "serve", str(model_dir), "--port", str(port),
@@ -143,13 +166,14 @@ def _continuous(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_up(base, proc)
-        return _measure("continuous (metareason serve)", _streaming_client(base, "bench", args.timeout), reqs, levels)
+        yield _streaming_client(base, "bench", args.timeout)
     finally:
         proc.terminate()
         proc.wait(60)
 
 
-def _static(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+@contextmanager
+def _static(model_dir: Path, device: str, args):
     from metareason.generators.batching import BatchingEngine, Request
     from metareason.generators.local import LocalGenerator, load_local_model
 
@@ -165,12 +189,13 @@ def _static(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
         return {"ttft": wall, "gaps": [wall / max(c.completion_tokens, 1)] * max(c.completion_tokens - 1, 0),
                 "tokens": c.completion_tokens, "text": c.text}
     try:
-        return _measure("static (earlier engine, in-process)", ask, reqs, levels)
+        yield ask
     finally:
         engine.stop(5)
 
 
-def _transformers(model_dir: Path, device: str, reqs, levels, args) -> list[dict]:
+@contextmanager
+def _transformers(model_dir: Path, device: str, args):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(["transformers", "serve", str(model_dir), "--continuous-batching", "--port", str(port),
@@ -178,8 +203,7 @@ def _transformers(model_dir: Path, device: str, reqs, levels, args) -> list[dict
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_up(base, proc)
-        return _measure("transformers serve --continuous-batching",
-                        _streaming_client(base, str(model_dir), args.timeout), reqs, levels)
+        yield _streaming_client(base, str(model_dir), args.timeout)
     finally:
         proc.terminate()
         try:
@@ -188,10 +212,14 @@ def _transformers(model_dir: Path, device: str, reqs, levels, args) -> list[dict
             proc.kill()
 
 
-SIDES = {"continuous": _continuous, "static": _static, "transformers": _transformers}
+SIDES = {"continuous": ("continuous (metareason serve)", _continuous),
+         "static": ("static (earlier engine, in-process)", _static),
+         "transformers": ("transformers serve --continuous-batching", _transformers)}
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every side is started first, then each level is measured on each side in turn (the
+    order alternating between levels), so the sides share whatever else loads the machine."""
     import torch
 
     from metareason.errors import UserError
@@ -207,31 +235,40 @@ def run(args: argparse.Namespace) -> int:
 
         model_dir = Path(ensure_model(args.model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out or f"bench/results/serve-{device}.json")
+    out = Path(args.out or f"{DEFAULT_OUT}/serve-{device}.json")
     reqs = requests_for(args.requests)
-    rows, failures = [], {}
-    for side in sides:
-        result: dict = {}
-
-        def work():
+    rows, failures, asks = [], {}, {}
+    load = [round(os.getloadavg()[0], 2)]
+    with ExitStack() as stack:
+        for side in sides:
             try:
-                result["rows"] = SIDES[side](model_dir, device, reqs, levels, args)
+                ask = stack.enter_context(SIDES[side][1](model_dir, device, args))
+                _within(args.timeout, ask, reqs[0])  # warm-up
+                asks[side] = ask
             except Exception as exc:  # noqa: BLE001 - recorded, the other sides still run
-                result["error"] = f"{type(exc).__name__}: {exc}"
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        t.join(args.timeout * (len(levels) + 1))
-        if "rows" in result:
-            rows.extend(result["rows"])
-        else:
-            failures[side] = result.get("error", f"no answer within {args.timeout * (len(levels) + 1):g} s")
-            print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
+                failures[side] = f"{type(exc).__name__}: {exc}"
+                print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
+        for i, c in enumerate(levels):
+            for side in (sides if i % 2 == 0 else sides[::-1]):
+                if side not in asks:
+                    continue
+                try:
+                    rows.append(_within(args.timeout * max(1, -(-len(reqs) // c)), _level, SIDES[side][0],
+                                        asks[side], reqs, c))
+                except Exception as exc:  # noqa: BLE001
+                    failures[side] = f"at {c} in flight: {type(exc).__name__}: {exc}"
+                    print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
+                    del asks[side]
+                load.append(round(os.getloadavg()[0], 2))
+    order = [SIDES[s][0] for s in sides]
+    rows.sort(key=lambda r: (order.index(r["side"]), r["concurrency"]))
     record = {
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "model": args.model, "requests": args.requests, "max_tokens": MAX_TOKENS,
         "max_batch_size": args.max_batch_size, "rows": rows, "failed_sides": failures,
+        "load_average_1min": load, "interleaved": True,
         "command": " ".join(["metareason bench serve"] + (sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else [])),
     }
     write_record(out, record, _markdown(record))
@@ -247,7 +284,9 @@ def _markdown(r: dict) -> str:
         "Client and server on the same machine. Time to first token (TTFT) and per-token latency are "
         "percentiles over requests and streamed tokens; the static side does not stream, so its TTFT is the "
         "whole latency and its per-token latency the latency over the tokens.", "",
-        f"Command: `{r['command']}`", "",
+        "The sides are measured interleaved: each level on each side in turn, the order alternating "
+        f"between levels. 1-minute load average over the run: {', '.join(map(str, r.get('load_average_1min', [])))}.",
+        "", f"Command: `{r['command']}`", "",
         "| side | in flight | req/s | completion tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms |",
         "|---|---|---|---|---|---|",
     ]

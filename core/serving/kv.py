@@ -55,13 +55,17 @@ class RowsKV:
         return self.end - self.start
 
     @classmethod
-    def from_prefill(cls, cache, rows: int = 1) -> "RowsKV":
-        """The cache of one prompt's prefill (batch 1), repeated for ``rows`` samples."""
-        k = [layer.keys.expand(rows, -1, -1, -1).contiguous() for layer in cache.layers]
-        v = [layer.values.expand(rows, -1, -1, -1).contiguous() for layer in cache.layers]
-        width = cache.layers[0].keys.shape[-2] if cache.layers else 0
-        mask = torch.ones((rows, width), dtype=torch.long, device=k[0].device if k else "cpu")
-        return cls(k, v, mask, 0, width)
+    def from_prefill(cls, cache, mask: torch.Tensor) -> "RowsKV":
+        """The cache of a left-padded prefill batch (``mask [B, W]``: 0 on padding). Padding
+        columns are zeroed: the keys and values the model computed there are masked out, but a
+        non-finite one would still poison the attention's weighted sum (0 x NaN)."""
+        k = [layer.keys for layer in cache.layers]
+        v = [layer.values for layer in cache.layers]
+        if not bool(mask.all()):
+            pad = (mask == 0)[:, None, :, None]
+            k = [t.masked_fill(pad, 0) for t in k]
+            v = [t.masked_fill(pad, 0) for t in v]
+        return cls(k, v, mask.long(), 0, mask.shape[1])
 
     def ensure(self, m: int) -> None:
         """Room for ``m`` more columns (capacity doubles, so growth costs O(1) amortised per step)."""
@@ -95,7 +99,8 @@ class RowsKV:
         self.mask[old_rows:, width - other.width: width] = other.mask[:, other.start: other.end]
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in this order), then drop leading columns that are padding in all."""
+        """Keep only ``rows`` (in this order; a row listed twice is copied, as for ``n`` samples
+        of one prompt), then drop leading columns that are padding in all."""
         idx = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
         self.k = [t.index_select(0, idx) for t in self.k]
         self.v = [t.index_select(0, idx) for t in self.v]

@@ -2,9 +2,14 @@
 between steps, admits waiting requests and retires finished rows.
 
 A request (:class:`Job`) is prompts (token ids) x ``n`` samples with its own :class:`Params`.
-Admission prefills each of its prompts alone (batch 1, exactly the prefill ``metareason eval``
-runs for that prompt), samples the first token, and appends the rows to the running batch's
-cache (:class:`metareason.serving.kv.RowsKV`). A step runs all rows through one forward
+Between two steps, the requests admitted together are prefilled in one forward: their prompts
+left-padded to the longest, with the attention mask and position ids of ``metareason eval``'s
+batched prefill; each row's first token is chosen and the rows (a prompt's cache copied for each
+of its ``n`` samples) are appended to the running batch's cache
+(:class:`metareason.serving.kv.RowsKV`). ``prefill_tokens_per_step`` caps that forward (prompts x
+the longest prompt, padding included) so the running rows wait at most one bounded prefill per
+step; a request over the cap by itself is prefilled alone, whole. A request that scores its prompt
+(``echo``: every position's logits) is prefilled alone. A step runs all rows through one forward
 (:class:`metareason.generation.decode_step.DecodeStep` for Llama-family models, else the model's own
 forward) with each row's own position and padding mask, then chooses each row's token with its
 own parameters (:mod:`metareason.serving.sampling`). Rows end on EOS (or a generated pad token,
@@ -15,9 +20,9 @@ Results go out as events through the job's ``on_event(kind, payload)`` (called o
 thread): ``("token", (choice, text, logprob))`` as text becomes final (a tail that could still
 be the start of a stop string is held back), ``("done", RowResult)`` per row, and
 ``("error", (status, message))`` once when the request fails. Failures are the request's own:
-an exception while prefilling, choosing or detokenising for a row fails that row's request; a
-step forward that raises (an out-of-memory included) is retried request by request, so only the
-request whose rows make it fail gets the error.
+an exception while choosing or detokenising for a row fails that row's request; a shared
+prefill or a step forward that raises (an out-of-memory included) is retried request by request,
+so only the request whose rows make it fail gets the error.
 
 Admission is bounded by tokens: a job reserves ``n x (prompt + max_tokens)`` per prompt from the
 server's budget until it ends; over the budget (or with ``max_queue`` requests waiting) ``submit``
@@ -155,6 +160,7 @@ class Scheduler:
         self.draining = False  # no new jobs; waiting ones are refused
         self.aborting = False  # running ones are failed too
         self.steps = 0
+        self.prefills = 0  # prefill forwards (one per admission round, more when one was retried)
         self.tokens_out = 0
         self.jobs_done = 0
         self._rate = (time.monotonic(), 0)  # token rate sample for Retry-After
@@ -240,18 +246,19 @@ class Scheduler:
             for job in [j for j in self.waiting if j.cancelled]:
                 self.waiting.remove(job)
                 self._release(job)
-            admit, rows, tokens = [], len(self.rows), 0
-            while self.waiting and rows + self.waiting[0].rows <= self.max_rows and \
-                    (not admit or tokens + sum(map(len, self.waiting[0].prompts)) <= self.prefill_tokens_per_step):
-                job = self.waiting.popleft()
-                admit.append(job)
-                rows += job.rows
-                tokens += sum(map(len, job.prompts))
+            admit, rows, prompts, width = [], len(self.rows), 0, 0
+            while self.waiting and rows + self.waiting[0].rows <= self.max_rows:
+                job = self.waiting[0]
+                w = max(width, max(map(len, job.prompts)))
+                if admit and (prompts + len(job.prompts)) * w > self.prefill_tokens_per_step:
+                    break  # the padded prefill would pass the cap: the rest waits for the next step
+                admit.append(self.waiting.popleft())
+                rows, prompts, width = rows + job.rows, prompts + len(job.prompts), w
             if not admit and not self.rows:
                 self._lock.wait(0.05)
                 return True
-        for job in admit:
-            self._admit(job)
+        if admit:
+            self._admit(admit)
         self._retire()
         if self.rows:
             self._step()
@@ -290,58 +297,124 @@ class Scheduler:
         else:
             self.kv.keep(keep)
 
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the admitted jobs' prompts together, choose their rows' first tokens and add
+        the live rows to the batch. A job that scores its prompt (``prompt_logprobs``: the logits
+        of every position) is prefilled alone. When the shared forward raises (an out-of-memory
+        included) each job is retried alone, so the failure stays the failing request's."""
+        together = [j for j in jobs if not j.params.prompt_logprobs]
+        groups = [[j] for j in jobs if j.params.prompt_logprobs]
+        if len(together) > 1:
+            try:
+                self._admit_group(together)
+            except Exception as exc:  # noqa: BLE001 - find whose prompts make it fail
+                print(f"[serve] batched prefill failed ({type(exc).__name__}: {exc}); retrying request by request",
+                      file=sys.stderr, flush=True)
+                groups = [[j] for j in together] + groups
+        elif together:
+            groups.insert(0, together)
+        for group in groups:
+            try:
+                self._admit_group(group)
+            except Exception as exc:  # noqa: BLE001 - this request's failure only
+                print(f"[serve] prefill failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                for job in group:
+                    self._fail(job, 500, f"generation failed: {type(exc).__name__}: {exc}"[:300])
+
     @torch.inference_mode()
-    def _admit(self, job: Job) -> None:
-        """Prefill each prompt, choose its rows' first tokens, add the live rows to the batch."""
+    def _admit_group(self, jobs: list[Job]) -> None:
+        """One prefill forward for every prompt of ``jobs``; raises (having changed nothing) when
+        it fails. Choosing a job's first tokens fails only that job."""
+        for job in jobs:
+            if job.cancelled or job.failed:
+                self._release(job)
+        jobs = [j for j in jobs if not (j.cancelled or j.failed)]
+        prompts = [ids for job in jobs for ids in job.prompts]
+        if not prompts:
+            return
+        logits, kv = self._prefill(prompts, all_logits=any(j.params.prompt_logprobs for j in jobs))
+        self.prefills += 1
+        rows, source, b = [], [], 0
+        for job in jobs:
+            try:
+                got = self._first_tokens(job, logits[b: b + len(job.prompts)], [len(p) for p in job.prompts])
+            except Exception as exc:  # noqa: BLE001 - this request's failure only
+                print(f"[serve] prefill failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                self._fail(job, 500, f"generation failed: {type(exc).__name__}: {exc}"[:300])
+                got = []
+            if not job.failed:
+                rows.extend(r for r, _ in got)
+                source.extend(b + pi for _, pi in got)
+            b += len(job.prompts)
+        if not rows:
+            return
+        try:  # first tokens are out: from here a failure fails these jobs, it is not retried
+            kv.keep(source)  # a prompt's cache row once per live sample
+            if self.kv is None:
+                self.kv = kv
+            else:
+                self.kv.add(kv)
+        except Exception as exc:  # noqa: BLE001 - add allocates before it changes the running cache
+            print(f"[serve] admission failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            for job in {id(r.job): r.job for r in rows}.values():
+                self._fail(job, 500, f"generation failed: {type(exc).__name__}: {exc}"[:300])
+            return
+        self.rows.extend(rows)
+
+    def _first_tokens(self, job: Job, logits: torch.Tensor, lengths: list[int]) -> list[tuple[_Row, int]]:
+        """``job``'s rows with their first token chosen from its prompts' prefill ``logits``
+        (``[prompts, V]``, or ``[prompts, W, V]`` left-padded with ``prompt_logprobs``), as
+        ``(row, prompt index)`` for the rows still live."""
         p = job.params
         generator = torch.Generator(device=self.device).manual_seed(p.seed % 2 ** 64) if p.seed is not None else None
-        try:
-            for pi, ids in enumerate(job.prompts):
-                if job.cancelled or job.failed:
-                    self._release(job)  # rows already added leave at the next retirement
-                    return
-                logits, cache = self._prefill(ids, all_logits=p.prompt_logprobs)
-                rows = [_Row(job, pi, j, ids, self.tokenizer, generator) for j in range(job.n)]
-                if p.prompt_logprobs:
-                    plp = sampling.prompt_logprobs(logits, ids, p.logprobs or 0)
-                    for r in rows:
-                        r.prompt_logprobs = plp
-                if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
-                    for r in rows:
-                        self._finish(r, "length")
-                    continue
-                self._choose(rows, logits[-1:].float().expand(job.n, -1))
-                live = [k for k, r in enumerate(rows) if not r.finished]
-                if not live:
-                    continue
-                kv = RowsKV.from_prefill(cache, job.n)
-                if len(live) < job.n:
-                    kv.keep(live)
-                if self.kv is None:
-                    self.kv = kv
-                else:
-                    self.kv.add(kv)
-                self.rows.extend(rows[k] for k in live)
-        except Exception as exc:  # noqa: BLE001 - this request's failure only
-            print(f"[serve] prefill failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            self._fail(job, 500, f"generation failed: {type(exc).__name__}: {exc}"[:300])
+        live = []
+        for pi, ids in enumerate(job.prompts):
+            rows = [_Row(job, pi, j, ids, self.tokenizer, generator) for j in range(job.n)]
+            last = logits[pi]
+            if p.prompt_logprobs:
+                positions = logits[pi, logits.shape[1] - lengths[pi]:]
+                plp = sampling.prompt_logprobs(positions, ids, p.logprobs or 0)
+                for r in rows:
+                    r.prompt_logprobs = plp
+                last = positions[-1]
+            if p.max_tokens == 0:  # echo only: score the prompt, generate nothing
+                for r in rows:
+                    self._finish(r, "length")
+                continue
+            self._choose(rows, last[None].float().expand(job.n, -1))
+            live.extend((r, pi) for r in rows if not r.finished)
+        return live
 
-    def _prefill(self, ids: list[int], all_logits: bool):
-        """``(logits [P or 1, V], cache)`` of one prompt alone, as ``metareason eval`` prefills it."""
+    def _prefill(self, prompts: list[list[int]], all_logits: bool) -> tuple[torch.Tensor, RowsKV]:
+        """``(logits, cache)`` of ``prompts`` prefilled together, left-padded to the longest, with
+        the attention mask and position ids ``metareason eval``'s batched prefill gives the model
+        (a batch of one prompt is exactly its prefill alone): the last position's logits
+        ``[B, V]``, or every position's ``[B, W, V]`` with ``all_logits``."""
         from transformers import DynamicCache
 
         config = self.model.config
         config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         cache = DynamicCache(config=config)
-        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        width = max(map(len, prompts))
+        x = torch.full((len(prompts), width), self.pad if self.pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, ids in enumerate(prompts):
+            x[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            mask[i, width - len(ids):] = 1
+        x, mask = x.to(self.device), mask.to(self.device)
+        padded = not bool(mask.all())
         kwargs: dict[str, Any] = {CACHE_KWARG: cache, "use_cache": True}
+        if padded:  # generate drops an all-ones mask
+            kwargs["attention_mask"] = mask
         if self.takes_keep:
             kwargs["logits_to_keep"] = 0 if all_logits else 1
         if self.takes_positions:
-            kwargs["position_ids"] = torch.arange(len(ids), device=self.device)[None]
+            kwargs["position_ids"] = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         out = self.model(input_ids=x, return_dict=True, **kwargs)
         got = getattr(out, CACHE_KWARG, None)
-        return out.logits[0], (got if got is not None else getattr(out, "past_key_values", cache))
+        got = got if got is not None else getattr(out, "past_key_values", cache)
+        logits = out.logits if all_logits else out.logits[:, -1]
+        return logits, RowsKV.from_prefill(got, mask)
 
     def _forward(self, kv: RowsKV, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         cache, mask = kv.step_cache()
