@@ -12,10 +12,11 @@ uptime
 metareason bench train --config bench/smollm2_512_bench.yaml --batch-size 8 --steps 3 --warmup 1 --repeats 3 \
     --threads 2 --hf-mode padded --floor --out bench/results/train-smollm2-512.json
 # the same at 16 x 512, one timed step: the second point of each side's peak-memory line
-# (peak = fixed + rows x per-row; the largest batch within 16 GB follows from the two points)
+# (peak = fixed + rows x per-row; the largest batch within 16 GB follows from the two points);
+# no --floor here: the plain loop ran out of this 24 GB machine's memory at 16 x 512
 metareason bench train --config bench/smollm2_512_bench.yaml --batch-size 16 --steps 1 --warmup 1 --repeats 1 \
-    --threads 2 --hf-mode padded --floor --out bench/results/train-smollm2-512-b16.json
-# GRPO: ours with share_prompt_forward on and off against TRL's GRPOTrainer, the same templated prompts
+    --threads 2 --hf-mode padded --out bench/results/train-smollm2-512-b16.json
+# GRPO (run before the 16 x 512 point in this session's records): ours with share_prompt_forward on and off against TRL's GRPOTrainer, the same templated prompts
 metareason bench grpo --config bench/smollm2_bench.yaml --prompts 2 --num-generations 4 --completion-length 32 \
     --steps 3 --warmup 1 --repeats 3 --threads 2 --sides ours,ours_unshared,trl --out bench/results/grpo-smollm2.json
 uptime
