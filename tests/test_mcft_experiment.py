@@ -124,6 +124,15 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
     monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})
     monkeypatch.setattr(ex, "_train", fake_train)
     monkeypatch.setattr(ex, "evaluate_arm", fake_eval)
+    base_test = synthetic_samples("test", "base", 1.0e-3, 0)
+
+    def fake_base_ref(raw, exp, base, data_dir, root, reuse):
+        assert base["model"] == "BASE"
+        return {"val": ex.summarise_split(synthetic_samples("val", "base", 1.0e-3, 0)),
+                "test": ex.summarise_split(base_test), "correct": {s["id"]: s["correct"] for s in base_test},
+                "attempt_wrong_ids": sorted(s["id"] for s in base_test if s["attempt_correct"] is False)}
+
+    monkeypatch.setattr(ex, "base_reference", fake_base_ref)
     cfg = yaml.safe_load(open("configs/mcft/experiment.yaml"))
     cfg["output_dir"] = str(tmp_path)
     cfg["experiment"].update(seeds=[0, 1, 2], lrs=LRS, steps=7)
@@ -166,8 +175,26 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
     assert pooled["p"] == pytest.approx(binom_two_sided(min(b, c), b + c))
     assert set(arms["t0.3"]["mcnemar"]["vs_t0"]["attempt_wrong"]["per_seed"]) == {"0", "1", "2"}
     assert "vs_t0.2" in arms["bf0"]["mcnemar"] and "vs_solution_sft" in arms["t0.2"]["mcnemar"]
+    # every arm against the base it started from: the base's one set of outcomes paired with each seed
+    for seed in (0, 1, 2):
+        arm = {x["id"]: x["correct"] for x in synthetic_samples("test", "t0.1", 1.0e-3, seed)}
+        b = sum(x["correct"] and not arm[x["id"]] for x in base_test)
+        c = sum(arm[x["id"]] and not x["correct"] for x in base_test)
+        got = arms["t0.1"]["mcnemar"]["vs_base"]["all"]["per_seed"][str(seed)]
+        assert (got["b_ref_only"], got["c_arm_only"]) == (b, c)
+    assert rec["base_reference"]["test"]["accuracy"] == sum(x["correct"] for x in base_test) / N
     md = (tmp_path / "res.md").read_text()
     assert "| t0.2 | 0.2 | 0.05 | critique | 0.001 |" in md and "McNemar" in md
+    assert "| base, not fine-tuned |" in md and "| t0 | base |" in md and "Change from the base" in md
+
+
+def test_regime_check_reads_t0_against_copying_the_attempt():
+    rec = {"arms": {"t0": {"test": {"accuracy": {"mean": 0.2}}}}, "data": {"test": {"copy_attempt_accuracy": 0.55}},
+           "base_reference": {"test": {"accuracy": 0.9}}}
+    text = "\n".join(ex.regime_check(rec))
+    assert "NOT reached" in text and "t0 -0.700" in text
+    rec["arms"]["t0"]["test"]["accuracy"]["mean"] = 0.6
+    assert "NOT reached" not in "\n".join(ex.regime_check(rec))
 
 
 @pytest.mark.slow
@@ -203,8 +230,12 @@ def test_quick_mode_runs_every_stage_end_to_end(tmp_path):
         if name != "t0":
             p = a["mcnemar"]["vs_t0"]["all"]["pooled"]["p"]
             assert 0.0 <= p <= 1.0
+    ref = rec["base_reference"]
+    assert ref["test"]["n"] == 8 and ref["val"]["n"] == 6 and "accuracy/level_1" in ref["test"]
+    assert len((tmp_path / "runs" / "mcft-experiment-quick" / "base-reference-test-samples.jsonl")
+               .read_text().splitlines()) == 8
     md = out.with_suffix(".md").read_text()
-    assert "QUICK" in md and "McNemar" in md and "| solution_sft |" in md
+    assert "QUICK" in md and "McNemar" in md and "| solution_sft |" in md and "| base, not fine-tuned |" in md
 
 
 # ------------------------------------------------------------------ the real-model pieces
@@ -306,6 +337,15 @@ def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monk
     monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})
     monkeypatch.setattr(ex, "_train", lambda cfg, reuse: (trained.append(cfg), (Path(cfg["name"]), 0.0, False))[1])
     monkeypatch.setattr(ex, "evaluate_arm", fake_eval)
+    ref_of = []
+
+    def fake_base_ref(raw, exp, base, *a):
+        ref_of.append(base["model"])
+        test = synthetic_samples("test", "base", 1.0e-3, 0)
+        return {"val": ex.summarise_split(synthetic_samples("val", "base", 1.0e-3, 0)), "test": ex.summarise_split(test),
+                "correct": {s["id"]: s["correct"] for s in test}, "attempt_wrong_ids": []}
+
+    monkeypatch.setattr(ex, "base_reference", fake_base_ref)
     base = tmp_path / "instruct"
     base.mkdir()
     cfg = yaml.safe_load(open("configs/mcft/experiment.yaml"))
@@ -319,4 +359,5 @@ def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monk
     path.write_text(yaml.safe_dump(cfg))
     rec = ex.run_experiment(str(path), [], out=str(tmp_path / "res"), quiet=True, arms="t0", log=lambda m: None)
     assert rec["base"]["model"] == str(base.resolve()) and rec["base"]["steps"] == 0
+    assert ref_of == [str(base.resolve())]  # the reference row is the given model, not fine-tuned
     assert trained and all(c["model"]["path"] == str(base.resolve()) and "arch" not in c["model"] for c in trained)

@@ -348,6 +348,36 @@ def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str) -> d
     return out
 
 
+def base_reference(raw: dict, exp: dict, base: dict, data_dir: Path, root: Path, reuse: bool) -> dict:
+    """The base itself, not fine-tuned, on the arms' validation and test rows with the same
+    evaluator (greedy, the same prompts): the level every arm starts from, so a drop below it is
+    visible. Its samples are kept in ``root/base-reference-{split}-samples.jsonl``."""
+    from metareason.api import Kernel
+    from metareason.plugins.mcft.evaluation import evaluate_mcft
+
+    model = tok = None
+    out = {}
+    for split in ("val", "test"):
+        samples_path = root / f"base-reference-{split}-samples.jsonl"
+        if not (reuse and samples_path.exists()):
+            cfg = arm_config(raw, exp, {"target": "solution", "threshold": 0.0, "bf_beta": 0.0}, exp["lrs"][0], 0,
+                             f"{raw['name']}-base-reference", data_dir, base["model"])
+            cfg["data"]["eval"] = [_task(data_dir / f"critiques-{split}.jsonl", "solution", 10 ** 9)]
+            kernel = Kernel(cfg)
+            if model is None:
+                model, tok = kernel.load()
+            evaluate_mcft(kernel, model, tok, samples_path=samples_path)
+        rows = {r["id"]: r for r in _read_jsonl(data_dir / f"critiques-{split}.jsonl")}
+        samples = [dict(s, group=rows.get(s["id"], {}).get("group", "all"),
+                        attempt_correct=rows.get(s["id"], {}).get("attempt_correct"))
+                   for s in _read_jsonl(samples_path)]
+        out[split] = summarise_split(samples)
+        if split == "test":
+            out["correct"] = {s["id"]: bool(s["correct"]) for s in samples}
+            out["attempt_wrong_ids"] = sorted(s["id"] for s in samples if s.get("attempt_correct") is False)
+    return out
+
+
 def summarise_split(samples: list[dict]) -> dict:
     n = len(samples)
     acc = sum(s["correct"] for s in samples) / n if n else math.nan
@@ -424,9 +454,11 @@ def _mcnemar(ref: dict, arm: dict, seeds: list[int]) -> dict:
     return out
 
 
-def statistics(arms: dict, seeds: list[int], best_threshold_arm: Optional[str] = None) -> None:
-    """Intervals across seeds per arm; McNemar of every arm against t0 and solution_sft, and of
-    bf0 against the threshold arm it shares its threshold with (bf_beta 0 vs bf_beta > 0)."""
+def statistics(arms: dict, seeds: list[int], best_threshold_arm: Optional[str] = None,
+               base_ref: Optional[dict] = None) -> None:
+    """Intervals across seeds per arm; McNemar of every arm against t0 and solution_sft, of bf0
+    against the threshold arm it shares its threshold with (bf_beta 0 vs bf_beta > 0) and, given
+    ``base_ref``, of every arm against the base it was fine-tuned from."""
     for name, a in arms.items():
         ps = [a["seeds"][str(s)] for s in seeds]
         keys = sorted({k for p in ps for k in p["test"] if k.startswith("accuracy") or k == "format_adherence"})
@@ -442,6 +474,11 @@ def statistics(arms: dict, seeds: list[int], best_threshold_arm: Optional[str] =
             if name == ref:
                 continue
             a.setdefault("mcnemar", {})[f"vs_{ref}"] = _mcnemar(arms[ref], a, seeds)
+    if base_ref is not None:  # one model: the same base outcomes paired with every seed
+        same = {"correct": base_ref["correct"], "attempt_wrong_ids": base_ref["attempt_wrong_ids"]}
+        pseudo = {"seeds": {str(s): same for s in seeds}}
+        for a in arms.values():
+            a.setdefault("mcnemar", {})["vs_base"] = _mcnemar(pseudo, a, seeds)
     if best_threshold_arm in arms and "bf0" in arms:
         arms["bf0"].setdefault("mcnemar", {})[f"vs_{best_threshold_arm}"] = _mcnemar(arms[best_threshold_arm],
                                                                                      arms["bf0"], seeds)
@@ -454,6 +491,29 @@ def _ci(d: dict, digits: int = 3) -> str:
     if math.isnan(d["lo"]):
         return f"{d['mean']:.{digits}f}"
     return f"{d['mean']:.{digits}f} [{d['lo']:.{digits}f}, {d['hi']:.{digits}f}]"
+
+
+def _num(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def regime_check(record: dict) -> list[str]:
+    """The design's precondition, read off the record: the critique arm without masking (t0) must
+    at least reach copying the attempt's answer, else the regime the method is meant for was not
+    reached and no hypothesis is read. Also states each arm's mean change from the base."""
+    arms, copy = record["arms"], record["data"].get("test", {}).get("copy_attempt_accuracy")
+    out = []
+    if "t0" in arms and copy is not None:
+        t0 = arms["t0"]["test"]["accuracy"]["mean"]
+        verdict = ("reached: the hypotheses are read as the design says" if t0 >= copy else
+                   "NOT reached: by the design no hypothesis is read; the arms' rows are reported as measured")
+        out += ["", f"Regime check: t0's test accuracy {t0:.3f} vs copying the attempt's answer {copy:.3f} — {verdict}."]
+    ref = record.get("base_reference")
+    if ref:
+        base = ref["test"]["accuracy"]
+        out += ["", "Change from the base (test accuracy, mean over seeds): " + "; ".join(
+            f"{n} {a['test']['accuracy']['mean'] - base:+.3f}" for n, a in arms.items()) + "."]
+    return out
 
 
 def render(record: dict) -> str:
@@ -473,6 +533,12 @@ def render(record: dict) -> str:
         "entropy thr (val) | precision | recall | AUROC |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    ref = record.get("base_reference")
+    if ref:
+        t = ref["test"]
+        lines.append(f"| base, not fine-tuned | – | – | – | – | {_num(t['accuracy'])} | "
+                     f"{_num(t.get('accuracy/attempt_wrong'))} | {_num(t.get('format_adherence'))} | "
+                     f"{_num(ref['val']['accuracy'])} | – | – | – | – |")
     for name, a in arms.items():
         t = a["test"]
         lines.append(f"| {name} | {a['threshold']} | {a['bf_beta']} | {a['target']} | {a['lr']:g} | "
@@ -483,6 +549,8 @@ def render(record: dict) -> str:
     if groups:
         lines += ["", "Test accuracy by level:", "", "| arm | " + " | ".join(g.split("/", 1)[1] for g in groups) + " |",
                   "|---|" + "---|" * len(groups)]
+        if ref:
+            lines.append("| base, not fine-tuned | " + " | ".join(_num(ref["test"].get(g)) for g in groups) + " |")
         for name, a in arms.items():
             lines.append(f"| {name} | " + " | ".join(_ci(a["test"].get(g)) for g in groups) + " |")
     lines += ["", "McNemar (exact, test items; pooled = discordant pairs summed over seeds; b = reference right "
@@ -493,6 +561,7 @@ def render(record: dict) -> str:
             cells = [f"{m[s]['pooled']['b_ref_only']} / {m[s]['pooled']['c_arm_only']}, {m[s]['pooled']['p']:.3g}"
                      for s in ("all", "attempt_wrong")]
             lines.append(f"| {name} | {ref[3:]} | {cells[0]} | {cells[1]} |")
+    lines += regime_check(record)
     lines += ["", f"Best threshold on validation (bf_beta {record['bf_beta']}): {record['best_threshold']}; the "
               "`bf0` arm uses it with bf_beta 0.", ""]
     return "\n".join(lines)
@@ -558,7 +627,9 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench-results/
             best_threshold = arm["threshold"] = results[best_arm]["threshold"]
         results[name] = run_arm(raw, exp, raw["name"], name, arm, data_dir, base["model"], reuse, log)
         results[name]["val_mean"] = sum(p["val"]["accuracy"] for p in results[name]["seeds"].values()) / len(exp["seeds"])
-    statistics(results, exp["seeds"], best_arm)
+    log("base reference (the base, not fine-tuned, on the arms' validation and test rows)")
+    base_ref = base_reference(raw, exp, base, data_dir, root, reuse)
+    statistics(results, exp["seeds"], best_arm, base_ref)
     record = {
         "command": " ".join(f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "METAREASON_PLUGINS")
                             if os.environ.get(k))
@@ -567,7 +638,8 @@ def run_experiment(config: str, overrides: list[str], out: str = "bench-results/
         "quick": quick, "device": cpu_name() if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "seeds": exp["seeds"], "lrs": exp["lrs"],
         "steps": exp["steps"], "bf_beta": exp["bf_beta"], "base_min_accuracy": exp["base_min_accuracy"],
-        "best_threshold": best_threshold, "best_threshold_arm": best_arm, "base": base, "data": data, "arms": results,
+        "best_threshold": best_threshold, "best_threshold_arm": best_arm, "base": base,
+        "base_reference": {k: v for k, v in base_ref.items() if k in ("val", "test")}, "data": data, "arms": results,
         "wall_s": time.perf_counter() - t0,
     }
     write_record(Path(out).with_suffix(".json"), record, render(record))
