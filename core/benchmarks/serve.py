@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--sides", default="continuous,static", help="comma list of continuous, static, transformers")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per request before a side is failed")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measurements of every (side, level), interleaved; rows give the median and the range, "
+                             "and the ratios to the first side are paired by repeat (default 1)")
     parser.add_argument("--out", default=None,
                         help=f"JSON record (and .md beside it); default: {DEFAULT_OUT}/serve-<device>.json")
 
@@ -224,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
     from metareason.errors import UserError
 
+    if args.repeats < 1:
+        raise UserError(f"--repeats: {args.repeats} (must be at least 1)")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     for s in sides:
@@ -248,31 +253,75 @@ def run(args: argparse.Namespace) -> int:
             except Exception as exc:  # noqa: BLE001 - recorded, the other sides still run
                 failures[side] = f"{type(exc).__name__}: {exc}"
                 print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
-        for i, c in enumerate(levels):
-            for side in (sides if i % 2 == 0 else sides[::-1]):
-                if side not in asks:
-                    continue
-                try:
-                    rows.append(_within(args.timeout * max(1, -(-len(reqs) // c)), _level, SIDES[side][0],
-                                        asks[side], reqs, c))
-                except Exception as exc:  # noqa: BLE001
-                    failures[side] = f"at {c} in flight: {type(exc).__name__}: {exc}"
-                    print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
-                    del asks[side]
-                load.append(round(os.getloadavg()[0], 2))
+        turn = 0
+        for rep in range(args.repeats):
+            for c in levels:
+                for side in (sides if turn % 2 == 0 else sides[::-1]):
+                    if side not in asks:
+                        continue
+                    try:
+                        row = _within(args.timeout * max(1, -(-len(reqs) // c)), _level, SIDES[side][0],
+                                      asks[side], reqs, c)
+                        rows.append(dict(row, repeat=rep))
+                    except Exception as exc:  # noqa: BLE001
+                        failures[side] = f"at {c} in flight: {type(exc).__name__}: {exc}"
+                        print(f"[bench serve] {side} failed: {failures[side]}", file=sys.stderr, flush=True)
+                        del asks[side]
+                    load.append(round(os.getloadavg()[0], 2))
+                turn += 1
     order = [SIDES[s][0] for s in sides]
-    rows.sort(key=lambda r: (order.index(r["side"]), r["concurrency"]))
+    rows.sort(key=lambda r: (order.index(r["side"]), r["concurrency"], r["repeat"]))
+    summary = summarise(rows, order)
     record = {
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
         "model": args.model, "requests": args.requests, "max_tokens": MAX_TOKENS,
-        "max_batch_size": args.max_batch_size, "rows": rows, "failed_sides": failures,
+        "max_batch_size": args.max_batch_size, "repeats": args.repeats, "rows": rows, "summary": summary["rows"],
+        "ratios": summary["ratios"], "failed_sides": failures,
         "load_average_1min": load, "interleaved": True,
         "command": " ".join(["metareason bench serve"] + (sys.argv[3:] if sys.argv[1:3] == ["bench", "serve"] else [])),
     }
     write_record(out, record, _markdown(record))
     return 0
+
+
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+SUMMARY_KEYS = ("requests_per_s", "completion_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+                "token_latency_p50_ms", "token_latency_p99_ms")
+
+
+def summarise(rows: list[dict], order: list[str]) -> dict:
+    """Per (side, level): the median of each figure over the repeats and its range; per level and
+    side after the first: the first side's throughput over that side's, paired by repeat (each
+    ratio from two measurements taken one after the other), as median and range."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["side"], r["concurrency"]), []).append(r)
+    out = []
+    for (side, c), rs in sorted(groups.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        row = {"side": side, "concurrency": c, "repeats": len(rs)}
+        for k in SUMMARY_KEYS:
+            vals = [x[k] for x in rs]
+            row[k] = round(_median(vals), 3)
+            row[f"{k}_range"] = [min(vals), max(vals)]
+        out.append(row)
+    ratios = []
+    first = order[0]
+    for other in order[1:]:
+        for c in sorted({r["concurrency"] for r in rows}):
+            mine = {r["repeat"]: r["requests_per_s"] for r in groups.get((first, c), [])}
+            theirs = {r["repeat"]: r["requests_per_s"] for r in groups.get((other, c), [])}
+            per = [mine[k] / theirs[k] for k in sorted(mine) if k in theirs and theirs[k] > 0]
+            if per:
+                ratios.append({"side": first, "vs": other, "concurrency": c, "per_repeat": [round(x, 3) for x in per],
+                               "median": round(_median(per), 3), "min": round(min(per), 3), "max": round(max(per), 3)})
+    return {"rows": out, "ratios": ratios}
 
 
 def _markdown(r: dict) -> str:
@@ -290,10 +339,23 @@ def _markdown(r: dict) -> str:
         "| side | in flight | req/s | completion tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms |",
         "|---|---|---|---|---|---|",
     ]
-    for row in r["rows"]:
-        lines.append(f"| {row['side']} | {row['concurrency']} | {row['requests_per_s']} | "
+    repeats = r.get("repeats", 1)
+    if repeats > 1:
+        lines[-2:] = [f"Each (side, level) measured {repeats} times; the figures are medians over the repeats, "
+                      "requests/s with its range.", "",
+                      "| side | in flight | req/s (range) | completion tok/s | TTFT p50 / p99 ms | per-token p50 / p99 ms |",
+                      "|---|---|---|---|---|---|"]
+    for row in (r["summary"] if repeats > 1 else r["rows"]):
+        rng = (f" ({row['requests_per_s_range'][0]}–{row['requests_per_s_range'][1]})" if repeats > 1 else "")
+        lines.append(f"| {row['side']} | {row['concurrency']} | {row['requests_per_s']}{rng} | "
                      f"{row['completion_tokens_per_s']} | {row['ttft_p50_ms']} / {row['ttft_p99_ms']} | "
                      f"{row['token_latency_p50_ms']} / {row['token_latency_p99_ms']} |")
+    if r.get("ratios"):
+        lines += ["", "Throughput ratio (requests/s), paired by repeat:", "",
+                  "| side | vs | in flight | median | range | per repeat |", "|---|---|---|---|---|---|"]
+        for x in r["ratios"]:
+            lines.append(f"| {x['side']} | {x['vs']} | {x['concurrency']} | {x['median']}x | {x['min']}–{x['max']}x | "
+                         f"{', '.join(map(str, x['per_repeat']))} |")
     for side, why in r["failed_sides"].items():
         lines.append(f"\n{side}: failed ({why}).")
     lines.append("")
