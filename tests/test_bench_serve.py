@@ -54,7 +54,7 @@ def long_tiny_dir(tmp_path_factory):
 def test_bench_serve_repeats_end_to_end(long_tiny_dir, tmp_path):
     tiny_model_dir = long_tiny_dir
     out = tmp_path / "serve.json"
-    r = run_cli("bench", "serve", "--model", str(tiny_model_dir), "--requests", "4", "--concurrency", "1,2",
+    r = run_cli("bench", "serve", "--model", str(tiny_model_dir), "--requests", "3,4", "--concurrency", "1,2",
                 "--sides", "continuous,static", "--repeats", "2", "--max-batch-size", "4", "--timeout", "120",
                 "--out", str(out), env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -62,11 +62,22 @@ def test_bench_serve_repeats_end_to_end(long_tiny_dir, tmp_path):
     assert rec["failed_sides"] == {} and rec["repeats"] == 2
     assert sorted((x["side"][:6], x["concurrency"], x["repeat"]) for x in rec["rows"]) == sorted(
         (s, c, k) for s in ("contin", "static") for c in (1, 2) for k in (0, 1))
-    assert all(x["requests"] == 4 and x["requests_per_s"] > 0 for x in rec["rows"])
+    assert all(x["requests"] == {1: 3, 2: 4}[x["concurrency"]] and x["requests_per_s"] > 0 for x in rec["rows"])
+    assert rec["requests"] == {"1": 3, "2": 4}
     assert [(x["side"][:6], x["concurrency"]) for x in rec["summary"]] == [("contin", 1), ("contin", 2),
                                                                            ("static", 1), ("static", 2)]
     assert [len(x["per_repeat"]) for x in rec["ratios"]] == [2, 2]
     md = out.with_suffix(".md").read_text()
-    assert "paired by repeat" in md and "measured 2 times" in md
+    assert "paired by repeat" in md and "measured 2 times" in md and "(3 at 1 in flight, 4 at 2 in flight)" in md
     bad = run_cli("bench", "serve", "--model", str(tiny_model_dir), "--repeats", "0", "--out", str(tmp_path / "x.json"))
     assert bad.returncode != 0 and "--repeats" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_requests_per_level():
+    from metareason.errors import UserError
+
+    assert bs.per_level_requests("64", [1, 8]) == {1: 64, 8: 64}
+    assert bs.per_level_requests("16,64", [1, 8]) == {1: 16, 8: 64}
+    for bad, why in (("16,32,64", "3 counts for 2"), ("x", "not a number"), ("0,4", "at least 1")):
+        with pytest.raises(UserError, match=why):
+            bs.per_level_requests(bad, [1, 8])

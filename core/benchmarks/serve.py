@@ -2,8 +2,9 @@
 ``transformers serve --continuous-batching``) on the same model and requests.
 
 The requests are chat questions of mixed prompt lengths with mixed ``max_tokens`` (16 to 128),
-greedy, ending naturally (EOS) or at their budget. Each side answers all of them at 1, 8, 32 and
-64 requests in flight:
+greedy, ending naturally (EOS) or at their budget. Each side answers them at 1, 8, 32 and 64
+requests in flight (``--requests``: how many, one count or one per level; every side gets the same
+first requests of the list), ``--repeats`` times, interleaved:
 
 * ``continuous``: ``metareason serve`` in a subprocess, through the ``openai`` client, streaming;
 * ``static``: this project's earlier engine (:class:`metareason.generators.batching.BatchingEngine`:
@@ -46,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help="a model directory, or a name `metareason models get` knows "
                              "(default SmolLM2-135M-Instruct)")
-    parser.add_argument("--requests", type=int, default=64, help="requests per measurement")
+    parser.add_argument("--requests", default="64",
+                        help="requests per measurement: one number, or a comma list with one per --concurrency level "
+                             "(e.g. 16,32,64,64: fewer where few are in flight)")
     parser.add_argument("--concurrency", default="1,8,32,64", help="comma list of requests in flight")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--sides", default="continuous,static", help="comma list of continuous, static, transformers")
@@ -66,6 +69,23 @@ def requests_for(n: int) -> list[tuple[list[dict], int]]:
         question = f"{context} Write about {TOPICS[i % len(TOPICS)]} in a few sentences."
         out.append(([{"role": "user", "content": question}], MAX_TOKENS[(i * 3) % len(MAX_TOKENS)]))
     return out
+
+
+def per_level_requests(spec: str, levels: list[int]) -> dict[int, int]:
+    """``--requests``: one count for every level, or one per level in ``--concurrency``'s order."""
+    from metareason.errors import UserError
+
+    try:
+        counts = [int(x) for x in str(spec).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--requests: {spec!r} is not a number or a comma list of numbers") from None
+    if len(counts) == 1:
+        counts = counts * len(levels)
+    if len(counts) != len(levels):
+        raise UserError(f"--requests: {len(counts)} counts for {len(levels)} --concurrency levels")
+    if min(counts) < 1:
+        raise UserError(f"--requests: {spec!r} (every count must be at least 1)")
+    return dict(zip(levels, counts))
 
 
 def _free_port() -> int:
@@ -230,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise UserError(f"--repeats: {args.repeats} (must be at least 1)")
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    counts = per_level_requests(args.requests, levels)
     sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     for s in sides:
         if s not in SIDES:
@@ -241,14 +262,14 @@ def run(args: argparse.Namespace) -> int:
         model_dir = Path(ensure_model(args.model))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out or f"{DEFAULT_OUT}/serve-{device}.json")
-    reqs = requests_for(args.requests)
+    all_reqs = requests_for(max(counts.values()))
     rows, failures, asks = [], {}, {}
     load = [round(os.getloadavg()[0], 2)]
     with ExitStack() as stack:
         for side in sides:
             try:
                 ask = stack.enter_context(SIDES[side][1](model_dir, device, args))
-                _within(args.timeout, ask, reqs[0])  # warm-up
+                _within(args.timeout, ask, all_reqs[0])  # warm-up
                 asks[side] = ask
             except Exception as exc:  # noqa: BLE001 - recorded, the other sides still run
                 failures[side] = f"{type(exc).__name__}: {exc}"
@@ -260,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
                     if side not in asks:
                         continue
                     try:
+                        reqs = all_reqs[:counts[c]]  # the same first requests on every side
                         row = _within(args.timeout * max(1, -(-len(reqs) // c)), _level, SIDES[side][0],
                                       asks[side], reqs, c)
                         rows.append(dict(row, repeat=rep))
@@ -276,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "serve", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
         "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-        "model": args.model, "requests": args.requests, "max_tokens": MAX_TOKENS,
+        "model": args.model, "requests": counts, "max_tokens": MAX_TOKENS,
         "max_batch_size": args.max_batch_size, "repeats": args.repeats, "rows": rows, "summary": summary["rows"],
         "ratios": summary["ratios"], "failed_sides": failures,
         "load_average_1min": load, "interleaved": True,
@@ -324,11 +346,20 @@ def summarise(rows: list[dict], order: list[str]) -> dict:
     return {"rows": out, "ratios": ratios}
 
 
+def _requests_text(requests) -> str:
+    if isinstance(requests, int):  # records written before per-level counts
+        return str(requests)
+    counts = set(requests.values())
+    if len(counts) == 1:
+        return str(counts.pop())
+    return "(" + ", ".join(f"{n} at {c} in flight" for c, n in requests.items()) + ")"
+
+
 def _markdown(r: dict) -> str:
     lines = [
         "# `metareason bench serve`", "",
         f"{r['date']} · {r['device']} · {r['cpus']} CPUs · torch {r['torch']}", "",
-        f"{r['requests']} greedy chat requests of mixed prompt lengths, max_tokens cycling through "
+        f"{_requests_text(r['requests'])} greedy chat requests of mixed prompt lengths, max_tokens cycling through "
         f"{r['max_tokens']} (most end at EOS first), model {r['model']}; batch {r['max_batch_size']}. "
         "Client and server on the same machine. Time to first token (TTFT) and per-token latency are "
         "percentiles over requests and streamed tokens; the static side does not stream, so its TTFT is the "
