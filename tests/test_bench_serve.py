@@ -81,3 +81,15 @@ def test_requests_per_level():
     for bad, why in (("16,32,64", "3 counts for 2"), ("x", "not a number"), ("0,4", "at least 1")):
         with pytest.raises(UserError, match=why):
             bs.per_level_requests(bad, [1, 8])
+
+
+def test_transformers_cli_is_found_beside_the_interpreter_first(tmp_path, monkeypatch):
+    venv_bin = tmp_path / "bin"
+    venv_bin.mkdir()
+    (venv_bin / "transformers").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(bs.sys, "executable", str(venv_bin / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert bs._transformers_cli() == str(venv_bin / "transformers")  # a venv used without activating it
+    (venv_bin / "transformers").unlink()
+    with pytest.raises(FileNotFoundError, match="transformers"):
+        bs._transformers_cli()

@@ -217,11 +217,25 @@ def _static(model_dir: Path, device: str, args):
         engine.stop(5)
 
 
+def _transformers_cli() -> str:
+    """The ``transformers`` command of this interpreter's environment (a venv used without being
+    activated has it beside ``sys.executable``, not on PATH), else the one on PATH."""
+    import shutil
+
+    beside = Path(sys.executable).parent / "transformers"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("transformers")
+    if found is None:
+        raise FileNotFoundError("the `transformers` command (pip install 'transformers[serving]')")
+    return found
+
+
 @contextmanager
 def _transformers(model_dir: Path, device: str, args):
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(["transformers", "serve", str(model_dir), "--continuous-batching", "--port", str(port),
+    proc = subprocess.Popen([_transformers_cli(), "serve", str(model_dir), "--continuous-batching", "--port", str(port),
                              "--device", device, "--dtype", "float32"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
