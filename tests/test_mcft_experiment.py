@@ -115,7 +115,7 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
         trained.append(cfg)
         return Path(cfg["name"]), 0.0, False
 
-    def fake_eval(cfg, run_dir, data_dir, target):
+    def fake_eval(cfg, run_dir, data_dir, target, reuse=False):
         m = re.fullmatch(r".*?-(t[0-9.]+|bf0|solution_sft|answer_sft)-lr([0-9.e-]+)-s(\d+)", cfg["name"])
         arm, lr, seed = m.group(1), float(m.group(2)), int(m.group(3))
         return {s: {"samples": synthetic_samples(s, arm, lr, seed), "metrics": {}} for s in ("val", "test")}
@@ -236,6 +236,23 @@ def test_quick_mode_runs_every_stage_end_to_end(tmp_path):
                .read_text().splitlines()) == 8
     md = out.with_suffix(".md").read_text()
     assert "QUICK" in md and "McNemar" in md and "| solution_sft |" in md and "| base, not fine-tuned |" in md
+    # --reuse: finished runs are not trained again and their samples are read, not generated again,
+    # unless what the samples depend on changed (here the generation section)
+    t0_dir = Path(rec["arms"]["t0"]["seeds"]["0"]["run_dir"])
+    samples = t0_dir / "experiment-test-samples.jsonl"
+    base_samples = tmp_path / "runs" / "mcft-experiment-quick" / "base-reference-test-samples.jsonl"
+    before, base_before = samples.stat().st_mtime_ns, base_samples.stat().st_mtime_ns
+    again = run_cli("mcft", "experiment", "configs/mcft/experiment.yaml", f"output_dir={tmp_path / 'runs'}", "--quick",
+                    "--quiet", "--reuse", "--out", str(out), env=ENV)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec2 = json.loads(out.with_suffix(".json").read_text())
+    assert samples.stat().st_mtime_ns == before and base_samples.stat().st_mtime_ns == base_before
+    assert all(s["reused_training"] for a in rec2["arms"].values() for s in a["seeds"].values())
+    assert rec2["arms"]["t0"]["seeds"]["0"]["correct"] == rec["arms"]["t0"]["seeds"]["0"]["correct"]
+    changed = run_cli("mcft", "experiment", "configs/mcft/experiment.yaml", f"output_dir={tmp_path / 'runs'}",
+                      "generation.batch_size=3", "--quick", "--quiet", "--reuse", "--out", str(out), env=ENV)
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert samples.stat().st_mtime_ns != before and base_samples.stat().st_mtime_ns != base_before
 
 
 # ------------------------------------------------------------------ the real-model pieces
@@ -328,7 +345,7 @@ def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monk
     def no_base(*a, **k):
         raise AssertionError("experiment.base_model is set: no base is trained")
 
-    def fake_eval(cfg, run_dir, data_dir, target):
+    def fake_eval(cfg, run_dir, data_dir, target, reuse=False):
         seed = cfg["train"]["seed"]
         return {s: {"samples": synthetic_samples(s, "t0", cfg["train"]["lr"], seed), "metrics": {}}
                 for s in ("val", "test")}

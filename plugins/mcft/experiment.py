@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from metareason.api import mcnemar_exact, write_jsonl_atomic
+from metareason.api import mcnemar_exact, write_jsonl_atomic, write_text_atomic
 
 PROMPT_TEMPLATE = "{prompt}\nAttempt: {cot}\n"
 
@@ -326,20 +326,35 @@ def arm_config(raw: dict, exp: dict, arm: dict, lr: float, seed: int, name: str,
     return a
 
 
-def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str) -> dict:
-    """Validation and test samples of one trained (arm, lr, seed): id -> correct, entropy, group."""
+def eval_stamp(cfg: dict) -> str:
+    """What an arm's evaluation samples depend on besides the trained weights (the eval rows, the
+    generation settings, the chat format): its samples are reused only while this is unchanged."""
+    return json.dumps({"eval": cfg["data"]["eval"], "generation": cfg.get("generation", {}),
+                       "chat": {k: cfg["data"].get(k) for k in ("chat_template", "system_prompt")}},
+                      sort_keys=True, default=str)
+
+
+def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str, reuse: bool = False) -> dict:
+    """Validation and test samples of one trained (arm, lr, seed): id -> correct, entropy, group.
+    ``reuse`` (a reused run): samples already written for it are read, not generated again."""
     from metareason.api import Kernel
     from metareason.plugins.mcft.evaluation import evaluate_mcft
     from metareason.api import load_trained
 
-    trained = load_trained(run_dir)
+    trained = None
     out = {}
     for split in ("val", "test"):
         cfg = copy.deepcopy(raw_arm)
         cfg["data"]["eval"] = [_task(data_dir / f"critiques-{split}.jsonl", target, 10 ** 9)]
-        kernel = Kernel(cfg)
         samples_path = run_dir / f"experiment-{split}-samples.jsonl"
-        metrics = evaluate_mcft(kernel, trained.model, trained.tokenizer, samples_path=samples_path)
+        stamp_path = run_dir / f"experiment-{split}-eval.json"
+        stamp = eval_stamp(cfg)
+        metrics = None
+        if not (reuse and samples_path.exists() and stamp_path.exists() and stamp_path.read_text() == stamp):
+            kernel = Kernel(cfg)
+            trained = trained or load_trained(run_dir)
+            metrics = evaluate_mcft(kernel, trained.model, trained.tokenizer, samples_path=samples_path)
+            write_text_atomic(stamp_path, stamp)
         rows = {r["id"]: r for r in _read_jsonl(data_dir / f"critiques-{split}.jsonl")}
         samples = [dict(s, group=rows.get(s["id"], {}).get("group", "all"),
                         attempt_correct=rows.get(s["id"], {}).get("attempt_correct"))
@@ -359,14 +374,17 @@ def base_reference(raw: dict, exp: dict, base: dict, data_dir: Path, root: Path,
     out = {}
     for split in ("val", "test"):
         samples_path = root / f"base-reference-{split}-samples.jsonl"
-        if not (reuse and samples_path.exists()):
-            cfg = arm_config(raw, exp, {"target": "solution", "threshold": 0.0, "bf_beta": 0.0}, exp["lrs"][0], 0,
-                             f"{raw['name']}-base-reference", data_dir, base["model"])
-            cfg["data"]["eval"] = [_task(data_dir / f"critiques-{split}.jsonl", "solution", 10 ** 9)]
+        stamp_path = root / f"base-reference-{split}-eval.json"
+        cfg = arm_config(raw, exp, {"target": "solution", "threshold": 0.0, "bf_beta": 0.0}, exp["lrs"][0], 0,
+                         f"{raw['name']}-base-reference", data_dir, base["model"])
+        cfg["data"]["eval"] = [_task(data_dir / f"critiques-{split}.jsonl", "solution", 10 ** 9)]
+        stamp = eval_stamp(cfg)
+        if not (reuse and samples_path.exists() and stamp_path.exists() and stamp_path.read_text() == stamp):
             kernel = Kernel(cfg)
             if model is None:
                 model, tok = kernel.load()
             evaluate_mcft(kernel, model, tok, samples_path=samples_path)
+            write_text_atomic(stamp_path, stamp)
         rows = {r["id"]: r for r in _read_jsonl(data_dir / f"critiques-{split}.jsonl")}
         samples = [dict(s, group=rows.get(s["id"], {}).get("group", "all"),
                         attempt_correct=rows.get(s["id"], {}).get("attempt_correct"))
@@ -414,7 +432,7 @@ def run_arm(raw, exp, base_name, arm_name, arm, data_dir, base_model, reuse, log
         cfg = arm_config(raw, exp, arm, lr, seeds[0], name, data_dir, base_model)
         log(f"arm {arm_name}: lr {lr:g} seed {seeds[0]}")
         run_dir, train_s, reused = _train(cfg, reuse)
-        ev = evaluate_arm(cfg, run_dir, data_dir, arm["target"])
+        ev = evaluate_arm(cfg, run_dir, data_dir, arm["target"], reuse=reused)
         grid[f"{lr:g}"] = summarise_split(ev["val"]["samples"])["accuracy"]
         runs[(lr, seeds[0])] = (cfg, run_dir, train_s, reused, ev)
     best_lr = max(exp["lrs"], key=lambda lr: (grid[f"{lr:g}"], -lr))
@@ -425,7 +443,8 @@ def run_arm(raw, exp, base_name, arm_name, arm, data_dir, base_model, reuse, log
             cfg = arm_config(raw, exp, arm, best_lr, seed, name, data_dir, base_model)
             log(f"arm {arm_name}: lr {best_lr:g} seed {seed}")
             run_dir, train_s, reused = _train(cfg, reuse)
-            runs[(best_lr, seed)] = (cfg, run_dir, train_s, reused, evaluate_arm(cfg, run_dir, data_dir, arm["target"]))
+            runs[(best_lr, seed)] = (cfg, run_dir, train_s, reused,
+                                     evaluate_arm(cfg, run_dir, data_dir, arm["target"], reuse=reused))
         cfg, run_dir, train_s, reused, ev = runs[(best_lr, seed)]
         val, test = ev["val"]["samples"], ev["test"]["samples"]
         thr = choose_entropy_threshold([s["mean_entropy"] for s in val], [s["correct"] for s in val])
