@@ -1,0 +1,324 @@
+"""Activation-lean Llama-family blocks (``train.lean_activations``).
+
+Ops: :func:`metareason.ops.swiglu_down` and :func:`metareason.ops.rms_norm` give the reference's
+values and gradients (fp32 to rounding, bf16 within its rounding) and save less for backward.
+Patch (``metareason.train.lean_act``): a patched tiny Llama has the unpatched loss and every
+parameter's gradient; autograd keeps at least 2 x intermediate per token per MLP and hidden per
+token per norm fewer bytes (fails if the op kept ``silu(gate)`` or the product); LoRA-wrapped
+projections are left alone; the SFT loop with the field on has the field-off loss curve.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from metareason import Kernel
+from metareason.config import ConfigError
+from metareason.ops import BackendUnavailableError, rms_norm, swiglu_down
+from metareason.ops.rms_norm import rms_norm_reference
+from metareason.ops.swiglu_down import swiglu_down_reference
+from metareason.train import lean_act
+from metareason.train.sft import forward_batch
+from tests.conftest import TINY_LLAMA
+
+# (atol, rtol) against the reference: values / gradients
+TOL = {torch.float32: ((1e-6, 1e-6), (1e-6, 1e-5)),
+       torch.float64: ((1e-12, 1e-12), (1e-12, 1e-12)),
+       torch.bfloat16: ((1e-2, 1e-2), (2e-2, 2e-2))}
+
+
+def _leaf(shape, dtype, g, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).requires_grad_()
+
+
+def _run(fn, leaves, dy):
+    for x in leaves:
+        if x is not None:
+            x.grad = None
+    y = fn()
+    y.backward(dy)
+    return [y.detach()] + [None if x is None else x.grad.clone() for x in leaves]
+
+
+# ------------------------------------------------------------------------------- ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,H", [((2, 5, 24), 16), ((7, 13), 9), ((1, 1, 3), 1)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_swiglu_down_matches_reference(dtype, shape, H, bias):
+    g = torch.Generator().manual_seed(0)
+    gate, up = _leaf(shape, dtype, g), _leaf(shape, dtype, g)
+    w, b = _leaf((H, shape[-1]), dtype, g, 0.3), _leaf((H,), dtype, g, 0.1) if bias else None
+    dy = torch.randn(*shape[:-1], H, generator=g).to(dtype)
+    leaves = [gate, up, w, b]
+    got = _run(lambda: swiglu_down(gate, up, w, b), leaves, dy)
+    ref = _run(lambda: swiglu_down_reference(gate, up, w, b), leaves, dy)
+    (va, vr), (ga, gr) = TOL[dtype]
+    torch.testing.assert_close(got[0], ref[0], atol=va, rtol=vr)
+    for name, x, y in zip(("gate", "up", "weight", "bias"), got[1:], ref[1:]):
+        assert (x is None) == (y is None), name
+        if x is not None:
+            torch.testing.assert_close(x, y, atol=ga, rtol=gr, msg=name)
+
+
+def test_swiglu_down_autocast_and_frozen_weight():
+    """Under bf16 autocast the op computes what ``F.linear`` does there (fp32 weight cast); a
+    frozen weight gets no gradient and the inputs still do."""
+    g = torch.Generator().manual_seed(1)
+    gate, up = _leaf((3, 4, 12), torch.bfloat16, g), _leaf((3, 4, 12), torch.bfloat16, g)
+    w = _leaf((8, 12), torch.float32, g, 0.3)
+    dy = torch.randn(3, 4, 8, generator=g).to(torch.bfloat16)
+    outs = []
+    for fn in (swiglu_down, swiglu_down_reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(_run(lambda: fn(gate, up, w), [gate, up, w], dy))
+    for x, y in zip(*outs):
+        assert x.dtype == y.dtype
+        torch.testing.assert_close(x, y, atol=2e-2, rtol=2e-2)
+    gate, up = gate.detach().float().requires_grad_(), up.detach().float().requires_grad_()
+    w = w.detach()
+    swiglu_down(gate, up, w).backward(dy.float())
+    assert w.grad is None and gate.grad is not None and up.grad is not None
+
+
+def test_swiglu_down_gradcheck_fp64():
+    g = torch.Generator().manual_seed(2)
+    gate, up = _leaf((3, 5), torch.float64, g), _leaf((3, 5), torch.float64, g)
+    w, b = _leaf((4, 5), torch.float64, g), _leaf((4,), torch.float64, g)
+    assert torch.autograd.gradcheck(swiglu_down, (gate, up, w, b))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+@pytest.mark.parametrize("shape", [(2, 5, 24), (7, 1), (3, 33)])
+def test_rms_norm_matches_reference(x_dtype, w_dtype, shape):
+    """The output is the reference's exactly (same ops, same order, same dtypes); gradients to
+    rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = _leaf(shape, x_dtype, g, 2.0)
+    w = (1 + 0.2 * torch.randn(shape[-1], generator=g)).to(w_dtype).requires_grad_()
+    out_dtype = torch.promote_types(x_dtype, w_dtype)
+    dy = torch.randn(*shape, generator=g).to(out_dtype)
+    got = _run(lambda: rms_norm(x, w, 1e-6), [x, w], dy)
+    ref = _run(lambda: rms_norm_reference(x, w, 1e-6), [x, w], dy)
+    assert got[0].dtype == out_dtype and torch.equal(got[0], ref[0])
+    # the reference computes in fp32 whatever the input dtype (HF's upcast): fp64 gets fp32's tolerance
+    _, (ga, gr) = TOL[torch.bfloat16 if torch.bfloat16 in (x_dtype, w_dtype) else torch.float32]
+    for name, a, b in zip(("x", "weight"), got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=ga, rtol=gr, msg=name)
+
+
+def test_rms_norm_backward_formula_fp64():
+    """The backward's closed form against autograd of the same math in fp64 (the op itself
+    computes in fp32, as HF's upcast does, so gradcheck on it would measure fp32 rounding)."""
+    from metareason.ops.rms_norm.fused import _RMSNorm
+
+    g = torch.Generator().manual_seed(4)
+    x, w = _leaf((3, 6), torch.float64, g), _leaf((6,), torch.float64, g)
+    dy = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    ref = _run(lambda: w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)), [x, w], dy)
+    rstd = torch.rsqrt(x.detach().pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    class Ctx:
+        saved_tensors = (x.detach(), rstd, w.detach())
+        needs_input_grad = (True, True, False)
+
+    with torch.autocast("cpu", enabled=False), torch.no_grad():
+        gx, gw, _ = _RMSNorm.backward(Ctx, dy)
+    torch.testing.assert_close(gx, ref[1], atol=1e-5, rtol=1e-5)  # h is upcast to fp32 inside
+    torch.testing.assert_close(gw, ref[2], atol=1e-5, rtol=1e-5)
+
+
+def test_input_checks_and_dispatch(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    gate, up, w = torch.randn(2, 6, generator=g), torch.randn(2, 6, generator=g), torch.randn(3, 6, generator=g)
+    with pytest.raises(ValueError, match="gate and up"):
+        swiglu_down(gate, up[:, :5], w)
+    with pytest.raises(ValueError, match="down_weight"):
+        swiglu_down(gate, up, w[:, :5])
+    with pytest.raises(ValueError, match="down_bias"):
+        swiglu_down(gate, up, w, torch.zeros(4))
+    with pytest.raises(ValueError, match="down_weight: dtype"):
+        swiglu_down(gate, up, w.double())
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(gate, torch.ones(5), 1e-6)
+    with pytest.raises(BackendUnavailableError, match="swiglu_down"):
+        swiglu_down(gate, up, w, backend="cuda")
+    monkeypatch.setenv("METAREASON_OPS", "triton")
+    with pytest.raises(BackendUnavailableError, match="rms_norm"):
+        rms_norm(gate, torch.ones(6), 1e-6)
+
+
+# ------------------------------------------------------------------------------- the patch
+def llama(tie=False, bias=False, vocab=60):
+    torch.manual_seed(0)
+    arch = {k: v for k, v in TINY_LLAMA.items() if k != "model_type"}
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, tie_word_embeddings=tie, mlp_bias=bias, **arch)).float()
+
+
+def batch():
+    from tests.test_packing import batch_of
+
+    return batch_of()
+
+
+def loss_and_grads(model, b):
+    model.zero_grad(set_to_none=True)
+    _, loss, _, _ = forward_batch(model, b, b["labels"], torch.device("cpu"), 0, False)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("tie,bias", [(False, False), (True, False), (False, True)])
+def test_patched_llama_has_the_same_loss_and_gradients(tie, bias):
+    model, b = llama(tie, bias), batch()
+    l0, g0 = loss_and_grads(model, b)
+    keys = list(model.state_dict())
+    on, line = lean_act.lean_activations_mode("auto", model)
+    L = model.config.num_hidden_layers
+    assert on and f"{L} MLPs through swiglu_down, {2 * L + 1} RMSNorms" in line
+    calls = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    l1, g1 = loss_and_grads(model, b)
+    assert not calls  # the patched MLP never calls down_proj's forward: it went through the op
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # generation / eval: the modules' own forward
+        model(input_ids=b["input_ids"])
+    assert calls
+    lean_act.unpatch(model)
+    assert not any(hasattr(m, lean_act.ORIGINAL) or "forward" in vars(m) for m in model.modules())
+
+
+def test_patched_llama_bf16_autocast_within_rounding():
+    model, b = llama(), batch()
+    out = []
+    for patched in (False, True):
+        if patched:
+            assert lean_act.lean_activations_mode(True, model)[0]
+        model.zero_grad(set_to_none=True)
+        _, loss, _, _ = forward_batch(model, b, b["labels"], torch.device("cpu"), 0, False, "bf16")
+        loss.backward()
+        out.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=0, rtol=0)  # the forward is the same ops
+    for name, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][name], g, atol=2e-3, rtol=5e-2, msg=name)
+
+
+def saved_bytes(model, b) -> int:
+    """Bytes of the distinct storages autograd keeps for backward over one forward + loss."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = max(storages.get(s.data_ptr(), 0), s.nbytes())
+        return t
+
+    model.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss, _, _ = forward_batch(model, b, b["labels"], torch.device("cpu"), 0, False)
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_patch_saves_less_for_backward_by_at_least_the_expected_amount():
+    """Per token: 2 x intermediate fewer floats per MLP (silu(gate) and the product), hidden
+    fewer per RMSNorm (the normalised tensor). Fails if the op kept either of them."""
+    model, b = llama(), batch()
+    tokens = b["input_ids"].numel()
+    cfg = model.config
+    before = saved_bytes(model, b)
+    assert lean_act.lean_activations_mode("auto", model)[0]
+    after = saved_bytes(model, b)
+    L = cfg.num_hidden_layers
+    expected = 4 * tokens * (L * 2 * cfg.intermediate_size + (2 * L + 1) * cfg.hidden_size)
+    assert before - after >= expected, (before, after, expected)
+
+
+def test_lora_wrapped_mlps_are_left_and_gradients_still_equal():
+    from tests.test_linear_ce import lora
+
+    model, b = lora(llama(), ["q_proj", "v_proj", "gate_proj"]), batch()
+    l0, g0 = loss_and_grads(model, b)
+    on, line = lean_act.lean_activations_mode("auto", model)
+    L = model.config.num_hidden_layers
+    assert on and f"0 MLPs through swiglu_down, {2 * L + 1} RMSNorms" in line
+    assert f"{L} mlp: gate_proj is a peft Linear, not a plain torch Linear" in line
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert lean_act.ORIGINAL not in vars(mlp)
+    l1, g1 = loss_and_grads(model, b)
+    assert any("lora" in k for k in g1)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    partial = lora(llama(), ["q_proj", "v_proj"])  # frozen base MLPs: patched, LoRA grads equal
+    l0, g0 = loss_and_grads(partial, b)
+    on, line = lean_act.lean_activations_mode("auto", partial)
+    assert on and f"{L} MLPs through swiglu_down" in line
+    l1, g1 = loss_and_grads(partial, b)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_nothing_patchable():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    assert lean_act.lean_activations_mode("auto", gpt2) == (
+        False, "train.lean_activations=auto: off (no Llama-family MLP or RMSNorm modules)")
+    with pytest.raises(ConfigError, match="train.lean_activations: true, but nothing in this model can be patched"):
+        lean_act.lean_activations_mode(True, gpt2)
+    model = llama()
+    assert lean_act.lean_activations_mode(False, model) == (False, "train.lean_activations=false: off")
+    assert not any(lean_act.ORIGINAL in vars(m) for m in model.modules())
+
+
+def test_config_field():
+    from metareason.config import load_config
+
+    for value, want in (("auto", "auto"), ("true", True), (False, False)):
+        cfg, _ = load_config(data={"plugins": [], "train": {"lean_activations": value}})
+        assert cfg.train.lean_activations == want
+    with pytest.raises(ConfigError, match="train.lean_activations") as err:
+        load_config(data={"plugins": []}, overrides=["train.lean_activations=sometimes"])
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------- the loop
+def tiny_run(tmp_path, name, **train):
+    from metareason.checkpoint import latest_checkpoint
+    from tests.test_train import tiny, weights
+
+    cfg = tiny(tmp_path, name, **dict({"max_steps": 3, "grad_accum": 1, "save_every": 0, "warmup_steps": 0},
+                                      **train))
+    cfg["eval"] = {"at_end": False}
+    kernel = Kernel(cfg)
+    kernel.run()
+    run_dir = kernel.config.run_dir
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in rows if "train/loss" in r], weights(latest_checkpoint(run_dir))
+
+
+def test_sft_loop_with_the_field_on_has_the_field_off_loss_curve(tmp_path, capsys, monkeypatch):
+    seen = []
+    real = lean_act.lean_mlp
+    monkeypatch.setattr(lean_act, "lean_mlp", lambda m, x: seen.append(1) or real(m, x))
+    on, w_on = tiny_run(tmp_path, "on", lean_activations=True)
+    err = capsys.readouterr().err
+    assert "train.lean_activations=true: on (2 MLPs through swiglu_down, 5 RMSNorms" in err
+    assert seen
+    seen.clear()
+    off, w_off = tiny_run(tmp_path, "off", lean_activations=False)
+    assert "train.lean_activations=false: off" in capsys.readouterr().err and not seen
+    assert len(on) == 3 and on == pytest.approx(off, rel=1e-6)
+    assert w_on.keys() == w_off.keys()
+    for k in w_off:
+        torch.testing.assert_close(w_on[k], w_off[k], atol=1e-6, rtol=1e-5, msg=k)
