@@ -244,16 +244,17 @@ def test_patch_saves_less_for_backward_by_at_least_the_expected_amount():
 def test_lora_wrapped_mlps_are_left_and_gradients_still_equal():
     from tests.test_linear_ce import lora
 
-    model, b = lora(llama(), ["q_proj", "v_proj", "gate_proj"]), batch()
+    # LoRA on down_proj: an MLP patched anyway would read down_proj.weight and drop the adapter
+    model, b = lora(llama(), ["q_proj", "v_proj", "down_proj"]), batch()
     l0, g0 = loss_and_grads(model, b)
     on, line = lean_act.lean_activations_mode("auto", model)
     L = model.config.num_hidden_layers
     assert on and f"0 MLPs through swiglu_down, {2 * L + 1} RMSNorms" in line
-    assert f"{L} mlp: gate_proj is a peft Linear, not a plain torch Linear" in line
+    assert f"{L} mlp: down_proj is a peft Linear, not a plain torch Linear" in line
     mlp = model.get_base_model().model.layers[0].mlp
     assert lean_act.ORIGINAL not in vars(mlp)
     l1, g1 = loss_and_grads(model, b)
-    assert any("lora" in k for k in g1)
+    assert any("down_proj.lora_B" in k for k in g1) and g0.keys() == g1.keys()
     torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
@@ -322,3 +323,25 @@ def test_sft_loop_with_the_field_on_has_the_field_off_loss_curve(tmp_path, capsy
     assert w_on.keys() == w_off.keys()
     for k in w_off:
         torch.testing.assert_close(w_on[k], w_off[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_grpo_loop_with_the_field_on_has_the_field_off_metrics(tmp_path, capsys, monkeypatch):
+    """Two GRPO steps (two rollouts: sampling runs the modules' own forward under no_grad, so the
+    second rollout sees the same updated weights either way)."""
+    from tests.test_grpo import kernel, rows, tiny
+
+    seen = []
+    real = lean_act.lean_norm
+    monkeypatch.setattr(lean_act, "lean_norm", lambda m, x: seen.append(1) or real(m, x))
+    out = {}
+    for value in (True, False):
+        k = kernel(tiny(tmp_path, f"g{value}", max_steps=2, lean_activations=value))
+        k.run()
+        out[value] = [r for r in rows(k.config.run_dir) if "train/loss" in r]
+        assert bool(seen) == value
+        seen.clear()
+    assert "train.lean_activations=true: on (2 MLPs through swiglu_down" in capsys.readouterr().err
+    assert len(out[True]) == 2
+    for a, b in zip(out[True], out[False]):
+        for key in ("train/loss", "rl/reward/mean", "train/grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
