@@ -196,6 +196,21 @@ def test_patched_llama_has_the_same_loss_and_gradients(tie, bias):
     assert not any(hasattr(m, lean_act.ORIGINAL) or "forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_patched_llama_under_gradient_checkpointing(reentrant):
+    """Checkpointed layers: the recompute runs the patched forward (reentrant: the first pass
+    runs under no_grad, the module's own forward), same loss and gradients."""
+    model, b = llama(), batch()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.train()
+    l0, g0 = loss_and_grads(model, b)
+    assert lean_act.lean_activations_mode(True, model)[0]
+    l1, g1 = loss_and_grads(model, b)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_patched_llama_bf16_autocast_within_rounding():
     model, b = llama(), batch()
     out = []
@@ -280,6 +295,17 @@ def test_nothing_patchable():
     model = llama()
     assert lean_act.lean_activations_mode(False, model) == (False, "train.lean_activations=false: off")
     assert not any(lean_act.ORIGINAL in vars(m) for m in model.modules())
+
+
+def test_a_forced_backend_that_cannot_run_turns_it_off(monkeypatch):
+    monkeypatch.setenv("METAREASON_OPS", "triton")
+    on, line = lean_act.lean_activations_mode("auto", llama())
+    assert not on and "swiglu_down has no Triton kernel" in line
+    monkeypatch.setenv("METAREASON_OPS", "reference")
+    with pytest.raises(ConfigError, match="METAREASON_OPS=reference"):
+        lean_act.lean_activations_mode(True, llama())
+    monkeypatch.setenv("METAREASON_OPS", "cpu")
+    assert lean_act.lean_activations_mode(True, llama())[0]
 
 
 def test_config_field():

@@ -105,14 +105,14 @@ def patch(model) -> dict:
         if hasattr(m, ORIGINAL):
             continue
         if isinstance(m, MLP_CLASSES):
-            why, lean, key, width = _mlp_why_not(m), lean_mlp, "mlps", m.gate_proj.in_features if \
-                isinstance(getattr(m, "gate_proj", None), nn.Linear) else 0
+            why, lean, key = _mlp_why_not(m), lean_mlp, "mlps"
         elif isinstance(m, NORM_CLASSES):
-            why, lean, key, width = None, lean_norm, "norms", m.weight.shape[-1]
+            why, lean, key = None, lean_norm, "norms"
         else:
             continue
         if why is None:
             if type(m) not in checked:
+                width = m.gate_proj.in_features if key == "mlps" else m.weight.shape[-1]
                 checked[type(m)] = _probe(m, lean, width)
             if not checked[type(m)]:
                 why = f"{type(m).__name__}'s forward is not the one the lean forward reproduces"
@@ -164,6 +164,8 @@ def _backend_why_not(model) -> Optional[str]:
     forced = _dispatch.forced_backend()
     if forced is None:
         return None
+    if forced == "reference":
+        return f"{_dispatch.ENV}=reference: the ops would run their eager reference, which saves what the modules do"
     try:
         device = next(model.parameters()).device
     except StopIteration:
