@@ -284,7 +284,7 @@ def test_lora_wrapped_mlps_are_left_and_gradients_still_equal():
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_nothing_patchable():
+def test_nothing_patchable_and_quantized_layers_left():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=60, n_embd=32, n_layer=1, n_head=2, n_positions=64))
@@ -294,6 +294,17 @@ def test_nothing_patchable():
         lean_act.lean_activations_mode(True, gpt2)
     model = llama()
     assert lean_act.lean_activations_mode(False, model) == (False, "train.lean_activations=false: off")
+
+    class Linear4bit(torch.nn.Linear):  # bitsandbytes' quantized layers subclass nn.Linear
+        pass
+
+    for layer in model.model.layers:
+        old = layer.mlp.up_proj
+        layer.mlp.up_proj = Linear4bit(old.in_features, old.out_features, bias=False)
+    on, line = lean_act.lean_activations_mode("auto", model)
+    assert on and "0 MLPs through swiglu_down, 5 RMSNorms" in line
+    assert "2 mlp: up_proj is a test_lean_activations Linear4bit, not a plain torch Linear" in line
+    lean_act.unpatch(model)
     assert not any(lean_act.ORIGINAL in vars(m) for m in model.modules())
 
 
