@@ -294,6 +294,7 @@ def test_nothing_patchable_and_quantized_layers_left():
         lean_act.lean_activations_mode(True, gpt2)
     model = llama()
     assert lean_act.lean_activations_mode(False, model) == (False, "train.lean_activations=false: off")
+    assert not any(lean_act.ORIGINAL in vars(m) for m in model.modules())  # false patches nothing
 
     class Linear4bit(torch.nn.Linear):  # bitsandbytes' quantized layers subclass nn.Linear
         pass
