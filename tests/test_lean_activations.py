@@ -382,3 +382,33 @@ def test_grpo_loop_with_the_field_on_has_the_field_off_metrics(tmp_path, capsys,
     for a, b in zip(out[True], out[False]):
         for key in ("train/loss", "rl/reward/mean", "train/grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_generation_still_takes_the_lean_decode_step(monkeypatch):
+    """GRPO samples while the policy is patched: the patch is the modules' own forward without
+    gradients, so DecodeStep still bypasses them and the tokens equal the unpatched model's; an
+    instance forward that is not the patch still refuses it, and the patch leaves such a module."""
+    from metareason.generation.decode_step import DecodeStep
+    from metareason.generation.generate import generate_batch
+    from metareason.models import build_char_tokenizer
+    from tests.test_decode_step import Counter, tiny
+
+    tok = build_char_tokenizer()
+    model = tiny(tok, "llama")
+    counter = Counter(monkeypatch)
+    kw = dict(max_new_tokens=6, do_sample=False, temperature=1.0, top_p=1.0, stop=[], return_logprobs=True)
+    before = generate_batch(model, tok, ["1+2=", "3*4="], decoder="lean", **kw)
+    assert lean_act.lean_activations_mode(True, model)[0]
+    counter.calls = 0
+    after = generate_batch(model, tok, ["1+2=", "3*4="], decoder="lean", **kw)
+    assert [g.token_ids for g in after] == [g.token_ids for g in before]
+    assert [g.logprobs for g in after] == [g.logprobs for g in before]
+    assert counter.calls > 0  # the patched model's generation went through DecodeStep
+    assert DecodeStep.build(model) is not None
+    lean_act.unpatch(model)
+    mlp = model.model.layers[0].mlp
+    own = mlp.forward
+    mlp.forward = lambda x: own(x)  # someone else's instance forward (accelerate's offload hooks)
+    assert DecodeStep.build(model) is None
+    on, line = lean_act.lean_activations_mode("auto", model)
+    assert "1 mlp: its forward is already replaced on the instance" in line and mlp.forward.__name__ == "<lambda>"

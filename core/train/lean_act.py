@@ -6,8 +6,10 @@ Patches the *forward* of transformers' Llama-family MLPs (``gate_proj`` / ``up_p
 product: 2 x intermediate per token instead of 4) and :func:`metareason.ops.rms_norm` (saves the
 input and ``rstd``, not the normalised tensor). Values are the modules' own bit for bit; only
 what autograd keeps changes. Under ``no_grad`` (generation, evaluation, old log-probs) the
-original forward runs; parameters and modules are untouched, so state dicts, checkpoints and
-exports are the same; :func:`unpatch` restores the forwards.
+original forward runs (and :mod:`metareason.generation.decode_step` still bypasses the modules:
+:func:`own_forward_without_grad`); parameters and modules are untouched, so state dicts,
+checkpoints and exports are the same; :func:`unpatch` restores the forwards. A module whose
+forward is already replaced on the instance (accelerate's offload hooks) is left as it is.
 
 Patched: modules of the classes in :data:`MLP_CLASSES` / :data:`NORM_CLASSES` whose
 projections are plain ``nn.Linear`` (not PEFT LoRA layers, not bitsandbytes ``Linear4bit`` /
@@ -81,7 +83,15 @@ def _patched(lean):
         if len(args) != 1 or kwargs or not torch.is_grad_enabled():
             return getattr(self, ORIGINAL)(*args, **kwargs)
         return lean(self, args[0])
+    forward.lean_activations = True
     return forward
+
+
+def own_forward_without_grad(module) -> bool:
+    """Whether ``module``'s instance ``forward`` is this patch (so without gradients it runs the
+    class's own forward: :mod:`metareason.generation.decode_step` may bypass it as unpatched)."""
+    fn = module.__dict__.get("forward")
+    return getattr(getattr(fn, "__func__", None), "lean_activations", False) is True
 
 
 @torch.no_grad()
@@ -110,6 +120,8 @@ def patch(model) -> dict:
             why, lean, key = None, lean_norm, "norms"
         else:
             continue
+        if why is None and "forward" in vars(m):  # e.g. accelerate's offload: its forward must run
+            why = "its forward is already replaced on the instance"
         if why is None:
             if type(m) not in checked:
                 width = m.gate_proj.in_features if key == "mlps" else m.weight.shape[-1]
@@ -173,4 +185,5 @@ def _backend_why_not(model) -> Optional[str]:
     return _why_not(device).get(forced)
 
 
-__all__ = ["MLP_CLASSES", "NORM_CLASSES", "lean_activations_mode", "lean_mlp", "lean_norm", "patch", "unpatch"]
+__all__ = ["MLP_CLASSES", "NORM_CLASSES", "lean_activations_mode", "lean_mlp", "lean_norm", "own_forward_without_grad",
+           "patch", "unpatch"]
