@@ -195,6 +195,25 @@ def test_patched_llama_has_the_same_loss_and_gradients(tie, bias):
     assert not any(hasattr(m, lean_act.ORIGINAL) or "forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])
+def test_other_families_patched_with_the_same_gradients(model_type):
+    """Qwen2 (q/k/v biases), Qwen3 (q_norm / k_norm RMSNorms over [B, T, heads, head_dim]), Mistral."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    model, b = AutoModelForCausalLM.from_config(cfg).float(), batch()
+    l0, g0 = loss_and_grads(model, b)
+    on, line = lean_act.lean_activations_mode(True, model)
+    norms = 5 + (4 if model_type == "qwen3" else 0)
+    assert on and f"2 MLPs through swiglu_down, {norms} RMSNorms" in line and "left" not in line
+    l1, g1 = loss_and_grads(model, b)
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_patched_llama_under_gradient_checkpointing(reentrant):
     """Checkpointed layers: the recompute runs the patched forward (reentrant: the first pass
