@@ -10,6 +10,7 @@ projections are left alone; the SFT loop with the field on has the field-off los
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def loss_and_grads(model, b):
 
 
 @pytest.mark.parametrize("tie,bias", [(False, False), (True, False), (False, True)])
-def test_patched_llama_has_the_same_loss_and_gradients(tie, bias):
+def test_patched_llama_has_the_same_loss_and_gradients(tie, bias, monkeypatch):
     model, b = llama(tie, bias), batch()
     l0, g0 = loss_and_grads(model, b)
     keys = list(model.state_dict())
@@ -180,19 +181,41 @@ def test_patched_llama_has_the_same_loss_and_gradients(tie, bias):
     L = model.config.num_hidden_layers
     assert on and f"{L} MLPs through swiglu_down, {2 * L + 1} RMSNorms" in line
     calls = []
-    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    op = sys.modules["metareason.ops.swiglu_down"]  # the package (metareason.ops.swiglu_down is the function)
+    real = op.swiglu_down
+    monkeypatch.setattr(op, "swiglu_down", lambda *a: calls.append(1) or real(*a))
     l1, g1 = loss_and_grads(model, b)
-    assert not calls  # the patched MLP never calls down_proj's forward: it went through the op
+    assert len(calls) == L  # every MLP went through the op
+    with torch.no_grad():  # generation / eval: the modules' own forward
+        model(input_ids=b["input_ids"])
+    assert len(calls) == L
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
     assert g0.keys() == g1.keys()
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
-    with torch.no_grad():  # generation / eval: the modules' own forward
-        model(input_ids=b["input_ids"])
-    assert calls
     lean_act.unpatch(model)
     assert not any(hasattr(m, lean_act.ORIGINAL) or "forward" in vars(m) for m in model.modules())
+
+
+def test_a_hook_on_down_proj_still_sees_its_call():
+    """A forward hook on down_proj (activation capture, a plugin's edit) runs with the patch on:
+    that MLP runs its own forward, the same loss and gradients as unpatched with the hook."""
+    model, b = llama(), batch()
+    seen = []
+
+    def hook(mod, args, out):
+        seen.append(args[0].shape)
+        return out * 0.5
+
+    model.model.layers[1].mlp.down_proj.register_forward_hook(hook)
+    l0, g0 = loss_and_grads(model, b)
+    assert lean_act.lean_activations_mode(True, model)[0]
+    l1, g1 = loss_and_grads(model, b)
+    assert len(seen) == 2
+    torch.testing.assert_close(l1, l0, atol=1e-6, rtol=1e-6)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "mistral"])

@@ -38,9 +38,9 @@ from metareason.checkpoint import save_checkpoint
 from metareason.config import ConfigError
 from metareason.plugin_manager import PluginError
 from metareason.train.fused_ce import fused_ce_mode
-from metareason.train.lean_act import lean_activations_mode, unpatch
 from metareason.train.grpo_loss import (completion_logps, group_advantages, group_std, grpo_loss, nanstd,
                                         shared_prompt_logps)
+from metareason.train.lean_act import lean_activations_mode, unpatch
 from metareason.train.loop import RunDriver, check_finite, load_train_examples, prepare_run_dir, seed_everything
 from metareason.train.optim import build_optimizer, build_scheduler
 from metareason.train.sft import autocast_context, collect_extra_losses

@@ -15,7 +15,8 @@ Patched: modules of the classes in :data:`MLP_CLASSES` / :data:`NORM_CLASSES` wh
 projections are plain ``nn.Linear`` (not PEFT LoRA layers, not bitsandbytes ``Linear4bit`` /
 ``Linear8bitLt``, which subclass it) and whose activation is SiLU; each class is first checked
 on a probe input (the lean forward must give the module's own output exactly), so a
-transformers version whose forward differs is left alone.
+transformers version whose forward differs is left alone. An MLP whose ``down_proj`` carries a
+forward hook (or a replaced forward) at call time runs its own forward, so the hook sees the call.
 """
 from __future__ import annotations
 
@@ -66,9 +67,18 @@ def _mlp_why_not(m) -> Optional[str]:
     return None
 
 
+def _hooked(module) -> bool:
+    from torch.nn.modules import module as mod
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+                or mod._global_forward_hooks or mod._global_forward_pre_hooks)
+
+
 def lean_mlp(m, x: torch.Tensor) -> torch.Tensor:
     from metareason.ops.swiglu_down import swiglu_down
 
+    if _hooked(m.down_proj):  # the op bypasses down_proj's call: a hook on it must still see it
+        return type(m).forward(m, x)
     return swiglu_down(m.gate_proj(x), m.up_proj(x), m.down_proj.weight, m.down_proj.bias)
 
 
