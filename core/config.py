@@ -109,8 +109,12 @@ class TrainConfig(Section):
     # no [tokens, vocab] logits (core/train/fused_ce.py); auto: on where the model's output layer
     # splits off exactly (transformers models); SFT turns it off once a hook reads outputs.logits
     fused_ce: Union[bool, Literal["auto"]] = "auto"
+    # Llama-family MLPs and RMSNorms whose backward recomputes elementwise ops instead of saving
+    # them (ops swiglu_down, rms_norm; core/train/lean_act.py): same values, less activation
+    # memory; auto: on for every such module with plain Linear layers (LoRA / quantized left as is)
+    lean_activations: Union[bool, Literal["auto"]] = "auto"
 
-    @field_validator("packing", "fused_ce", mode="before")
+    @field_validator("packing", "fused_ce", "lean_activations", mode="before")
     @classmethod
     def _packing(cls, value):
         if value == "auto" or isinstance(value, bool) or str(value).lower() in ("true", "false"):

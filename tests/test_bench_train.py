@@ -26,6 +26,10 @@ def test_bench_train_writes_json_and_markdown_with_each_sides_settings(tmp_path)
         == r["floor"]["timed_tokens"] > 0
     assert r["against_plain_loop"]["ours"] == r["ours"]["tokens_per_cpu_s"] / r["floor"]["tokens_per_cpu_s"]
     assert r["ours"]["packing"].startswith("train.packing=auto: on")
+    assert r["ours"]["fused_ce"].startswith("train.fused_ce=auto: on")
+    assert r["ours"]["lean_activations"].startswith("train.lean_activations=auto: on (2 MLPs through swiglu_down")
+    assert "--lean-activations auto" in r["command"]
+    assert "train.lean_activations=auto: on" in out.with_suffix(".md").read_text()
     assert r["hf_flatten"]["collator"] == "DataCollatorWithFlattening"
     assert r["speed_ratio"] == r["ours"]["tokens_per_s"] / r[r["baseline"]]["tokens_per_s"]
     # peak step memory: allocated tensors during one profiled step (profiler), on every side

@@ -8,7 +8,9 @@ size, learning rate, schedule, clipping, seed.
 
 Sides (each in its own subprocess, so peak memory is its own):
 
-* ``ours``: ``metareason run`` on the config with ``train.packing`` from ``--packing``.
+* ``ours``: ``metareason run`` on the config with ``train.packing`` from ``--packing`` and
+  ``train.lean_activations`` from ``--lean-activations``; the record names what each of
+  ``train.packing``, ``train.fused_ce`` and ``train.lean_activations`` resolved to.
 * ``hf_flatten``: Trainer with ``DataCollatorWithFlattening`` (its padding-free collator: the
   batch's examples in one row, position ids restarting per example).
 * ``hf_padded``: Trainer with a right-padding collator; with length-grouped batches (the
@@ -58,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--packing", choices=["auto", "true", "false"], default="auto",
                         help="our side's train.packing")
+    parser.add_argument("--lean-activations", choices=["auto", "true", "false"], default="auto",
+                        help="our side's train.lean_activations")
     parser.add_argument("--group-by-length", choices=["config", "true", "false"], default="config",
                         help="length-grouped batches on every side (default: the config's train.group_by_length)")
     parser.add_argument("--hf-mode", choices=sorted(HF_MODES), default="both",
@@ -120,6 +124,7 @@ def _kernel(args, tmp):
         f"output_dir={tmp}", "name=bench", f"train.max_steps={total}", f"train.batch_size={args.batch_size}",
         "train.grad_accum=1", "train.save_every=0", "train.eval_every=0", "eval.at_end=false",
         f"train.log_every={total}", "quiet=true", f"train.packing={args.packing}",
+        f"train.lean_activations={args.lean_activations}",
     ] + ([] if args.group_by_length == "config" else [f"train.group_by_length={args.group_by_length}"]))
 
 
@@ -168,10 +173,19 @@ def _side_ours(args, tmp) -> dict:
         seen["packed"] += 1
         return real_pack(*a, **k)
 
+    def recorded(key, real):
+        def wrapper(*a, **k):
+            on, seen[key] = real(*a, **k)
+            return on, seen[key]
+        return wrapper
+
     sft.packing_mode, sft.pack_batch = mode, pack
+    sft.fused_ce_mode = recorded("fused_ce", sft.fused_ce_mode)
+    sft.lean_activations_mode = recorded("lean_activations", sft.lean_activations_mode)
     kernel.run(overwrite=True)
     return {**_window(stamps, tokens, args.warmup, args.steps), "peak_mb": peak_mb(), "steps": len(stamps),
             "step_peak_mb": memory.peak_mb, "packing": seen["line"], "packed_batches": seen["packed"], "batches": len(tokens),
+            "fused_ce": seen.get("fused_ce"), "lean_activations": seen.get("lean_activations"),
             "group_by_length": kernel.config.train.group_by_length}
 
 
@@ -325,7 +339,8 @@ def _summary(runs: list[dict]) -> dict:
     steps_mem = [r["step_peak_mb"] for r in runs]
     cpu = [r["tokens_per_cpu_s"] for r in runs]
     settings = {k: v for k, v in runs[0].items() if k in ("packing", "packed_batches", "batches", "collator",
-                                                           "attn_implementation", "threads", "group_by_length")}
+                                                           "attn_implementation", "threads", "group_by_length",
+                                                           "fused_ce", "lean_activations")}
     return {"tokens_per_s": statistics.median(speeds), "tokens_per_s_range": [min(speeds), max(speeds)],
             "tokens_per_cpu_s": statistics.median(cpu), "peak_mb": statistics.median(mems),
             "peak_mb_range": [min(mems), max(mems)], "step_peak_mb": statistics.median(steps_mem),
@@ -335,7 +350,8 @@ def _summary(runs: list[dict]) -> dict:
 
 def _command(args) -> str:
     return "metareason bench train " + " ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in (
-        "steps", "warmup", "batch_size", "repeats", "threads", "packing", "group_by_length", "hf_mode")) + \
+        "steps", "warmup", "batch_size", "repeats", "threads", "packing", "lean_activations", "group_by_length",
+        "hf_mode")) + \
         (" --floor" if args.floor else "") + \
         ("" if args.config == str(QUICKSTART) else f" --config {args.config}")
 
@@ -355,7 +371,7 @@ def run(args) -> int:
     for rep in range(args.repeats):
         for side in sides:
             cmd = [sys.executable, "-m", "metareason", "bench", "train", "--side", side, "--config", args.config]
-            for k in ("steps", "warmup", "batch_size", "threads", "packing", "group_by_length"):
+            for k in ("steps", "warmup", "batch_size", "threads", "packing", "lean_activations", "group_by_length"):
                 cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
             print(f"[bench train] {side} (run {rep + 1}/{args.repeats}): {args.warmup} warm-up + {args.steps} "
                   f"timed steps ...", file=sys.stderr, flush=True)
@@ -427,7 +443,8 @@ def _markdown(r: dict, sides: list[str]) -> str:
     for side in sides:
         x = r[side]
         if side == "ours":
-            settings = f"{x['packing']}; {x['packed_batches']} of {x['batches']} batches packed"
+            settings = "; ".join([f"{x['packing']}; {x['packed_batches']} of {x['batches']} batches packed"]
+                                 + [x[k] for k in ("fused_ce", "lean_activations") if x.get(k)])
         elif side == "floor":
             settings = "forward, loss, backward, clip, fused AdamW; right padding, no mask"
         else:

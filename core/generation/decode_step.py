@@ -22,7 +22,8 @@ the tokens against ``generate``):
 :meth:`DecodeStep.build` returns ``None`` (the loop then calls the model) unless every module
 on that path is exactly the family's own class from ``transformers`` (``llama``, ``qwen2``,
 ``qwen3``, ``mistral``), the model runs ``sdpa`` attention with no sliding window, and no
-module it bypasses carries a forward hook or a patched ``forward`` (e.g. accelerate offload).
+module it bypasses carries a forward hook or a patched ``forward`` (e.g. accelerate offload;
+``train.lean_activations``' patch is not one: without gradients it is the module's own forward).
 """
 from __future__ import annotations
 
@@ -51,7 +52,11 @@ def _family_classes(model_type: str) -> Optional[dict]:
 
 
 def _hooked(module: torch.nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    from metareason.train.lean_act import own_forward_without_grad
+
+    # train.lean_activations' patch runs the module's own forward without gradients: not a hook here
+    patched = "forward" in module.__dict__ and not own_forward_without_grad(module)
+    return bool(module._forward_hooks or module._forward_pre_hooks or patched)
 
 
 def _global_hooks() -> bool:

@@ -14,6 +14,8 @@ from metareason.ops._dispatch import BACKENDS, BackendUnavailableError
 from metareason.ops.linear_ce import linear_cross_entropy, linear_token_logps
 from metareason.ops.lru_act import LRUActOutput, LRUParams, lru_act
 from metareason.ops.mla_decode import mla_decode
+from metareason.ops.rms_norm import rms_norm
+from metareason.ops.swiglu_down import swiglu_down
 
 __all__ = [
     "BACKENDS",
@@ -26,4 +28,6 @@ __all__ = [
     "linear_token_logps",
     "lru_act",
     "mla_decode",
+    "rms_norm",
+    "swiglu_down",
 ]

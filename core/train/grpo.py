@@ -40,6 +40,7 @@ from metareason.plugin_manager import PluginError
 from metareason.train.fused_ce import fused_ce_mode
 from metareason.train.grpo_loss import (completion_logps, group_advantages, group_std, grpo_loss, nanstd,
                                         shared_prompt_logps)
+from metareason.train.lean_act import lean_activations_mode, unpatch
 from metareason.train.loop import RunDriver, check_finite, load_train_examples, prepare_run_dir, seed_everything
 from metareason.train.optim import build_optimizer, build_scheduler
 from metareason.train.sft import autocast_context, collect_extra_losses
@@ -458,6 +459,8 @@ def train_grpo(kernel, resume: bool = False, sampler=None, overwrite: bool = Fal
     scheduler = build_scheduler(optimizer, tc)
     logprobs = LogProbs(kernel, model)
     print(f"[metareason] {logprobs.fused_line}", file=sys.stderr)
+    # after the reference model's copy: only the policy's gradient forward is patched
+    print(f"[metareason] {lean_activations_mode(tc.lean_activations, model)[1]}", file=sys.stderr)
     logprobs.decide(model, tokenizer, [kernel.prompt_text(e, tokenizer) for e in examples[:2]], device)
 
     rollout: Optional[Rollout] = None
@@ -492,6 +495,7 @@ def train_grpo(kernel, resume: bool = False, sampler=None, overwrite: bool = Fal
             run.after_step()
     finally:
         run.close_bar()
+        unpatch(model)
     return run.finish()
 
 

@@ -25,6 +25,7 @@ from metareason.errors import UserError
 from metareason.train.fused_ce import STATE_KEY as FUSED_OFF
 from metareason.train.fused_ce import shifted_labels
 from metareason.train.fused_ce import fused_ce_mode, fused_token_loss, hidden_forward
+from metareason.train.lean_act import lean_activations_mode, unpatch
 from metareason.train.loop import (RunDriver, check_finite, load_train_examples, prepare_run_dir,
                                    seed_everything)
 from metareason.train.optim import build_optimizer, build_scheduler
@@ -141,9 +142,11 @@ def train_sft(kernel, resume: bool = False, dist=None, overwrite: bool = False) 
         raise ConfigError(f"{kernel.source}: data.train: {exc}") from None
     packing, packing_line = packing_mode(tc.packing, model)
     fused, fused_line = fused_ce_mode(tc.fused_ce, model)
+    _, lean_line = lean_activations_mode(tc.lean_activations, model)
     if dist.is_main:
         print(f"[metareason] {packing_line}", file=sys.stderr)
         print(f"[metareason] {fused_line}", file=sys.stderr)
+        print(f"[metareason] {lean_line}", file=sys.stderr)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
@@ -208,6 +211,7 @@ def train_sft(kernel, resume: bool = False, dist=None, overwrite: bool = False) 
             run.after_step()
     finally:
         run.close_bar()
+        unpatch(model)
     return run.finish()
 
 
