@@ -378,3 +378,19 @@ def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monk
     assert rec["base"]["model"] == str(base.resolve()) and rec["base"]["steps"] == 0
     assert ref_of == [str(base.resolve())]  # the reference row is the given model, not fine-tuned
     assert trained and all(c["model"]["path"] == str(base.resolve()) and "arch" not in c["model"] for c in trained)
+
+
+def test_a_run_written_before_a_new_setting_is_reused_only_at_that_settings_default():
+    from metareason import Kernel
+    from metareason.plugins.mcft.compare import same_section
+
+    raw = yaml.safe_load(open("configs/mcft/experiment.yaml"))
+    raw.pop("experiment")
+    kernel = Kernel(raw)
+    train = kernel.config.train.model_dump(mode="json")
+    older = {k: v for k, v in train.items() if k != "lean_activations"}  # written before the field existed
+    assert same_section(older, train, kernel.config.train)  # the new field at its default
+    assert not same_section(older, dict(train, lean_activations=False), kernel.config.train)
+    assert not same_section(dict(older, lr=older["lr"] * 2), train, kernel.config.train)
+    assert not same_section(dict(older, gone=1), train, kernel.config.train)  # a field this kernel lacks
+    assert same_section(train, train, kernel.config.train)

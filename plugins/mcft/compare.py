@@ -54,6 +54,30 @@ def build_data(config: str, overrides: list[str], data_dir: Path, quiet: bool) -
             for split in ("train", "eval")}
 
 
+def same_section(stored, current, section_model=None) -> bool:
+    """Whether a run's written config section equals this one's. A field the written config lacks
+    (added to the kernel after the run was written) counts as equal when this config leaves it at
+    its default; every other difference counts (so a run written before a new setting existed is
+    reused only while that setting stays at its default)."""
+    if not (isinstance(stored, dict) and isinstance(current, dict)):
+        return stored == current
+    fields = getattr(type(section_model), "model_fields", {}) if section_model is not None else {}
+    for key in set(stored) | set(current):
+        if key in stored and key in current:
+            if stored[key] != current[key]:
+                return False
+        elif key in current and key in fields:
+            from pydantic import TypeAdapter
+
+            field = fields[key]
+            default = field.get_default(call_default_factory=True)
+            if TypeAdapter(field.annotation).dump_python(default, mode="json") != current[key]:
+                return False
+        else:
+            return False
+    return True
+
+
 def _trained_already(kernel) -> bool:
     """The run dir holds a checkpoint at ``train.max_steps`` and a config whose model, data, train and
     mcft sections equal this one's."""
@@ -63,7 +87,7 @@ def _trained_already(kernel) -> bool:
 
     def same(a: str, b: str) -> bool:  # what decides the trained weights
         da, db = yaml.safe_load(a) or {}, yaml.safe_load(b) or {}
-        return all(da.get(k) == db.get(k) for k in TRAINING_SECTIONS)
+        return all(same_section(da.get(k), db.get(k), getattr(kernel.config, k, None)) for k in TRAINING_SECTIONS)
 
     run_dir = kernel.config.run_dir
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
