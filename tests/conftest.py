@@ -72,23 +72,28 @@ def ext_plugin():
                    capture_output=True, text=True)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny random Llama with the char tokenizer, saved like any Hugging Face model."""
+def save_tiny_llama(path, **arch_overrides):
+    """A tiny random Llama (TINY_LLAMA, with ``arch_overrides``) and the char tokenizer, saved
+    at ``path`` like any Hugging Face model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from metareason.models import build_char_tokenizer
 
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_llama")
     tok = build_char_tokenizer()
-    arch = dict(TINY_LLAMA)
+    arch = dict(TINY_LLAMA, **arch_overrides)
     cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with the char tokenizer, saved like any Hugging Face model."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from metareason.benchmarks import serve as bs
-from tests.conftest import TINY_LLAMA, run_cli
+from tests.conftest import run_cli, save_tiny_llama
 
 A, B = "continuous (metareason serve)", "static (earlier engine, in-process)"
 
@@ -34,27 +34,13 @@ def test_summary_is_medians_and_ranges_and_ratios_are_paired_by_repeat():
 def long_tiny_dir(tmp_path_factory):
     """The suite's tiny Llama with a context that holds the bench's prompts (up to ~400 chars)
     plus their 128 new tokens."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from metareason.models import build_char_tokenizer
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_long")
-    tok = build_char_tokenizer()
-    arch = dict(TINY_LLAMA, max_position_embeddings=1024)
-    cfg = AutoConfig.for_model(arch.pop("model_type"), vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **arch)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_long"), max_position_embeddings=1024)
 
 
 @pytest.mark.slow
 def test_bench_serve_repeats_end_to_end(long_tiny_dir, tmp_path):
-    tiny_model_dir = long_tiny_dir
     out = tmp_path / "serve.json"
-    r = run_cli("bench", "serve", "--model", str(tiny_model_dir), "--requests", "3,4", "--concurrency", "1,2",
+    r = run_cli("bench", "serve", "--model", str(long_tiny_dir), "--requests", "3,4", "--concurrency", "1,2",
                 "--sides", "continuous,static", "--repeats", "2", "--max-batch-size", "4", "--timeout", "120",
                 "--out", str(out), env={"OMP_NUM_THREADS": "1"}, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -69,7 +55,7 @@ def test_bench_serve_repeats_end_to_end(long_tiny_dir, tmp_path):
     assert [len(x["per_repeat"]) for x in rec["ratios"]] == [2, 2]
     md = out.with_suffix(".md").read_text()
     assert "paired by repeat" in md and "measured 2 times" in md and "(3 at 1 in flight, 4 at 2 in flight)" in md
-    bad = run_cli("bench", "serve", "--model", str(tiny_model_dir), "--repeats", "0", "--out", str(tmp_path / "x.json"))
+    bad = run_cli("bench", "serve", "--model", str(long_tiny_dir), "--repeats", "0", "--out", str(tmp_path / "x.json"))
     assert bad.returncode != 0 and "--repeats" in bad.stderr and not (tmp_path / "x.json").exists()
 
 
