@@ -43,6 +43,17 @@ def select(op: str, why_not: Mapping[str, str | None], explicit: str | None = No
     return "reference"
 
 
+def torch_code_why_not(device: torch.device, triton: str | None) -> dict[str, str | None]:
+    """The backends of an op written in torch code: ``reference`` anywhere, ``cpu`` / ``cuda`` on
+    their device; ``triton``: the given reason (None = it can run)."""
+    return {
+        "reference": None,
+        "cpu": None if device.type == "cpu" else f"inputs are on {device}, the cpu backend needs CPU tensors",
+        "cuda": None if device.type == "cuda" else f"inputs are on {device}, the cuda backend needs CUDA tensors",
+        "triton": triton,
+    }
+
+
 def extension_why_not(device: torch.device, backend: str, symbol: str) -> str | None:
     """Reason the compiled extension cannot run ``symbol`` for ``backend`` on ``device`` (None = it can)."""
     from metareason.ops._extension import extension

@@ -48,12 +48,7 @@ def default_chunk(vocab: int) -> int:
 
 
 def _why_not(device: torch.device, explicit: Optional[str] = None) -> dict[str, Optional[str]]:
-    return {
-        "reference": None,
-        "cpu": None if device.type == "cpu" else f"inputs are on {device}, the cpu backend needs CPU tensors",
-        "cuda": None if device.type == "cuda" else f"inputs are on {device}, the cuda backend needs CUDA tensors",
-        "triton": _dispatch.triton_why_not(device, explicit),
-    }
+    return _dispatch.torch_code_why_not(device, _dispatch.triton_why_not(device, explicit))
 
 
 def _check(hidden, weight, bias, targets, chunk_tokens) -> None:

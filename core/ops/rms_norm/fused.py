@@ -23,12 +23,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _why_not(device: torch.device) -> dict[str, Optional[str]]:
-    return {
-        "reference": None,
-        "cpu": None if device.type == "cpu" else f"inputs are on {device}, the cpu backend needs CPU tensors",
-        "cuda": None if device.type == "cuda" else f"inputs are on {device}, the cuda backend needs CUDA tensors",
-        "triton": "rms_norm has no Triton kernel (elementwise torch ops)",
-    }
+    return _dispatch.torch_code_why_not(device, "rms_norm has no Triton kernel (elementwise torch ops)")
 
 
 class _RMSNorm(torch.autograd.Function):

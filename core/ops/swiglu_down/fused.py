@@ -28,12 +28,8 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _why_not(device: torch.device) -> dict[str, Optional[str]]:
-    return {
-        "reference": None,
-        "cpu": None if device.type == "cpu" else f"inputs are on {device}, the cpu backend needs CPU tensors",
-        "cuda": None if device.type == "cuda" else f"inputs are on {device}, the cuda backend needs CUDA tensors",
-        "triton": "swiglu_down has no Triton kernel (an elementwise recompute around torch's GEMMs)",
-    }
+    return _dispatch.torch_code_why_not(
+        device, "swiglu_down has no Triton kernel (an elementwise recompute around torch's GEMMs)")
 
 
 def _check(gate, up, weight, bias) -> None:
