@@ -3,6 +3,7 @@
     python bench/behaviors_smollm2.py --stages pilot      # the pilot and its task rule (~10-25 min)
     python bench/behaviors_smollm2.py                     # every stage (about 4.5 core-hours); the report
     python bench/behaviors_smollm2.py --quick --runs /tmp/b2q --out /tmp/b2q/report   # every stage, tiny
+    python bench/behaviors_smollm2.py --stages students --arms bcsft   # one arm's students (a second core)
 
 The design, written before any run: docs/behaviors.md, "### Part B: SmolLM2-135M-Instruct, small
 but real". Every stage is a documented command (``metareason eval`` / ``behaviors extract`` /
@@ -83,6 +84,19 @@ class Sizes:
 
 
 FULL = Sizes()
+# The design's order of cuts when the compute is more than a session has (docs/behaviors.md, Part B,
+# "Compute"): ``--cuts N`` applies the first N, and the report says which.
+CUTS = (("the sampled BCI seeds", {"sampled_seeds": ()}),
+        ("the 15-step budget", {"budgets": (30, 60)}),
+        ("the lr grid to {3e-4, 1e-3}", {"lr_grid": ("3e-4", "1e-3")}))
+
+
+def with_cuts(sizes: Sizes, n: int) -> Sizes:
+    from dataclasses import replace
+
+    for _, change in CUTS[:n]:
+        sizes = replace(sizes, **change)
+    return sizes
 QUICK = Sizes(pilot=2, train=6, val=2, test=3, budgets=(1, 2), lr_grid=("3e-4", "1e-3"), seeds=(0, 1),
               sampled_seeds=(0,), prefix="behaviors-smollm2q",
               extra=("quiet=true", "generation.max_new_tokens=12", "behaviors.max_new_tokens=12",
@@ -333,7 +347,7 @@ def final_checkpoint(run_dir: Path, steps: int) -> Optional[Path]:
     return found[0] if found else None
 
 
-def build(plan: Plan, groups: list[str], state: dict, server: Server) -> list[Stage]:
+def build(plan: Plan, groups: list[str], state: dict, server: Server, arms: tuple = ARMS) -> list[Stage]:
     sz, d = plan.sizes, plan.dir
     stages: list[Stage] = []
 
@@ -439,19 +453,19 @@ def build(plan: Plan, groups: list[str], state: dict, server: Server) -> list[St
             label = f"student {arm} seed {seed} lr {lr} {budget} steps" + (" (grid)" if val else "")
             return Stage(label, "students", done, do, show)
 
-        for arm in ARMS:
+        for arm in arms:
             for lr in sz.lr_grid:
                 stages.append(student(arm, sz.seeds[0], lr, top, val=True, test=False))
 
         def choose_lr():
             state["grid"] = {}
-            for arm in ARMS:
+            for arm in arms:
                 val = {lr: accuracy(plan.runs / plan.run_name(arm, sz.seeds[0], lr, top) / "eval_samples.jsonl")
                        for lr in sz.lr_grid}
                 best = max(val.values())
                 state["grid"][arm] = {"validation": val, "lr": next(lr for lr in sz.lr_grid if val[lr] == best)}
             # the curves need the choice: their stages are added now
-            for arm in ARMS:
+            for arm in arms:
                 lr = state["grid"][arm]["lr"]
                 for seed in sz.seeds:
                     for budget in sz.budgets:
@@ -537,8 +551,9 @@ def analyse_b1(plan: Plan) -> dict:
     diffs = [accuracy(d / f"{plan.b1_name(True, s)}.jsonl") - accuracy(d / f"{plan.b1_name(False, s)}.jsonl")
              for s in sz.sampled_seeds]
     out = {"table": rows, "greedy": greedy,
-           "sampled_difference": ms.seed_interval(diffs) if len(diffs) >= 2 else {"mean": diffs[0]}}
-    low_acc = favours(greedy, "only_b") or out["sampled_difference"].get("high", 0.0) < 0
+           "sampled_difference": (ms.seed_interval(diffs) if len(diffs) >= 2 else {"mean": diffs[0]} if diffs
+                                  else None)}
+    low_acc = favours(greedy, "only_b") or (out["sampled_difference"] or {}).get("high", 0.0) < 0
     out["verdict"] = ("refuted (accuracy significantly lower under BCI)" if low_acc else
                       "refuted (tokens not lower under BCI)" if greedy["token_change"] >= 0 else
                       "supported" if greedy["token_change"] <= -0.20 else
@@ -594,19 +609,22 @@ def interval(si: Optional[dict], values: dict) -> str:
     return f"{list(values.values())[0]:.3f}"
 
 
-def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: bool) -> dict:
+def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: bool, cuts: int = 0) -> dict:
     from metareason.plugins.behaviors import method_stats as ms
 
     sz, d = plan.sizes, plan.dir
-    record: dict = {"quick": quick, "groups": groups, "sizes": {k: getattr(sz, k) for k in
+    record: dict = {"quick": quick, "groups": groups, "cuts": [label for label, _ in CUTS[:cuts]], "sizes": {k: getattr(sz, k) for k in
                                                                 ("pilot", "train", "val", "test", "budgets", "lr_grid",
                                                                  "seeds", "sampled_seeds", "temperature")}}
     lines = ["# Behaviors, part B: SmolLM2-135M-Instruct" + (" (quick smoke, not a measurement)" if quick else ""), "",
              "Design, written before any run: docs/behaviors.md, \"### Part B: SmolLM2-135M-Instruct, small but "
              "real\". Driver: `python bench/behaviors_smollm2.py" + (" --quick" if quick else "")
-             + ("" if groups == list(GROUPS) else f" --stages {','.join(groups)}") + "` (its docstring: stages, "
-             "resumption). Model: SmolLM2-135M-Instruct (`metareason models get smollm2-135m-instruct`), chat "
-             "template, system prompt \"Solve step by step. End with a line 'answer: N'.\"", ""]
+             + ("" if groups == list(GROUPS) else f" --stages {','.join(groups)}") + (f" --cuts {cuts}" if cuts else "")
+             + "` (its docstring: stages, resumption). Model: SmolLM2-135M-Instruct (`metareason models get "
+             "smollm2-135m-instruct`), chat template, system prompt \"Solve step by step. End with a line 'answer: N'.\"",
+             ""]
+    if cuts:
+        lines += ["**Cuts applied** (the design's order, for compute): " + "; ".join(record["cuts"]) + ".", ""]
     p = state["pilot"]
     record["pilot"] = p
     gen = sum(t["questions"] * t["gen_tokens"] for t in p["tasks"])
@@ -653,7 +671,8 @@ def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: b
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['decoding']} | {'on' if r['bci'] else 'off'} | {r['questions']} | {r['accuracy']:.3f} | "
                   f"{r['gen_tokens']:.1f} | {r['citing_share']:.2f} | {r['citations']:.2f} |" for r in b1["table"]]
-        diff = (f"{sd['mean']:+.3f} [{sd['low']:+.3f}, {sd['high']:+.3f}]" if "low" in sd else f"{sd['mean']:+.3f}")
+        diff = ("not run (a cut of the design)" if sd is None else
+                f"{sd['mean']:+.3f} [{sd['low']:+.3f}, {sd['high']:+.3f}]" if "low" in sd else f"{sd['mean']:+.3f}")
         lines += ["", f"Greedy, paired (on vs off): right only with BCI / only without: {g['mcnemar']['only_a']} / "
                   f"{g['mcnemar']['only_b']}, McNemar p = {fmt_p(g['mcnemar']['p_value'])}; tokens "
                   f"{g['wilcoxon']['mean_a']:.1f} vs {g['wilcoxon']['mean_b']:.1f} ({g['token_change']:+.0%}), "
@@ -724,6 +743,12 @@ def main(argv=None) -> int:
     p.add_argument("--stages", default=",".join(GROUPS), help=f"comma-separated, of {', '.join(GROUPS)} (the "
                    "earlier ones must have finished)")
     p.add_argument("--model", default=None, help="model directory (default: the configs' model.path)")
+    p.add_argument("--arms", default=",".join(ARMS), help="the students stage's arms (default: both); with one, "
+                   "its runs only and no report: two drivers can then train the two arms side by side, and a "
+                   "last run with both arms reuses them and writes the report")
+    p.add_argument("--cuts", type=int, default=0, choices=range(len(CUTS) + 1),
+                   help="apply the design's first N cuts, in its order: " + "; ".join(
+                       f"{i + 1}: {label}" for i, (label, _) in enumerate(CUTS)))
     p.add_argument("--quick", action="store_true", help="every stage in miniature: checks the pipeline, measures nothing")
     args = p.parse_args(argv)
     groups = [g.strip() for g in args.stages.split(",") if g.strip()]
@@ -731,9 +756,15 @@ def main(argv=None) -> int:
     if bad or not groups:
         p.error(f"--stages: unknown stage {bad[0]!r} (known: {', '.join(GROUPS)})" if bad else "--stages: none given")
     groups = [g for g in GROUPS if g in groups]
+    arms = tuple(a for a in ARMS if a in {x.strip() for x in args.arms.split(",")})
+    unknown = sorted({x.strip() for x in args.arms.split(",")} - set(ARMS))
+    if unknown or not arms:
+        p.error(f"--arms: unknown arm {unknown[0]!r} (known: {', '.join(ARMS)})" if unknown else "--arms: none given")
     if args.model and not Path(args.model).expanduser().is_dir():
         p.error(f"--model: {args.model}: no such model directory")
-    sizes = QUICK if args.quick else FULL
+    sizes = QUICK if args.quick else with_cuts(FULL, args.cuts)
+    if args.quick and args.cuts:
+        p.error("--cuts: applies to the design's sizes, not to --quick")
     out = Path(args.out) if args.out else (DEFAULT_OUT if groups == list(GROUPS)
                                            else DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-" + "-".join(groups)))
     plan = Plan(sizes, Path(args.runs).resolve(), args.model)
@@ -741,10 +772,14 @@ def main(argv=None) -> int:
     state: dict = {}
     server = Server(plan)
     try:
-        counts = run_stages(plan, build(plan, groups, state, server), state)
+        counts = run_stages(plan, build(plan, groups, state, server, arms), state)
     finally:
         server.close()
-    write_report(out, plan, groups, state, args.quick)
+    if arms != ARMS and "students" in groups:
+        print(f"{TAG} --arms {','.join(arms)}: no report (run without --arms once both arms have finished)",
+              file=sys.stderr)
+    else:
+        write_report(out, plan, groups, state, args.quick, args.cuts)
     print(f"{TAG} stages: {counts['ran']} ran, {counts['reused']} reused; {len(plan.executed)} commands executed",
           file=sys.stderr)
     return 0

@@ -97,8 +97,57 @@ def test_second_invocation_reuses_every_stage(quick):
     assert all(line.endswith("# reused") for line in record["commands"])
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_one_arm_reuses_its_students_and_writes_no_report(quick, tmp_path, capsys):
+    """``--arms bcsft``: a second driver can train one arm beside the first; it runs only that arm's
+    stages (here all finished) and leaves the report to a last run with both arms."""
+    driver, runs, _, argv = quick
+    out = tmp_path / "one-arm"
+    assert driver.main(argv[:-4] + ["--runs", str(runs), "--out", str(out), "--stages", "students",
+                                    "--arms", "bcsft", "--model", argv[-1]]) == 0
+    err = capsys.readouterr().err
+    assert "student bcsft" in err and "student sft" not in err
+    assert "finished earlier, reused" in err and ": running" not in err
+    assert not out.with_suffix(".md").exists()
+    with pytest.raises(SystemExit):
+        driver.main(argv + ["--arms", "nope"])
+    assert "--arms: unknown arm 'nope'" in capsys.readouterr().err
+
+
+def test_cuts_follow_the_designs_order():
+    driver = load_driver()
+    full = driver.FULL
+    assert driver.with_cuts(full, 0) == full
+    one = driver.with_cuts(full, 1)
+    assert one.sampled_seeds == () and one.budgets == full.budgets and one.lr_grid == full.lr_grid
+    two = driver.with_cuts(full, 2)
+    assert two.budgets == (30, 60) and two.lr_grid == full.lr_grid
+    three = driver.with_cuts(full, 3)
+    assert three.lr_grid == ("3e-4", "1e-3") and three.seeds == full.seeds
+
+
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_b1_without_sampled_seeds_decides_on_the_greedy_pair(tmp_path):
+    """Cut 1 drops the sampled seeds: B1's verdict then rests on the greedy McNemar and tokens."""
+    driver = load_driver()
+    plan = driver.Plan(driver.with_cuts(driver.FULL, 1), tmp_path, None)
+    plan.dir.mkdir(parents=True)
+
+    def rows(right, tokens):
+        return [{"id": f"q{i}", "group": "reasoning_gym/gcd/gcd", "completion": "x", "score": float(i < right),
+                 "gen_tokens": tokens} for i in range(40)]
+
+    write_jsonl(plan.dir / "b1-plain-greedy.jsonl", rows(20, 100))
+    write_jsonl(plan.dir / "b1-bci-greedy.jsonl", rows(20, 70))
+    b1 = driver.analyse_b1(plan)
+    assert b1["sampled_difference"] is None and len(b1["table"]) == 2
+    assert b1["verdict"] == "supported"  # same answers right, 30% fewer tokens
+    write_jsonl(plan.dir / "b1-bci-greedy.jsonl", rows(5, 70))
+    assert driver.analyse_b1(plan)["verdict"].startswith("refuted (accuracy")
 
 
 def test_pilot_rule_first_task_in_range_else_fallback(tmp_path):
