@@ -65,6 +65,8 @@ PILOT_RANGE = (0.10, 0.70)
 FALLBACK = "basic_arithmetic"
 SEEDS = {"train": 0, "val": 500000, "test": 1000000}
 TAG = "[behaviors-smollm2]"
+EMPTY_B2 = ("not run: the strategist's extraction left the handbook empty, so BCI retrieves nothing, the BCI "
+            "teacher's prompts are the plain teacher's, and the two students would train on the same answers")
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,20 @@ def build(plan: Plan, groups: list[str], state: dict, server: Server, arms: tupl
                             lambda: [plan.show(plan.serve_argv()) + " &", plan.show(plan.extract_argv()),
                                      plan.show(plan.export_argv())]))
 
+    def empty_rule():
+        # With no behavior in the handbook, BCI retrieves nothing: the "on" prompts are the "off"
+        # prompts and the BCI teacher is the plain teacher, so B2's two students would train on the
+        # same answers. B1 still runs (it shows the identity and the base's test accuracy); B2 is
+        # not run, and the report says why.
+        need(extract_json, "extract")
+        n = json.loads(extract_json.read_text())["behaviors_in_handbook"]
+        state["behaviors"] = n
+        if n == 0:
+            state["skip"] = {"teacher": EMPTY_B2, "students": EMPTY_B2}
+
+    if {"bci", "teacher", "students"} & set(groups):
+        stages.append(Stage("the empty-handbook rule", "extract", lambda: False, empty_rule, check=True))
+
     # 3. B1: BCI on / off -----------------------------------------------------------------------
     if "bci" in groups:
         for seed in (None,) + tuple(sz.sampled_seeds):
@@ -490,6 +506,9 @@ def run_stages(plan: Plan, stages: list[Stage], state: dict) -> dict:
     while i < len(queue):
         stage = queue[i]
         i += 1
+        if stage.group in state.get("skip", {}):
+            print(f"{TAG} stage {i}/{len(queue)} {stage.label}: {state['skip'][stage.group]}", file=sys.stderr, flush=True)
+            continue
         if stage.check:
             stage.do()
             if state.get("later"):
@@ -550,7 +569,9 @@ def analyse_b1(plan: Plan) -> dict:
     greedy = paired(d / f"{plan.b1_name(True, None)}.jsonl", d / f"{plan.b1_name(False, None)}.jsonl")  # a: on
     diffs = [accuracy(d / f"{plan.b1_name(True, s)}.jsonl") - accuracy(d / f"{plan.b1_name(False, s)}.jsonl")
              for s in sz.sampled_seeds]
-    out = {"table": rows, "greedy": greedy,
+    on = {r["id"]: r["completion"] for r in read_jsonl(d / f"{plan.b1_name(True, None)}.jsonl")}
+    off = {r["id"]: r["completion"] for r in read_jsonl(d / f"{plan.b1_name(False, None)}.jsonl")}
+    out = {"table": rows, "greedy": greedy, "identical_greedy": sum(on.get(k) == v for k, v in off.items()),
            "sampled_difference": (ms.seed_interval(diffs) if len(diffs) >= 2 else {"mean": diffs[0]} if diffs
                                   else None)}
     low_acc = favours(greedy, "only_b") or (out["sampled_difference"] or {}).get("high", 0.0) < 0
@@ -678,6 +699,14 @@ def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: b
                   f"{g['wilcoxon']['mean_a']:.1f} vs {g['wilcoxon']['mean_b']:.1f} ({g['token_change']:+.0%}), "
                   f"Wilcoxon p = {fmt_p(g['wilcoxon']['p_value'])}. Sampled: accuracy on - off over seeds {diff}.", "",
                   f"**B1 verdict** (rule fixed in the design): {b1['verdict']}.", ""]
+        same = b1["identical_greedy"]
+        lines += [f"Greedy completions identical with BCI on and off: {same} of {g['pairs']}"
+                  + (" (the handbook is empty: BCI retrieves nothing, so the prompts are the same)."
+                     if state.get("behaviors") == 0 else "."), ""]
+    if state.get("skip") and ({"teacher", "students"} & set(groups)):
+        record["b2"] = {"not_run": EMPTY_B2}
+        lines += ["## B2: BC-SFT vs SFT", "", f"**{EMPTY_B2[0].upper() + EMPTY_B2[1:]}.**", ""]
+        groups = [g for g in groups if g not in state["skip"]]
     if "teacher" in groups:
         t = {m: json.loads((d / f"teacher-{m}.json").read_text())["teacher"] for m in MODE.values()}
         sd_ = json.loads((d / "student-data.json").read_text())

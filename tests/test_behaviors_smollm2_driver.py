@@ -186,3 +186,36 @@ def test_subsample_to_the_smaller_set(tmp_path):
     assert len(sft) == 4 and len({r["id"] for r in sft}) == 4
     assert [int(r["id"]) for r in sft] == sorted(int(r["id"]) for r in sft)  # order kept
     assert [r["id"] for r in driver.read_jsonl(plan.dir / "train-bcsft.jsonl")] == ["0", "1", "2", "3"]
+
+
+def test_an_empty_handbook_runs_b1_and_says_why_b2_is_not_run(tmp_path, capsys):
+    """The strategist may parse no behavior at all (a 135M model rarely writes the format): then
+    BCI retrieves nothing and B2's two students would see the same answers, so the driver reuses
+    B1, skips the teacher and students with the reason, and the report states it."""
+    driver = load_driver()
+    d = tmp_path / "runs" / driver.FULL.prefix
+    d.mkdir(parents=True)
+    pilot = [{"id": f"{t}/{i}", "group": f"reasoning_gym/{t}/{t}", "completion": "7", "answer": "7",
+              "score": float(t == "gcd" and i < 2), "gen_tokens": 5} for t in ("basic_arithmetic", "chain_sum", "gcd")
+             for i in range(10)]
+    write_jsonl(d / "pilot-samples.jsonl", pilot)
+    (d / "extract.json").write_text(json.dumps({"examples": 400, "examples_done": 400, "returned_lines": 900,
+                                                "parsed": 0, "rejected": 900, "inserted": 0, "merged": 0,
+                                                "behaviors_in_handbook": 0, "failures": [],
+                                                "rejected_samples": []}))
+    same = [{"id": f"q{i}", "group": "reasoning_gym/gcd/gcd", "completion": f"c{i}", "score": float(i < 3),
+             "gen_tokens": 50} for i in range(20)]
+    for name in ("b1-plain-greedy", "b1-bci-greedy"):
+        write_jsonl(d / f"{name}.jsonl", same)
+    out = tmp_path / "report"
+    assert driver.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--stages", "extract,bci,teacher,students",
+                        "--cuts", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "teacher (plain): not run: the strategist's extraction left the handbook empty" in err
+    assert "student sft seed 0 lr 1e-4 60 steps (grid): not run" in err and ": running" not in err
+    assert not (d / "teacher-plain.json").exists()
+    md = out.with_suffix(".md").read_text()
+    assert "Chosen: gcd" in md and "Cuts applied" in md and "the sampled BCI seeds" in md
+    assert "Greedy completions identical with BCI on and off: 20 of 20 (the handbook is empty" in md
+    assert "Not run: the strategist's extraction left the handbook empty" in md
+    assert json.loads(out.with_suffix(".json").read_text())["b2"]["not_run"].startswith("not run")
