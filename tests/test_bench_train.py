@@ -70,6 +70,9 @@ def test_bench_grpo_writes_the_ratio_and_both_sides_breakdown(tmp_path, tiny_mod
     text = out.with_suffix(".md").read_text()
     assert "Command: `metareason bench grpo" in text and "--sides ours,ours_unshared,trl" in r["command"]
     assert r["decoder"] == "lean"
+    # what our side's train.lean_activations resolved to is recorded, and the command repeats the flag
+    assert r["ours"]["lean_activations"].startswith("train.lean_activations=auto: on"), r["ours"].get("lean_activations")
+    assert "--lean-activations auto" in r["command"] and "our activations: train.lean_activations=auto: on" in text
     for side in ("ours", "ours_unshared", "trl"):
         assert r[side]["step_s"] > 0 and r[side]["sampling_s"] > 0, side
     # the separate row really runs the plain forward: share_prompt_forward on for ours, off for the other

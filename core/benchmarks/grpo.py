@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder", default="lean", choices=["lean", "lean_model", "hf"],
                         help="our side's sampling (generation.decoder): the lean decode loop with its own decode "
                              "step, the lean loop calling the model each step, or the model's generate")
+    parser.add_argument("--lean-activations", default="auto", choices=["auto", "true", "false"],
+                        help="our side's train.lean_activations (the record names what it resolved to)")
     parser.add_argument("--out", default=f"{DEFAULT_OUT}/grpo-cpu.json", help="JSON record (and .md beside it)")
     parser.add_argument("--side", choices=["ours", "ours_unshared", "trl", "trl_gc"],
                         help=argparse.SUPPRESS)  # child process
@@ -152,6 +154,7 @@ def _kernel(args, tmp, share_prompt_forward: bool = True):
         f"rl.loss_type={args.loss_type}", "rl.beta=0.0", "rl.num_iterations=1", f"rl.max_completion_length={n}",
         f"generation.batch_size={args.prompts * args.num_generations}", f"generation.decoder={args.decoder}",
         "rl.generation_kwargs={min_new_tokens: %d}" % n, f"rl.share_prompt_forward={str(share_prompt_forward).lower()}",
+        f"train.lean_activations={args.lean_activations}",
     ])
 
 
@@ -187,7 +190,18 @@ def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
             parts[-1]["prompt_tokens"] = metrics["rl/prompt_length/mean"]
 
     kernel.register(Timer(), name="bench_timer")
-    kernel.run(overwrite=True)
+    seen: dict = {}
+    real_lean = grpo.lean_activations_mode
+
+    def lean(*a, **k):
+        on, seen["lean_activations"] = real_lean(*a, **k)
+        return on, seen["lean_activations"]
+
+    grpo.lean_activations_mode = lean
+    try:
+        kernel.run(overwrite=True)
+    finally:
+        grpo.lean_activations_mode = real_lean
     w = args.warmup
     timed = parts[w:]
     times = _step_times(stamps, w, args.steps)
@@ -197,7 +211,8 @@ def _side_ours(args, tmp, share_prompt_forward: bool = True) -> dict:
             "train_s": sum(p["rl/time/train_s"] for p in timed) / len(timed),
             **_breakdown(times, timers, w), "completion_tokens": sum(p["tokens"] for p in timed) / len(timed),
             "prompt_tokens": sum(p["prompt_tokens"] for p in timed) / len(timed),
-            "share_prompt_forward": kernel.config.rl.share_prompt_forward}
+            "share_prompt_forward": kernel.config.rl.share_prompt_forward,
+            "lean_activations": seen.get("lean_activations")}
 
 
 def _side_trl(args, tmp, gradient_checkpointing: bool = False) -> dict:
@@ -304,7 +319,7 @@ def _median_run(rows: list[dict]) -> dict:
 
 
 CHILD_ARGS = ("steps", "warmup", "prompts", "num_generations", "completion_length", "loss_type", "lr", "threads",
-              "decoder")
+              "decoder", "lean_activations")
 
 
 def _command(args) -> str:
@@ -418,7 +433,8 @@ def _markdown(r: dict) -> str:
              f"loss_type {r['loss_type']}, beta 0, num_iterations 1; {r['timed_steps']} timed steps after "
              f"{r['warmup_steps']} warm-up; each side in its own process; {r['repeats']} interleaved run(s) per "
              f"side, the median reported{spread}. Our sampling: the {r.get('decoder', 'lean')} decoder "
-             f"(`generation.decoder`). Load average before/after: "
+             f"(`generation.decoder`); our activations: {r['ours'].get('lean_activations') or 'not recorded'}. "
+             f"Load average before/after: "
              f"{r['load_average_before'][0]:.2f} / {r['load_average_after'][0]:.2f}; torch threads per side: "
              f"{r['ours'].get('threads')} (on a shared machine the CPU-time column is the steadier one, and more "
              f"threads than free cores make OpenMP spin: use `--threads 1` there).", "",
