@@ -208,8 +208,10 @@ def test_an_empty_handbook_runs_b1_and_says_why_b2_is_not_run(tmp_path, capsys):
     for name in ("b1-plain-greedy", "b1-bci-greedy"):
         write_jsonl(d / f"{name}.jsonl", same)
     out = tmp_path / "report"
+    no_model = tmp_path / "no-model"  # a stage that needed the model would fail at once, not run for minutes
+    no_model.mkdir()
     assert driver.main(["--runs", str(tmp_path / "runs"), "--out", str(out), "--stages", "extract,bci,teacher,students",
-                        "--cuts", "1"]) == 0
+                        "--cuts", "1", "--model", str(no_model)]) == 0
     err = capsys.readouterr().err
     assert "teacher (plain): not run: the strategist's extraction left the handbook empty" in err
     assert "student sft seed 0 lr 1e-4 60 steps (grid): not run" in err and ": running" not in err
