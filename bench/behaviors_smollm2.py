@@ -675,12 +675,18 @@ def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: b
         if ex["failures"]:
             lines += [f"Failures: {len(ex['failures'])} (first: {ex['failures'][0]})", ""]
         if ex["rejected_samples"]:
-            lines += ["First rejected lines:", ""] + [f"* `{r['text'][:120]}`: {r['reason']}"
-                                                      for r in ex["rejected_samples"][:8]] + [""]
+            seen: dict = {}
+            for r in ex["rejected_samples"]:
+                seen.setdefault((r["text"][:120], r["reason"]), []).append(r["example_id"])
+            lines += [f"Rejected lines kept by the extraction ({len(ex['rejected_samples'])}, from "
+                      f"{len({r['example_id'] for r in ex['rejected_samples']})} example(s)), distinct:", ""]
+            lines += [f"* `{text}` ({len(ids)}x): {why}" for (text, why), ids in list(seen.items())[:8]] + [""]
         if hb:
             lines += [f"Behaviors (first {min(len(hb), 10)} of {len(hb)}):", ""] + [
                 f"* `{b['name']}`: {b['instruction'][:160]}" for b in hb[:10]] + [""]
-        if len(hb) < 5:
+        if state.get("skip"):
+            lines += ["No behavior at all: B1 runs and shows the identity, B2 does not (below).", ""]
+        elif len(hb) < 5:
             lines += ["Fewer than 5 behaviors: the arms below run on them anyway, as the design says.", ""]
     if "bci" in groups:
         b1 = analyse_b1(plan)

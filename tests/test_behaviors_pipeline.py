@@ -87,6 +87,9 @@ def test_malformed_extraction_lines_rejected_and_counted(tmp_path, section):
         assert rep.returned_lines == 15  # non-blank lines only
         assert hb.names() == {"behavior_good_rule"}
         assert rep.rejected_samples[0]["text"] == "Sure! Here you go:"
+        # two per example at most, so one looping output cannot fill the samples
+        per_example = [r["example_id"] for r in rep.rejected_samples]
+        assert len(rep.rejected_samples) == 6 and all(per_example.count(i) == 2 for i in set(per_example))
 
 
 def test_generator_failure_retried_then_reported_and_earlier_work_kept(tmp_path, section):

@@ -24,6 +24,10 @@ class ExtractionError(UserError):
     """The strategist failed on an example (after retries); the message names the example."""
 
 
+REJECTED_SAMPLES = 20  # rejected lines kept in the report, with their reasons
+REJECTED_PER_EXAMPLE = 2
+
+
 @dataclass
 class ExtractionReport:
     examples: int = 0
@@ -33,7 +37,7 @@ class ExtractionReport:
     inserted: int = 0
     merged: int = 0
     rejected: int = 0  # lines / items the parser refused
-    rejected_samples: list = field(default_factory=list)  # the first few, with the reason
+    rejected_samples: list = field(default_factory=list)  # the first two of each example, 20 at most, with the reason
     failures: list = field(default_factory=list)  # {example_id, stage, error}
 
     def to_json(self) -> dict:
@@ -73,7 +77,9 @@ def extract_behaviors(generator, examples: list[dict], handbook, section, quiet:
                 parsed = parse_extraction(texts["extract"][j], section.max_instruction_sentences)
                 report.rejected += len(parsed.rejected)
                 for line, why in parsed.rejected:
-                    if len(report.rejected_samples) < 20:
+                    # a few from each example, so that one looping output cannot fill the samples
+                    mine = sum(r["example_id"] == ids[j] for r in report.rejected_samples)
+                    if len(report.rejected_samples) < REJECTED_SAMPLES and mine < REJECTED_PER_EXAMPLE:
                         report.rejected_samples.append({"example_id": ids[j], "text": line, "reason": why})
                 topic = batch[j].get(topic_field)
                 for b in parsed.behaviors:
