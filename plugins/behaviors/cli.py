@@ -250,7 +250,8 @@ def add_commands(subparsers) -> None:
     _handbook_args(s)
     s.set_defaults(func=_stats)
 
-    s = sub.add_parser("bench", help="measured results under bench-results/: demo (tiny model) | retrieval (10k)")
+    s = sub.add_parser("bench", help="measured results under bench-results/: demo (the first tiny-model demo, "
+                       "kept as a record; the redesigned experiment is bench/behaviors_method.py) | retrieval (10k)")
     s.add_argument("which", choices=("demo", "retrieval"))
     s.add_argument("config_dir", nargs="?", default="configs/behaviors", help="demo: folder of its configs")
     s.add_argument("--stages", default="all", help="demo: comma list of stages (default all)")
