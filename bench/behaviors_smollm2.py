@@ -665,6 +665,8 @@ def write_report(out: Path, plan: Plan, groups: list[str], state: dict, quick: b
               f"{PILOT_RANGE[1]:.2f}], else {FALLBACK}. **Chosen: {p['chosen']}** ({p['rule']}).", ""]
     if "extract" in groups:
         ex = json.loads((d / "extract.json").read_text())
+        if os.path.isabs(ex.get("handbook", "")):  # the record names paths relative to the repository
+            ex["handbook"] = os.path.relpath(ex["handbook"], REPO)
         record["extract"] = ex
         hb = read_jsonl(d / "handbook.jsonl") if (d / "handbook.jsonl").exists() else []
         lines += ["## Strategist extraction (the same model behind `metareason serve`, `openai` generator, api: chat)", "",
