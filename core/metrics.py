@@ -5,6 +5,7 @@ Keys are flat and slash-separated: ``step``, ``train/loss``, ``eval/accuracy``,
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -64,10 +65,52 @@ def truncate_after(run_dir: Path, step: int) -> None:
     write_jsonl_atomic(Path(run_dir) / "metrics.jsonl", rows)
 
 
+LOG_INTERVAL_S = 60.0  # the least time between two progress lines in a log
+
+
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
              quiet: bool = False, **kwargs):
-    """A tqdm bar on a terminal; disabled in quiet mode or when stderr is not a terminal."""
-    from tqdm.auto import tqdm
+    """A tqdm bar on a terminal; in a log (stderr not a terminal) a plain line at most every
+    ``LOG_INTERVAL_S`` seconds (work shorter than that prints nothing); nothing in quiet mode."""
+    from tqdm.std import tqdm
 
-    disable = quiet or not sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, disable=disable, dynamic_ncols=True, leave=False, **kwargs)
+    if quiet:
+        return tqdm(iterable, total=total, desc=desc, disable=True, **kwargs)
+    if not sys.stderr.isatty():
+        return _log_lines_class()(iterable, total=total, desc=desc, **kwargs)
+    from tqdm.auto import tqdm as auto_tqdm
+
+    return auto_tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _log_lines_class():  # built on first use: tqdm is imported lazily
+    from tqdm.std import tqdm
+
+    class LogLines(tqdm):
+        """tqdm that writes whole lines to stderr instead of redrawing one with carriage returns,
+        so a long stage under ``nohup … > log`` shows how far it is and how long it has left."""
+
+        def __init__(self, *args, **kwargs):
+            import io
+
+            self.lines, self.printed_n = 0, None
+            kwargs.update(file=io.StringIO(), mininterval=LOG_INTERVAL_S, delay=LOG_INTERVAL_S, leave=False,
+                          bar_format="{n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]")
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            if msg is None:  # a refresh (tqdm calls it at most every mininterval, after delay)
+                self._line(self.format_meter(**self.format_dict))
+            return True
+
+        def close(self):
+            if not self.disable and self.lines and self.printed_n != self.n:
+                self._line(self.format_meter(**self.format_dict) + " done")
+            super().close()
+
+        def _line(self, text: str) -> None:
+            print(f"[{self.desc or 'progress'}] {text}", file=sys.stderr, flush=True)
+            self.lines, self.printed_n = self.lines + 1, self.n
+
+    return LogLines
