@@ -115,10 +115,13 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
         trained.append(cfg)
         return Path(cfg["name"]), 0.0, False
 
-    def fake_eval(cfg, run_dir, data_dir, target, reuse=False):
+    evaluated = []
+
+    def fake_eval(cfg, run_dir, data_dir, target, reuse=False, splits=("val", "test")):
         m = re.fullmatch(r".*?-(t[0-9.]+|bf0|solution_sft|answer_sft)-lr([0-9.e-]+)-s(\d+)", cfg["name"])
         arm, lr, seed = m.group(1), float(m.group(2)), int(m.group(3))
-        return {s: {"samples": synthetic_samples(s, arm, lr, seed), "metrics": {}} for s in ("val", "test")}
+        evaluated.extend((arm, lr, seed, s) for s in splits)
+        return {s: {"samples": synthetic_samples(s, arm, lr, seed), "metrics": {}} for s in splits}
 
     monkeypatch.setattr(ex, "train_base", fake_base)
     monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})
@@ -151,6 +154,11 @@ def test_driver_chooses_lr_and_thresholds_on_validation_and_pairs_seeds(tmp_path
     for c in trained:
         per_arm.setdefault(c["name"].split("-lr")[0].rsplit("-", 1)[-1], []).append((c["train"]["lr"], c["train"]["seed"]))
     assert per_arm["t0.2"] == [(1.0e-3, 0), (3.0e-3, 0), (1.0e-3, 1), (1.0e-3, 2)]
+    # the test split is generated for the chosen lr's runs only (the other grid runs: validation only)
+    assert {(lr, seed) for arm, lr, seed, split in evaluated if split == "test"} == {(1.0e-3, s) for s in (0, 1, 2)}
+    assert sum(split == "test" for *_, split in evaluated) == 3 * len(arms)
+    assert {(lr, seed) for arm, lr, seed, split in evaluated if split == "val"} == {(1.0e-3, 0), (3.0e-3, 0),
+                                                                                    (1.0e-3, 1), (1.0e-3, 2)}
     mc = {c["name"]: c["mcft"] for c in trained}
     assert {(v["threshold"], v["bf_beta"]) for k, v in mc.items() if "-t0.1-" in k} == {(0.1, 0.05)}
     assert {c["data"]["train"][0]["params"]["target"] for c in trained if "solution_sft" in c["name"]} == {"solution"}
@@ -345,10 +353,10 @@ def test_a_given_base_model_is_used_as_it_is_without_a_base_stage(tmp_path, monk
     def no_base(*a, **k):
         raise AssertionError("experiment.base_model is set: no base is trained")
 
-    def fake_eval(cfg, run_dir, data_dir, target, reuse=False):
+    def fake_eval(cfg, run_dir, data_dir, target, reuse=False, splits=("val", "test")):
         seed = cfg["train"]["seed"]
         return {s: {"samples": synthetic_samples(s, "t0", cfg["train"]["lr"], seed), "metrics": {}}
-                for s in ("val", "test")}
+                for s in splits}
 
     monkeypatch.setattr(ex, "train_base", no_base)
     monkeypatch.setattr(ex, "build_data", lambda *a: {"train": {"rows": 1}})

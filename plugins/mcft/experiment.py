@@ -334,8 +334,9 @@ def eval_stamp(cfg: dict) -> str:
                       sort_keys=True, default=str)
 
 
-def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str, reuse: bool = False) -> dict:
-    """Validation and test samples of one trained (arm, lr, seed): id -> correct, entropy, group.
+def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str, reuse: bool = False,
+                 splits: tuple = ("val", "test")) -> dict:
+    """Samples of one trained (arm, lr, seed) on ``splits``: id -> correct, entropy, group.
     ``reuse`` (a reused run): samples already written for it are read, not generated again."""
     from metareason.api import Kernel
     from metareason.plugins.mcft.evaluation import evaluate_mcft
@@ -343,7 +344,7 @@ def evaluate_arm(raw_arm: dict, run_dir: Path, data_dir: Path, target: str, reus
 
     trained = None
     out = {}
-    for split in ("val", "test"):
+    for split in splits:
         cfg = copy.deepcopy(raw_arm)
         cfg["data"]["eval"] = [_task(data_dir / f"critiques-{split}.jsonl", target, 10 ** 9)]
         samples_path = run_dir / f"experiment-{split}-samples.jsonl"
@@ -432,10 +433,12 @@ def run_arm(raw, exp, base_name, arm_name, arm, data_dir, base_model, reuse, log
         cfg = arm_config(raw, exp, arm, lr, seeds[0], name, data_dir, base_model)
         log(f"arm {arm_name}: lr {lr:g} seed {seeds[0]}")
         run_dir, train_s, reused = _train(cfg, reuse)
-        ev = evaluate_arm(cfg, run_dir, data_dir, arm["target"], reuse=reused)
+        ev = evaluate_arm(cfg, run_dir, data_dir, arm["target"], reuse=reused, splits=("val",))
         grid[f"{lr:g}"] = summarise_split(ev["val"]["samples"])["accuracy"]
         runs[(lr, seeds[0])] = (cfg, run_dir, train_s, reused, ev)
     best_lr = max(exp["lrs"], key=lambda lr: (grid[f"{lr:g}"], -lr))
+    cfg, run_dir, _, reused, ev = runs[(best_lr, seeds[0])]  # test: only the chosen lr's run
+    ev.update(evaluate_arm(cfg, run_dir, data_dir, arm["target"], reuse=reused, splits=("test",)))
     per_seed = {}
     for seed in seeds:
         if (best_lr, seed) not in runs:
