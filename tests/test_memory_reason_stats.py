@@ -59,7 +59,8 @@ ARMS = ("plain", "tokens_full", "filler", "plain_lora", "tokens_lora_pt")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/memory_reason/varied").glob("*.yaml"))
-                         + sorted((ROOT / "configs/memory_reason/smollm2").glob("*.yaml")), ids=lambda p: p.name)
+                         + sorted(p for p in (ROOT / "configs/memory_reason/smollm2").glob("*.yaml")
+                                  if p.name != "experiment.yaml"), ids=lambda p: p.name)
 def test_new_configs_parse(path):
     Kernel(path)
 
@@ -123,3 +124,107 @@ def test_experiment_quick_runs_every_stage_and_reports_paired_tests(tmp_path):
     mtime = Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples.jsonl").stat().st_mtime
     run_experiment(**kw)  # resumes: nothing trained or evaluated again
     assert Path(state["heldout"]["filler|1"]["run_dir"], "eval_samples.jsonl").stat().st_mtime == mtime
+
+
+def test_experiment_settings_come_from_the_config_folder(tmp_path):
+    """experiment.yaml in the config folder replaces the design's defaults, command-line values win,
+    an unknown setting is a one-line error naming the file; the real-model folder's settings name
+    configs that exist and parse."""
+    from metareason.api import UserError
+    from metareason.plugins.memory_reason.experiment import SETTINGS, Experiment, read_settings
+
+    assert read_settings(tmp_path) == SETTINGS
+    smol = ROOT / "configs/memory_reason/smollm2"
+    exp = Experiment(smol, tmp_path / "runs", seeds=(0, 1, 2))
+    assert exp.arms == ("plain_lora", "tokens_lora_pt") and exp.settings["shared_base"] and exp.settings["merge_base"]
+    assert exp.grid == {"plain_lora": (2e-4, 5e-4), "tokens_lora_pt": (2e-4, 5e-4)}
+    assert (exp.n_val, exp.n_heldout) == (150, 200)
+    for name in [exp.settings["base"], *(f"{a}.yaml" for a in exp.arms)]:
+        Kernel(smol / name)
+    exp = Experiment(smol, tmp_path / "runs", seeds=(0,), arms=("plain_lora",), n_heldout=50, grid=(1e-3,))
+    assert (exp.arms, exp.n_heldout, exp.grid) == (("plain_lora",), 50, {"plain_lora": (1e-3,)})
+    (tmp_path / "experiment.yaml").write_text("shared_bsae: true\n")
+    with pytest.raises(UserError, match=r"experiment.yaml: shared_bsae: unknown setting"):
+        read_settings(tmp_path)
+
+
+@pytest.mark.slow
+def test_experiment_with_one_shared_base_and_no_arithmetic_gate(tmp_path):
+    """The real-model part's shape on the tiny model (2 steps per run): one base for every seed,
+    from the config the settings name, exported merged, no arithmetic gate; every seed's arm runs
+    start from that base."""
+    import shutil
+
+    import yaml
+
+    from metareason.plugins.memory_reason.experiment import run_experiment
+
+    conf = tmp_path / "conf"
+    shutil.copytree(ROOT / "configs/memory_reason/varied", conf)
+    (conf / "base.yaml").rename(conf / "facts.yaml")
+    (conf / "base_arith.yaml").unlink()
+    (conf / "experiment.yaml").write_text(yaml.safe_dump(
+        {"title": "a shared base", "base": "facts.yaml", "base_arith": None, "shared_base": True, "merge_base": True,
+         "recall_gate": 0.5, "arms": ["tokens_full"], "grid": {"tokens_full": [1e-3]}, "n_val": 3, "n_heldout": 6}))
+    rec = run_experiment(config_dir=conf, output_dir=tmp_path / "runs", seeds=(0, 1), out=str(tmp_path / "res"),
+                         quiet=True, quick=True)
+    state = json.loads((tmp_path / "runs/experiment.json").read_text())
+    assert list(state["bases"]) == ["0"] and state["bases"]["0"]["arithmetic"] is None
+    hf = state["bases"]["0"]["hf"]
+    for seed in (0, 1):
+        run = Path(state["heldout"][f"tokens_full|{seed}"]["run_dir"])
+        assert read_yaml(run / "config.yaml")["model"]["path"] == hf
+    assert rec["n_questions"] == 6 and len(rec["arms"]["tokens_full"]["per_seed"]) == 2
+    md = (tmp_path / "res.md").read_text()
+    assert md.startswith("# memory_reason, issue 29: a shared base") and "one base shared by every seed" in md
+    assert "arithmetic" not in md.split("Bases:")[1].splitlines()[0]
+
+
+def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_value(tmp_path):
+    """H4 from the report: per question and seed, wrong with an entity or value error first; the
+    plain arm here recalls a wrong value (seed 0) or a wrong entity (seed 1) on half the questions
+    and adds a wrong step after right facts on the other half; the token arm is always right."""
+    import re
+
+    from metareason.plugins.memory_reason.experiment import report_record
+    from metareason.plugins.memory_reason.tasks import make_world_task
+
+    n = 20
+    gold = make_world_task({"kind": "varied", "split": "heldout", "entities": 16, "attributes": 3, "world_seed": 0},
+                           1, n).examples
+    state = {"bases": {}, "chosen": {}, "grid": {}, "heldout": {}}
+
+    def write(arm, seed, make):
+        run = tmp_path / f"{arm}-s{seed}"
+        run.mkdir()
+        rows = [dict(zip(("completion", "score"), make(k, e)), id=e["id"], answer=e["answer"])
+                for k, e in enumerate(gold)]
+        (run / "eval_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        state["heldout"][f"{arm}|{seed}"] = {"run_dir": str(run), "lr": "0.001", "recall": 1.0}
+
+    def text(steps, answer):
+        return "\n".join(s["text"] for s in steps) + f"\nThe answer is: {answer}"
+
+    def wrong(seed):
+        def make(k, e):
+            steps = [dict(s) for s in e["cot_steps"]]
+            if k % 2 == 0:  # the first fact: a wrong value (seed 0) or another person (seed 1)
+                m = next(s for s in steps if s["type"] == "memory")
+                m["text"] = re.sub(r"\d+", "99", m["text"]) if seed == 0 else "Zed" + m["text"][m["text"].index(" "):]
+            else:  # facts right, then a wrong operation or final answer
+                steps.append({"type": "reason", "text": "1+1=3"})
+            return text(steps, "-1"), 0.0
+        return make
+
+    for seed in (0, 1):
+        write("plain", seed, wrong(seed))
+        write("tokens_full", seed, lambda k, e: (text(e["cot_steps"], e["answer"]), 1.0))
+    rec = report_record(state, ("plain", "tokens_full"), (0, 1), ROOT / "configs/memory_reason/varied", n)
+    h4 = rec["h4"]["H4 (full)"]
+    assert (h4["a"], h4["b"]) == ("tokens_full", "plain")
+    assert h4["rate_a"] == 0.0 and h4["rate_b"] == pytest.approx(0.5)
+    assert h4["diff"] == pytest.approx(-0.5) and h4["p_sign_flip"] < 0.01
+    assert rec["arms"]["plain"]["error_entity"] == pytest.approx(0.25)
+    assert rec["arms"]["plain"]["error_value"] == pytest.approx(0.25)
+    assert "H4 (full): tokens_full vs plain" in __import__(
+        "metareason.plugins.memory_reason.experiment", fromlist=["markdown"]).markdown(rec)

@@ -13,7 +13,8 @@ def _compare(args) -> int:
 def _experiment(args) -> int:
     from metareason.plugins.memory_reason.experiment import run_experiment
 
-    run_experiment(args.config_dir, output_dir=args.output_dir, seeds=args.seeds, arms=tuple(args.arms.split(",")),
+    run_experiment(args.config_dir, output_dir=args.output_dir, seeds=args.seeds,
+                   arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()) if args.arms else None,
                    stages=args.stages, out=args.out, overrides=list(args.overrides), quiet=args.quiet,
                    quick=args.quick, gates=not args.no_gates, n_val=args.n_val, n_heldout=args.n_heldout,
                    grid=tuple(float(x) for x in args.grid.split(",")) if args.grid else None)
@@ -50,16 +51,19 @@ def add_commands(subparsers) -> None:
     e = sub.add_parser("experiment", help="issue 29 on the varied world: a base per seed (gated), lr chosen on "
                                           "validation, 5 arms on held-out, paired tests -> bench-results/*.md/json")
     e.add_argument("config_dir", nargs="?", default="configs/memory_reason/varied",
-                   help="folder with base.yaml, base_arith.yaml and one YAML per arm")
+                   help="folder with base.yaml, base_arith.yaml and one YAML per arm; an experiment.yaml there "
+                        "changes the design's settings (configs/memory_reason/smollm2: the real model)")
     e.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     e.add_argument("--output-dir", default="runs/memory_reason_i29", help="runs and experiment.json (resumable)")
     e.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="comma list; the first one's base holds the lr grid")
-    e.add_argument("--arms", default="plain,tokens_full,filler,plain_lora,tokens_lora_pt", help="comma list of arms")
+    e.add_argument("--arms", default="", help="comma list of arms (default: experiment.yaml's, else "
+                                              "plain,tokens_full,filler,plain_lora,tokens_lora_pt)")
     e.add_argument("--stages", default="base,grid,heldout,report", help="comma list of base,grid,heldout,report")
     e.add_argument("--out", default="bench-results/memory_reason-varied", help="report path without suffix")
     e.add_argument("--grid", default="", help="comma list of lrs for every arm (default: the design's grid per arm)")
-    e.add_argument("--n-val", type=int, default=300, help="validation questions (default 300)")
-    e.add_argument("--n-heldout", type=int, default=700, help="held-out questions (default 700)")
+    e.add_argument("--n-val", type=int, default=None, help="validation questions (default: experiment.yaml's, else 300)")
+    e.add_argument("--n-heldout", type=int, default=None,
+                   help="held-out questions (default: experiment.yaml's, else 700)")
     e.add_argument("--no-gates", action="store_true", help="record the base gates without stopping on a failure")
     e.add_argument("--quick", action="store_true", help="2 steps per run, 8 new tokens: a smoke test of the pipeline")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -13,6 +13,11 @@ Stages (each resumable: finished runs are recorded in ``<output-dir>/experiment.
 * ``report``: accuracy per arm (per seed, mean, bootstrap interval, per structure), the paired
   comparisons H1 (B vs A), H2 (B vs C), H3 (E vs D) with Holm, and the fine error attribution,
   recomputed from each run's ``eval_samples.jsonl`` -> ``<out>.json`` and ``<out>.md``.
+
+A config folder may hold ``experiment.yaml`` (see :data:`SETTINGS`) to run the same stages on
+another setting: ``configs/memory_reason/smollm2/`` gives one facts stage shared by every seed
+(LoRA, exported merged), its own recall gate and no arithmetic gate, two arms and its own grid.
+Command-line values win over it.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ ARMS = {"plain": "A plain CoT", "tokens_full": "B step tokens, full", "filler": 
 GRID = {"plain": (3e-4, 1e-3, 3e-3), "tokens_full": (3e-4, 1e-3, 3e-3), "filler": (3e-4, 1e-3, 3e-3),
         "plain_lora": (1e-3, 3e-3, 1e-2), "tokens_lora_pt": (1e-3, 3e-3, 1e-2)}
 HYPOTHESES = {"H1": ("tokens_full", "plain"), "H2": ("tokens_full", "filler"), "H3": ("tokens_lora_pt", "plain_lora")}
+H4 = {"H4 (full)": ("tokens_full", "plain"), "H4 (PEFT)": ("tokens_lora_pt", "plain_lora")}  # secondary, uncorrected
 WORLD = "entities: 16, attributes: 3, world_seed: 0"
 QUICK_ARITH = ("data.eval=[{task: memory_world, num_samples: 20, "
                f"params: {{kind: pretrain, mix: {{arithmetic: 1}}, {WORLD}}}}}]")
@@ -39,24 +45,59 @@ def eval_override(split: str, n: int) -> str:
             f"params: {{kind: varied, split: {split}, {WORLD}}}}}]")
 
 
+SETTINGS = {  # experiment.yaml in the config folder; these defaults are the varied world's design
+    "title": "step tokens on the varied world",
+    "base": "base.yaml",            # the base stage's config
+    "base_arith": "base_arith.yaml",  # its arithmetic gate's eval config; null: no arithmetic gate
+    "shared_base": False,           # true: one base (the first seed's) for every seed
+    "merge_base": False,            # true: export the base with its LoRA merged (a LoRA base stage)
+    "recall_gate": 1.0,             # the base's fact recall must be >= this
+    "arith_gate": 0.95,
+    "arms": list(ARMS),
+    "grid": {a: list(v) for a, v in GRID.items()},
+    "n_val": 300,
+    "n_heldout": 700,
+}
+
+
+def read_settings(config_dir: Path) -> dict:
+    """SETTINGS updated by ``<config_dir>/experiment.yaml`` when it exists (an unknown key: an error)."""
+    from metareason.api import read_yaml
+
+    settings = {k: (dict(v) if isinstance(v, dict) else v) for k, v in SETTINGS.items()}
+    path = Path(config_dir) / "experiment.yaml"
+    if path.is_file():
+        given = read_yaml(path) or {}
+        unknown = sorted(set(given) - set(SETTINGS))
+        if unknown:
+            raise UserError(f"{path}: {unknown[0]}: unknown setting (known: {', '.join(SETTINGS)})")
+        settings.update(given)
+    return settings
+
+
 def choose_lr(results: dict) -> str:
     """The lr (a key such as ``"0.001"``) with the best validation accuracy; a tie: the smaller lr."""
     return max(sorted(results, key=float), key=lambda k: results[k]["val_accuracy"])  # max keeps the first
 
 
 class Experiment:
-    def __init__(self, config_dir, output_dir, seeds, arms, overrides=(), quiet=False, quick=False, gates=True,
-                 n_val=300, n_heldout=700, grid=None):
+    def __init__(self, config_dir, output_dir, seeds, arms=None, overrides=(), quiet=False, quick=False, gates=True,
+                 n_val=None, n_heldout=None, grid=None):
         self.config_dir, self.output_dir = Path(config_dir), Path(output_dir)
-        self.seeds, self.arms = tuple(seeds), tuple(arms)
+        self.settings = read_settings(self.config_dir)
+        self.seeds, self.arms = tuple(seeds), tuple(arms or self.settings["arms"])
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise UserError(f"--arms: unknown arm {unknown[0]!r} ({', '.join(ARMS)})")
         self.overrides = list(QUICK if quick else []) + list(overrides)
-        self.quiet, self.n_val, self.n_heldout = quiet, n_val, n_heldout
-        self.quick = quick
+        self.quiet, self.quick = quiet, quick
+        self.n_val = n_val or self.settings["n_val"]
+        self.n_heldout = n_heldout or self.settings["n_heldout"]
         self.gates = gates and not quick  # 2 steps never pass them: a quick run records them only
-        self.grid = {a: tuple(grid or GRID[a]) for a in self.arms}
+        missing = [a for a in self.arms if not grid and a not in self.settings["grid"]]
+        if missing:
+            raise UserError(f"{self.config_dir / 'experiment.yaml'}: grid: no learning rates for arm {missing[0]!r}")
+        self.grid = {a: tuple(float(x) for x in (grid or self.settings["grid"][a])) for a in self.arms}
         self.state_path = self.output_dir / "experiment.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         for key in ("bases", "grid", "chosen", "heldout"):
@@ -80,32 +121,41 @@ class Experiment:
         metrics = kernel.run(overwrite=True)  # the experiment's own run directories
         return metrics, Path(kernel.config.run_dir)
 
+    def _base_seeds(self) -> tuple:
+        return self.seeds[:1] if self.settings["shared_base"] else self.seeds
+
     def base(self):
         from metareason.api import evaluate_target, export_run
 
-        for seed in self.seeds:
+        st = self.settings
+        for seed in self._base_seeds():
             key = str(seed)
             if key in self.state["bases"]:
                 continue
-            metrics, run_dir = self._run("base.yaml", f"base-s{seed}", [f"train.seed={seed}"])
+            metrics, run_dir = self._run(st["base"], f"base-s{seed}", [f"train.seed={seed}"])
             hf = run_dir / "hf"
-            export_run(run_dir, hf)
-            arith, _ = evaluate_target(str(self._config("base_arith.yaml")),
-                                       [f"model.path={hf.resolve()}", f"output_dir={self.output_dir}"] +
-                                       [o for o in self.overrides if o.startswith("generation.")] +
-                                       ([QUICK_ARITH] if self.quick else []), quiet=self.quiet)
-            info = {"recall": metrics.get("eval/accuracy"), "arithmetic": arith.get("eval/accuracy"),
-                    "hf": str(hf.resolve())}
-            info["gates_passed"] = info["recall"] == 1.0 and info["arithmetic"] >= 0.95
-            print(f"[memory_reason] base s{seed}: recall {info['recall']:.3f}, arithmetic {info['arithmetic']:.3f}",
-                  file=sys.stderr)
+            export_run(run_dir, hf, merge=st["merge_base"])
+            info = {"recall": metrics.get("eval/accuracy"), "arithmetic": None, "hf": str(hf.resolve())}
+            if st["base_arith"]:
+                arith, _ = evaluate_target(str(self._config(st["base_arith"])),
+                                           [f"model.path={hf.resolve()}", f"output_dir={self.output_dir}"] +
+                                           [o for o in self.overrides if o.startswith("generation.")] +
+                                           ([QUICK_ARITH] if self.quick else []), quiet=self.quiet)
+                info["arithmetic"] = arith.get("eval/accuracy")
+            info["gates_passed"] = info["recall"] >= st["recall_gate"] and (
+                info["arithmetic"] is None or info["arithmetic"] >= st["arith_gate"])
+            arith_text = "" if info["arithmetic"] is None else f", arithmetic {info['arithmetic']:.3f}"
+            print(f"[memory_reason] base s{seed}: recall {info['recall']:.3f}{arith_text}", file=sys.stderr)
             if self.gates and not info["gates_passed"]:
-                raise UserError(f"base s{seed}: gates failed (recall {info['recall']:.3f} must be 1.000, arithmetic "
-                                f"{info['arithmetic']:.3f} >= 0.95); train it longer (base.yaml train.max_steps)")
+                need = f"recall {info['recall']:.3f} must be >= {st['recall_gate']:.3f}" + (
+                    "" if info["arithmetic"] is None else f", arithmetic {info['arithmetic']:.3f} >= {st['arith_gate']}")
+                raise UserError(f"base s{seed}: gates failed ({need}); train it longer ({st['base']} train.max_steps)")
             self.state["bases"][key] = info
             self._save()
 
     def _base_path(self, seed) -> str:
+        if self.settings["shared_base"]:
+            seed = self.seeds[0]
         info = self.state["bases"].get(str(seed))
         if info is None:
             raise UserError(f"no base for seed {seed} (run the base stage first)")
@@ -167,6 +217,7 @@ class Experiment:
         from metareason.api import write_record
 
         record = report_record(self.state, self.arms, self.seeds, self.config_dir, self.n_heldout)
+        record.update(title=self.settings["title"], shared_base=self.settings["shared_base"])
         write_record(Path(out).with_suffix(".json"), record, markdown(record))
         return record
 
@@ -188,7 +239,7 @@ def report_record(state: dict, arms, seeds, config_dir: Path, n_heldout: int) ->
 
     gold = {e["id"]: e for e in make_world_task({"kind": "varied", "split": "heldout", "entities": 16,
                                                  "attributes": 3, "world_seed": 0}, 1, n_heldout).examples}
-    rows, mats, ids = {}, {}, None
+    rows, mats, memory_errors, ids = {}, {}, {}, None
     for arm in arms:
         runs = [state["heldout"].get(f"{arm}|{s}") for s in seeds]
         if not all(runs):
@@ -196,11 +247,14 @@ def report_record(state: dict, arms, seeds, config_dir: Path, n_heldout: int) ->
         mat, ids = correctness([r["run_dir"] for r in runs], ids)
         mats[arm] = mat
         section = _arm_section(config_dir, arm)
-        stats = []
+        stats, mem = [], []
         for r in runs:
             lines = [json.loads(x) for x in (Path(r["run_dir"]) / "eval_samples.jsonl").read_text().splitlines() if x]
             samples = [dict(x, example=gold.get(x["id"], {})) for x in lines]
             stats.append(analyse(samples, vocabulary(section), section.answer_prefix))
+            by_id = {x["id"]: x for x in samples}
+            mem.append([float(_memory_error(by_id[i], vocabulary(section), section.answer_prefix)) for i in ids])
+        memory_errors[arm] = np.array(mem)
         by_structure = {}
         for s in sorted({gold[i]["structure"] for i in ids if i in gold}):
             cols = [k for k, i in enumerate(ids) if gold.get(i, {}).get("structure") == s]
@@ -218,10 +272,25 @@ def report_record(state: dict, arms, seeds, config_dir: Path, n_heldout: int) ->
     rejected = holm({h: t["p_sign_flip"] for h, t in tests.items()}) if tests else {}
     for h in tests:
         tests[h]["holm_rejects_null"] = rejected[h]
+    h4 = {h: dict(compare(memory_errors[a], memory_errors[b]), a=a, b=b,
+                  rate_a=float(memory_errors[a].mean()), rate_b=float(memory_errors[b].mean()))
+          for h, (a, b) in H4.items() if a in memory_errors and b in memory_errors}
     return {"command": "metareason memory_reason experiment " + " ".join(sys.argv[3:]).strip(), "seeds": list(seeds),
             "bases": state["bases"], "chosen_lr": state["chosen"],
             "grid": {a: {lr: v["val_accuracy"] for lr, v in g.items()} for a, g in state["grid"].items()},
-            "arms": rows, "tests": tests, "n_questions": len(ids or [])}
+            "arms": rows, "tests": tests, "h4": h4, "n_questions": len(ids or [])}
+
+
+def _memory_error(sample: dict, voc, answer_prefix: str) -> bool:
+    """H4's per-question outcome: the answer is wrong and its first wrong step recalled a wrong
+    entity or a wrong value (the fine attribution's ``entity`` / ``value``)."""
+    from metareason.plugins.memory_reason.analysis import attribute_error_fine
+    from metareason.plugins.memory_reason.steps import parse_generated
+
+    gold = (sample.get("example") or {}).get("cot_steps")
+    if sample["score"] >= 1.0 or not gold:
+        return False
+    return attribute_error_fine(parse_generated(sample["completion"], voc, answer_prefix), gold) in ("entity", "value")
 
 
 def _f(v, d=3):
@@ -229,10 +298,14 @@ def _f(v, d=3):
 
 
 def markdown(record: dict) -> str:
-    lines = ["# memory_reason, issue 29: step tokens on the varied world", "", f"Command: `{record['command']}`", "",
-             f"Seeds {record['seeds']} (each with its own base); {record['n_questions']} held-out questions; "
+    shared = record.get("shared_base", False)
+    lines = [f"# memory_reason, issue 29: {record.get('title', SETTINGS['title'])}", "",
+             f"Command: `{record['command']}`", "",
+             f"Seeds {record['seeds']} ({'one base shared by every seed' if shared else 'each with its own base'}); "
+             f"{record['n_questions']} held-out questions; "
              "design: docs/memory_reason.md, \"Experiment design (issue 29)\".", "",
-             "Bases: " + "; ".join(f"s{s}: recall {_f(b['recall'])}, arithmetic {_f(b['arithmetic'])}"
+             "Bases: " + "; ".join(f"s{s}: recall {_f(b['recall'])}"
+                                   + ("" if b.get("arithmetic") is None else f", arithmetic {_f(b['arithmetic'])}")
                                    for s, b in record["bases"].items()), "",
              "Learning rates chosen on validation: " + "; ".join(
                  f"{a} {lr} (val: " + ", ".join(f"{k} {_f(v)}" for k, v in record["grid"].get(a, {}).items()) + ")"
@@ -250,6 +323,13 @@ def markdown(record: dict) -> str:
         mc = "; ".join(f"{x}, {y}, {_f(p)}" for x, y, p in t["mcnemar"])
         lines.append(f"| {h}: {t['a']} vs {t['b']} | {t['diff']:+.3f} ({t['ci'][0]:+.3f} to {t['ci'][1]:+.3f}) | "
                      f"{t['p_sign_flip']:.4f} | {t['holm_rejects_null']} | {mc} |")
+    if record.get("h4"):
+        lines += ["", "H4 (secondary, no correction): the share of questions answered wrong with a wrong entity or "
+                  "value as the first wrong step (per question, averaged over seeds; paired sign-flip test):", "",
+                  "| comparison | rate a | rate b | difference a - b (95% CI) | sign-flip p |", "|---|---|---|---|---|"]
+        for h, t in record["h4"].items():
+            lines.append(f"| {h}: {t['a']} vs {t['b']} | {_f(t['rate_a'])} | {_f(t['rate_b'])} | "
+                         f"{t['diff']:+.3f} ({t['ci'][0]:+.3f} to {t['ci'][1]:+.3f}) | {t['p_sign_flip']:.4f} |")
     structures = sorted({s for r in record["arms"].values() for s in r["by_structure"]})
     lines += ["", "Accuracy per structure:", "", "| arm | " + " | ".join(structures) + " |",
               "|---|" + "---|" * len(structures)]
@@ -259,8 +339,8 @@ def markdown(record: dict) -> str:
 
 
 def run_experiment(config_dir="configs/memory_reason/varied", output_dir="runs/memory_reason_i29", seeds=(0, 1, 2),
-                   arms=tuple(ARMS), stages="base,grid,heldout,report", out="bench-results/memory_reason-varied",
-                   overrides=(), quiet=False, quick=False, gates=True, n_val=300, n_heldout=700, grid=None) -> dict:
+                   arms=None, stages="base,grid,heldout,report", out="bench-results/memory_reason-varied",
+                   overrides=(), quiet=False, quick=False, gates=True, n_val=None, n_heldout=None, grid=None) -> dict:
     wanted = [s.strip() for s in stages.split(",") if s.strip()]
     bad = set(wanted) - {"base", "grid", "heldout", "report"}
     if bad:
