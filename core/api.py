@@ -45,6 +45,7 @@ Runs, checkpoints, evaluation
     ``progress`` (a progress bar that honours ``quiet``).
 Records, reports, statistics
     ``write_record(out, record, markdown)`` (a JSON + markdown result pair), ``cpu_name()``,
+    ``relative_path(path)`` (a path for a committed record: relative to the working directory),
     ``mcnemar_exact(b, c)``, ``__version__``.
 Durable files (whole or not at all, fsynced)
     ``write_text_atomic``, ``write_bytes_atomic``, ``write_json_atomic``, ``write_jsonl_atomic``,
@@ -123,6 +124,7 @@ _NAMES: dict[str, str] = {
     # records, reports, statistics
     "write_record": "metareason.benchmarks:write_record",
     "cpu_name": "metareason.benchmarks:cpu_name",
+    "relative_path": "metareason.benchmarks:relative_path",
     "mcnemar_exact": "metareason.stats:mcnemar_exact",
     # durable files (written whole or not at all)
     "write_text_atomic": "metareason.durable:write_text_atomic",
@@ -163,7 +165,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see; the same objects as the table above
-    from metareason.benchmarks import cpu_name, write_record
+    from metareason.benchmarks import cpu_name, relative_path, write_record
     from metareason.checkpoint import checkpoints_dir, latest_checkpoint, load_weights_into
     from metareason.config import (ConfigError, ModelConfig, Section, apply_overrides, config_source, dump_config,
                                    load_config, read_yaml)

@@ -180,7 +180,7 @@ def test_experiment_with_one_shared_base_and_no_arithmetic_gate(tmp_path):
     assert "arithmetic" not in md.split("Bases:")[1].splitlines()[0]
 
 
-def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_value(tmp_path):
+def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_value(tmp_path, monkeypatch):
     """H4 from the report: per question and seed, wrong with an entity or value error first; the
     plain arm here recalls a wrong value (seed 0) or a wrong entity (seed 1) on half the questions
     and adds a wrong step after right facts on the other half; the token arm is always right."""
@@ -192,7 +192,8 @@ def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_val
     n = 20
     gold = make_world_task({"kind": "varied", "split": "heldout", "entities": 16, "attributes": 3, "world_seed": 0},
                            1, n).examples
-    state = {"bases": {}, "chosen": {}, "grid": {}, "heldout": {}}
+    state = {"bases": {"0": {"hf": str(tmp_path / "base-s0/hf"), "recall": 1.0}}, "chosen": {}, "grid": {}, "heldout": {}}
+    monkeypatch.chdir(tmp_path)
 
     def write(arm, seed, make):
         run = tmp_path / f"{arm}-s{seed}"
@@ -226,5 +227,7 @@ def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_val
     assert h4["diff"] == pytest.approx(-0.5) and h4["p_sign_flip"] < 0.01
     assert rec["arms"]["plain"]["error_entity"] == pytest.approx(0.25)
     assert rec["arms"]["plain"]["error_value"] == pytest.approx(0.25)
+    # the record names paths relative to the working directory (it is committed)
+    assert rec["bases"]["0"]["hf"] == "base-s0/hf" and rec["arms"]["plain"]["run_dirs"] == ["plain-s0", "plain-s1"]
     assert "H4 (full): tokens_full vs plain" in __import__(
         "metareason.plugins.memory_reason.experiment", fromlist=["markdown"]).markdown(rec)

@@ -275,8 +275,13 @@ def report_record(state: dict, arms, seeds, config_dir: Path, n_heldout: int) ->
     h4 = {h: dict(compare(memory_errors[a], memory_errors[b]), a=a, b=b,
                   rate_a=float(memory_errors[a].mean()), rate_b=float(memory_errors[b].mean()))
           for h, (a, b) in H4.items() if a in memory_errors and b in memory_errors}
+    from metareason.api import relative_path
+
+    for r, arm in zip(rows.values(), rows):  # records are committed: no absolute paths of this machine
+        r["run_dirs"] = [relative_path(state["heldout"][f"{arm}|{s}"]["run_dir"]) for s in seeds]
     return {"command": "metareason memory_reason experiment " + " ".join(sys.argv[3:]).strip(), "seeds": list(seeds),
-            "bases": state["bases"], "chosen_lr": state["chosen"],
+            "bases": {s: dict(b, hf=relative_path(b["hf"])) for s, b in state["bases"].items()},
+            "chosen_lr": state["chosen"],
             "grid": {a: {lr: v["val_accuracy"] for lr, v in g.items()} for a, g in state["grid"].items()},
             "arms": rows, "tests": tests, "h4": h4, "n_questions": len(ids or [])}
 
