@@ -27,7 +27,8 @@ Data and tokenisation
     ``extract_answer`` / ``answers_match`` (the final answer of a completion, compared with a
     gold one), ``make_causal_loop_task`` / ``parse_causal_loop_answer`` (the built-in synthetic
     task), ``PLAIN_CHAT`` (no chat template), ``SpecialToken`` (a token a plugin adds to the
-    vocabulary), ``prompt_ids``, ``collate``, ``IGNORE_INDEX`` (the label of a token outside the
+    vocabulary; ``trainable=True``: its rows are trained under LoRA too), ``token_row_targets``
+    (peft's ``{module: ids}`` for trainable token rows), ``prompt_ids``, ``collate``, ``IGNORE_INDEX`` (the label of a token outside the
     loss), ``encode_sft_examples`` (a run's SFT encoding of examples), ``TaskParams`` /
     ``parse_params`` (a task's parameters as a pydantic model, with the config's one-line errors),
     ``FieldName`` (a parameter naming a record field).
@@ -93,6 +94,7 @@ _NAMES: dict[str, str] = {
     "parse_causal_loop_answer": "metareason.data.causal_loop:parse_answer",
     "PLAIN_CHAT": "metareason.data.chat:PLAIN",
     "SpecialToken": "metareason.models:SpecialToken",
+    "token_row_targets": "metareason.models.special_tokens:token_row_targets",
     "prompt_ids": "metareason.data.tokenize:prompt_ids",
     "collate": "metareason.data.tokenize:collate",
     "IGNORE_INDEX": "metareason.data.tokenize:IGNORE_INDEX",
@@ -187,6 +189,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; the same objects as the
     from metareason.metrics import progress, read_metrics
     from metareason.model_export import export_run
     from metareason.models import SpecialToken
+    from metareason.models.special_tokens import token_row_targets
     from metareason.models.compat import CACHE_KWARG, cache_from_kwargs
     from metareason.models.loader import build_model, load_tokenizer, resolve_device
     from metareason.ops import mla_decode

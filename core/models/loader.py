@@ -24,7 +24,7 @@ import torch
 from metareason.config import ModelConfig
 from metareason.errors import ModelLoadError
 from metareason.models.char_tokenizer import build_char_tokenizer
-from metareason.models.special_tokens import SpecialToken, add_special_tokens
+from metareason.models.special_tokens import SpecialToken, add_special_tokens, normalise, token_row_targets
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -304,15 +304,19 @@ def build_model(cfg: ModelConfig, tokenizer: Any, device: torch.device) -> torch
     return model
 
 
-def apply_lora(model: torch.nn.Module, cfg: ModelConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: ModelConfig, trainable_token_ids: Iterable[int] = ()) -> torch.nn.Module:
+    """LoRA (after k-bit preparation for QLoRA); ``trainable_token_ids``: rows of the embedding
+    (and of an untied output layer) trained beside it, e.g. tokens a plugin added for the model to write."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lc = cfg.lora
+    ids = sorted(set(trainable_token_ids))
     peft_cfg = LoraConfig(
         r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
         modules_to_save=lc.modules_to_save, task_type="CAUSAL_LM",
+        trainable_token_indices=token_row_targets(model, ids) if ids else None,
     )
     return get_peft_model(model, peft_cfg)
 
@@ -328,11 +332,12 @@ def load_model(cfg: ModelConfig, tokenizer: Any, special_tokens: Iterable[Any] =
     model = build_model(cfg, tokenizer, device)
     tokens = list(special_tokens) + [SpecialToken(t) for t in cfg.special_tokens]
     new_ids = add_special_tokens(tokenizer, model, tokens)
+    trainable = [tokenizer.convert_tokens_to_ids(t.text) for t in normalise(tokens) if t.trainable]
     if cfg.gradient_checkpointing and not cfg.quantization.load_in_4bit:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled or cfg.quantization.load_in_4bit:
         if not cfg.lora.enabled:
             raise ModelLoadError("model.quantization.load_in_4bit: 4-bit weights cannot be trained; set model.lora.enabled: true")
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, trainable)
     return model, new_ids

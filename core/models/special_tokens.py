@@ -14,8 +14,12 @@ import torch
 
 @dataclass(frozen=True)
 class SpecialToken:
+    """A token to add. ``init_from``: words whose mean embedding starts its rows. ``trainable``:
+    under LoRA its input and output rows are trained too (peft ``trainable_token_indices``); other
+    rows of the matrices stay frozen under LoRA, so a token the model must learn to write needs it."""
     text: str
     init_from: tuple[str, ...] = field(default_factory=tuple)
+    trainable: bool = False
 
 
 def normalise(items: Iterable[Union[str, SpecialToken]]) -> list[SpecialToken]:
@@ -68,3 +72,19 @@ def init_rows(model: torch.nn.Module, tokenizer: Any, specs: list[SpecialToken],
                 source += [i for i in tokenizer.encode(word, add_special_tokens=False) if i < n_old]
             row = weight[source].float().mean(dim=0) if source else overall
             weight[idx] = row.to(weight.dtype)
+
+
+def token_row_targets(model: torch.nn.Module, token_ids: list[int]) -> dict[str, list[int]]:
+    """``{module name: ids}`` for peft's trainable token rows: the input embedding, and the output
+    layer unless it is tied to the input one (peft then ties the output rows to the input rows)."""
+    base = model.get_base_model() if hasattr(model, "peft_config") and hasattr(model, "base_model") else model
+
+    def name(module):
+        return next(n for n, m in base.named_modules() if m is module).split(".")[-1]
+
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    targets = {name(base.get_input_embeddings()): list(token_ids)}
+    out = base.get_output_embeddings()
+    if out is not None and not getattr(cfg, "tie_word_embeddings", False):
+        targets[name(out)] = list(token_ids)
+    return targets

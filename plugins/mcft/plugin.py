@@ -42,8 +42,9 @@ def metareason_special_tokens(config):
     from metareason.plugins.mcft.format import TAGS
 
     # each tag's rows start at the mean of its spelled-out pieces ("</ critique >"), not all at the
-    # same vocabulary mean: under LoRA (frozen, tied embeddings) identical rows could never be told apart
-    return [SpecialToken(t, init_from=(t.replace("<", "< ").replace(">", " >"),)) for t in TAGS]
+    # same vocabulary mean; under LoRA they are trained too (trainable=True): frozen, a tag's row sits
+    # near the row of "<" and a LoRA-tuned model writes "<" in its place (SmolLM2, issue 30)
+    return [SpecialToken(t, init_from=(t.replace("<", "< ").replace(">", " >"),), trainable=True) for t in TAGS]
 
 
 @hookimpl

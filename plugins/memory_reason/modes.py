@@ -10,32 +10,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from metareason.api import ConfigError
+from metareason.api import ConfigError, token_row_targets as token_targets
 
 
 def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
-def _module_name(model, module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
-def _tied(model) -> bool:
-    base = model.get_base_model() if _is_peft(model) else model
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    return bool(getattr(cfg, "tie_word_embeddings", False))
-
-
-def token_targets(model, token_ids: list[int]) -> dict[str, list[int]]:
-    """``{module name: ids}`` for peft: the input embedding, and the output layer unless tied
-    (peft then ties the output layer to the input rows itself)."""
-    base = model.get_base_model() if _is_peft(model) else model
-    targets = {_module_name(base, base.get_input_embeddings()).split(".")[-1]: list(token_ids)}
-    out = base.get_output_embeddings()
-    if out is not None and not _tied(model):
-        targets[_module_name(base, out).split(".")[-1]] = list(token_ids)
-    return targets
 
 
 def prepare(model, config, token_ids: list[int]):
@@ -73,6 +52,13 @@ def add_trainable_tokens(peft_model, token_ids: list[int]):
 
     name = peft_model.active_adapter
     cfg = peft_model.peft_config[name]
+    trained = cfg.trainable_token_indices or {}
+    have = set().union(*trained.values()) if isinstance(trained, dict) else set(trained)
+    if set(token_ids) <= have:  # the kernel built the adapter with these rows (SpecialToken(trainable=True))
+        return peft_model
+    if have:
+        raise ConfigError(f"memory_reason.mode: lora+prompt-tuning: the LoRA adapter already trains token rows "
+                          f"{sorted(have)}, not {sorted(set(token_ids) - have)}; peft cannot add rows to it")
     targets = token_targets(peft_model, token_ids)
     cfg.trainable_token_indices = targets  # saved in adapter_config.json; the state dict holds the rows
     only_tokens = SimpleNamespace(modules_to_save=None, modules_to_tie=None, trainable_token_indices=targets,

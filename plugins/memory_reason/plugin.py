@@ -42,9 +42,13 @@ def metareason_special_tokens(config):
     mr = _section(config)
     if mr is None or not mr.step_tokens:
         return None
+    from metareason.api import SpecialToken
     from metareason.plugins.memory_reason.tokens import special_tokens
 
-    return special_tokens(mr)
+    # lora+prompt-tuning trains the rows of every token added for the run: the config's own too
+    extra = [SpecialToken(t, trainable=True) for t in config.model.special_tokens] \
+        if mr.mode == "lora+prompt-tuning" else []
+    return special_tokens(mr) + extra
 
 
 @hookimpl

@@ -42,11 +42,12 @@ def special_tokens(section) -> list:
     from metareason.api import SpecialToken
 
     voc = vocabulary(section)
-    out = [SpecialToken(t) for t in split_tokens(voc.prefix)]
+    tuned = section.mode == "lora+prompt-tuning"  # the kernel's LoRA adapter trains these rows too
+    out = [SpecialToken(t, trainable=tuned) for t in split_tokens(voc.prefix)]
     if voc.filler_name:  # untyped: the filler rows start at the vocabulary mean, as the prefix rows
-        return out + [SpecialToken(t) for t in split_tokens(voc.types["memory"])]
+        return out + [SpecialToken(t, trainable=tuned) for t in split_tokens(voc.types["memory"])]
     for step_type in STEP_TYPES:
         word = section.init_words.get(step_type)
         init = (word,) if word else ()
-        out += [SpecialToken(t, init_from=init) for t in split_tokens(voc.types[step_type])]
+        out += [SpecialToken(t, init_from=init, trainable=tuned) for t in split_tokens(voc.types[step_type])]
     return out
