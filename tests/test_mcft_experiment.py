@@ -402,3 +402,41 @@ def test_a_run_written_before_a_new_setting_is_reused_only_at_that_settings_defa
     assert not same_section(dict(older, lr=older["lr"] * 2), train, kernel.config.train)
     assert not same_section(dict(older, gone=1), train, kernel.config.train)  # a field this kernel lacks
     assert same_section(train, train, kernel.config.train)
+
+
+def test_reuse_resumes_an_interrupted_run_of_the_same_config_and_retrains_a_changed_one(tmp_path, monkeypatch):
+    """--reuse: a finished run is kept, a run stopped between checkpoints (the session ended) goes on
+    from its last checkpoint, and a run dir written with another config is trained again from scratch."""
+    import shutil
+
+    from metareason import Kernel
+    from metareason.api import read_metrics
+    from tests.test_mcft import tiny_config, write_rows
+
+    data = tmp_path / "crit.jsonl"
+    write_rows(data, n=16)
+    cfg = tiny_config(tmp_path, data, name="arm")
+    cfg["train"].update(max_steps=4, save_every=2, keep_last=5)
+    calls = []
+    real_run = Kernel.run
+
+    def spy(self, resume=False, overwrite=False):
+        calls.append(resume)
+        return real_run(self, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(Kernel, "run", spy)
+    run_dir, train_s, reused = ex._train(cfg, reuse=True)
+    assert (calls, reused) == ([False], False) and train_s is not None
+    assert ex._train(cfg, reuse=True)[2] is True and calls == [False]  # finished: kept
+    (run_dir / "experiment-done").unlink()  # stopped after step 2's checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")
+    first = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+    _, train_s, reused = ex._train(cfg, reuse=True)
+    assert calls == [False, True] and not reused and train_s is None
+    again = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+    assert again == first and sorted(again) == [1, 2, 3, 4]  # steps 3-4 again, as uninterrupted
+    (run_dir / "experiment-done").unlink()
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")
+    changed = dict(cfg, train=dict(cfg["train"], lr=cfg["train"].get("lr", 1e-3) * 2))
+    ex._train(changed, reuse=True)
+    assert calls == [False, True, False]  # another config: from scratch

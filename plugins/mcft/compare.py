@@ -78,23 +78,28 @@ def same_section(stored, current, section_model=None) -> bool:
     return True
 
 
-def _trained_already(kernel) -> bool:
-    """The run dir holds a checkpoint at ``train.max_steps`` and a config whose model, data, train and
-    mcft sections equal this one's."""
+def checkpoint_step(kernel):
+    """The step of the run dir's latest checkpoint, or None, when the run dir's config has the same
+    model, data, train and mcft sections as this one (what decides the trained weights)."""
     import yaml
 
     from metareason.api import dump_config, latest_checkpoint
 
-    def same(a: str, b: str) -> bool:  # what decides the trained weights
-        da, db = yaml.safe_load(a) or {}, yaml.safe_load(b) or {}
-        return all(same_section(da.get(k), db.get(k), getattr(kernel.config, k, None)) for k in TRAINING_SECTIONS)
-
     run_dir = kernel.config.run_dir
     ckpt = latest_checkpoint(run_dir) if run_dir.exists() else None
     written = run_dir / "config.yaml"
-    return (ckpt is not None and ckpt.name.rsplit("-", 1)[-1].isdigit()
-            and int(ckpt.name.rsplit("-", 1)[-1]) == kernel.config.train.max_steps
-            and written.exists() and same(written.read_text(encoding="utf-8"), dump_config(kernel.config)))
+    if ckpt is None or not ckpt.name.rsplit("-", 1)[-1].isdigit() or not written.exists():
+        return None
+    da, db = yaml.safe_load(written.read_text(encoding="utf-8")) or {}, yaml.safe_load(dump_config(kernel.config)) or {}
+    if not all(same_section(da.get(k), db.get(k), getattr(kernel.config, k, None)) for k in TRAINING_SECTIONS):
+        return None
+    return int(ckpt.name.rsplit("-", 1)[-1])
+
+
+def _trained_already(kernel) -> bool:
+    """The run dir holds a checkpoint at ``train.max_steps`` and a config whose model, data, train and
+    mcft sections equal this one's."""
+    return checkpoint_step(kernel) == kernel.config.train.max_steps
 
 
 def run_arm(config: str, overrides: list[str], name: str, arm: dict, data_dir: Path, n_train: int,

@@ -160,20 +160,25 @@ def _finished(kernel) -> bool:
 
 
 def _train(raw: dict, reuse: bool) -> tuple[Path, Optional[float], bool]:
+    """Train one run; with ``reuse`` a finished run of the same config is kept and an interrupted
+    one (a checkpoint short of the end, the same config) is resumed. Returns (run dir, training
+    seconds (None when reused or resumed), reused)."""
     from metareason.api import Kernel
+    from metareason.plugins.mcft.compare import checkpoint_step
 
     kernel = Kernel(raw)
     run_dir = kernel.config.run_dir
     if reuse and _finished(kernel):
         return run_dir, None, True
-    if run_dir.exists():  # not reused: trained again from scratch
+    resume = reuse and (checkpoint_step(kernel) or 0) > 0
+    if run_dir.exists() and not resume:  # trained again from scratch
         import shutil
 
         shutil.rmtree(run_dir)
     t0 = time.perf_counter()
-    kernel.run()
+    kernel.run(resume=resume)
     (run_dir / "experiment-done").write_text("1\n")
-    return run_dir, time.perf_counter() - t0, False
+    return run_dir, None if resume else time.perf_counter() - t0, False
 
 
 def train_base(raw: dict, exp: dict, root: Path, reuse: bool, quiet: bool) -> dict:
