@@ -231,3 +231,33 @@ def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_val
     assert rec["bases"]["0"]["hf"] == "base-s0/hf" and rec["arms"]["plain"]["run_dirs"] == ["plain-s0", "plain-s1"]
     assert "H4 (full): tokens_full vs plain" in __import__(
         "metareason.plugins.memory_reason.experiment", fromlist=["markdown"]).markdown(rec)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_goes_on_from_its_checkpoint_and_a_changed_one_starts_again(tmp_path, monkeypatch):
+    """The experiment's runs survive a stop between checkpoints: the same config resumes (the same
+    losses as uninterrupted), a run dir of another config is overwritten."""
+    import shutil
+
+    from metareason.api import read_metrics
+    from metareason.plugins.memory_reason.experiment import Experiment
+
+    calls = []
+    real_run = Kernel.run
+
+    def spy(self, resume=False, overwrite=False):
+        calls.append(resume)
+        return real_run(self, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(Kernel, "run", spy)
+    exp = Experiment(ROOT / "configs/memory_reason/varied", tmp_path, seeds=(0,), quiet=True, quick=True)
+    extra = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "data.eval=[]"]
+    _, run_dir = exp._run("base.yaml", "base-x", extra)
+    first = {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")  # stopped after step 2's checkpoint
+    exp._run("base.yaml", "base-x", extra)
+    assert calls == [False, True]
+    assert {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r} == first
+    shutil.rmtree(run_dir / "checkpoints" / "step-0000004")
+    exp._run("base.yaml", "base-x", extra + ["train.lr=0.0123"])
+    assert calls == [False, True, False]

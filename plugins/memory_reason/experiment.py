@@ -114,12 +114,18 @@ class Experiment:
         return path
 
     def _run(self, file: str, name: str, overrides: list) -> tuple[dict, Path]:
-        from metareason.api import Kernel
+        """Train (and evaluate) one run. A run dir left by an interrupted run of exactly this config
+        goes on from its last checkpoint; any other is overwritten (the experiment's own dirs)."""
+        from metareason.api import Kernel, dump_config, latest_checkpoint
 
         kernel = Kernel(self._config(file), overrides=[f"output_dir={self.output_dir}", f"name={name}",
                                                        f"quiet={str(self.quiet).lower()}"] + self.overrides + overrides)
-        metrics = kernel.run(overwrite=True)  # the experiment's own run directories
-        return metrics, Path(kernel.config.run_dir)
+        run_dir = Path(kernel.config.run_dir)
+        written = run_dir / "config.yaml"
+        resume = (run_dir.is_dir() and latest_checkpoint(run_dir) is not None and written.is_file()
+                  and written.read_text(encoding="utf-8") == dump_config(kernel.config))
+        metrics = kernel.run(resume=resume, overwrite=not resume)
+        return metrics, run_dir
 
     def _base_seeds(self) -> tuple:
         return self.seeds[:1] if self.settings["shared_base"] else self.seeds
