@@ -29,8 +29,7 @@ def metareason_special_tokens(config):
     from metareason.api import SpecialToken
     from metareason.plugins.cspo.segments import CONTROL_TOKENS
 
-    # the policy writes them: under LoRA their rows are trained too (frozen, both sit at the vocabulary mean)
-    return [SpecialToken(t, trainable=True) for t in CONTROL_TOKENS]
+    return [SpecialToken(t) for t in CONTROL_TOKENS]
 
 
 def _overthink(params, seed, num_samples):
