@@ -109,3 +109,19 @@ def pytest_sessionfinish(session, exitstatus):
     """A run that collected no tests is a failure, never a silent pass (pytest's exit 5)."""
     if exitstatus == 5:
         session.exitstatus = 1
+
+
+@pytest.fixture
+def kernel_run_calls(monkeypatch):
+    """``Kernel.run`` still trains; the list records each call's ``resume``."""
+    from metareason import Kernel
+
+    calls = []
+    real_run = Kernel.run
+
+    def spy(self, resume=False, overwrite=False):
+        calls.append(resume)
+        return real_run(self, resume=resume, overwrite=overwrite)
+
+    monkeypatch.setattr(Kernel, "run", spy)
+    return calls

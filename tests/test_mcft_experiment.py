@@ -404,12 +404,11 @@ def test_a_run_written_before_a_new_setting_is_reused_only_at_that_settings_defa
     assert same_section(train, train, kernel.config.train)
 
 
-def test_reuse_resumes_an_interrupted_run_of_the_same_config_and_retrains_a_changed_one(tmp_path, monkeypatch):
+def test_reuse_resumes_an_interrupted_run_of_the_same_config_and_retrains_a_changed_one(tmp_path, kernel_run_calls):
     """--reuse: a finished run is kept, a run stopped between checkpoints (the session ended) goes on
     from its last checkpoint, and a run dir written with another config is trained again from scratch."""
     import shutil
 
-    from metareason import Kernel
     from metareason.api import read_metrics
     from tests.test_mcft import tiny_config, write_rows
 
@@ -417,14 +416,7 @@ def test_reuse_resumes_an_interrupted_run_of_the_same_config_and_retrains_a_chan
     write_rows(data, n=16)
     cfg = tiny_config(tmp_path, data, name="arm")
     cfg["train"].update(max_steps=4, save_every=2, keep_last=5)
-    calls = []
-    real_run = Kernel.run
-
-    def spy(self, resume=False, overwrite=False):
-        calls.append(resume)
-        return real_run(self, resume=resume, overwrite=overwrite)
-
-    monkeypatch.setattr(Kernel, "run", spy)
+    calls = kernel_run_calls
     run_dir, train_s, reused = ex._train(cfg, reuse=True)
     assert (calls, reused) == ([False], False) and train_s is not None
     assert ex._train(cfg, reuse=True)[2] is True and calls == [False]  # finished: kept

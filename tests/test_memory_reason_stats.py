@@ -234,7 +234,7 @@ def test_h4_counts_wrong_answers_whose_first_wrong_step_is_a_wrong_entity_or_val
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_goes_on_from_its_checkpoint_and_a_changed_one_starts_again(tmp_path, monkeypatch):
+def test_an_interrupted_run_goes_on_from_its_checkpoint_and_a_changed_one_starts_again(tmp_path, kernel_run_calls):
     """The experiment's runs survive a stop between checkpoints: the same config resumes (the same
     losses as uninterrupted), a run dir of another config is overwritten."""
     import shutil
@@ -242,14 +242,7 @@ def test_an_interrupted_run_goes_on_from_its_checkpoint_and_a_changed_one_starts
     from metareason.api import read_metrics
     from metareason.plugins.memory_reason.experiment import Experiment
 
-    calls = []
-    real_run = Kernel.run
-
-    def spy(self, resume=False, overwrite=False):
-        calls.append(resume)
-        return real_run(self, resume=resume, overwrite=overwrite)
-
-    monkeypatch.setattr(Kernel, "run", spy)
+    calls = kernel_run_calls
     exp = Experiment(ROOT / "configs/memory_reason/varied", tmp_path, seeds=(0,), quiet=True, quick=True)
     extra = ["train.max_steps=4", "train.save_every=2", "train.keep_last=5", "data.eval=[]"]
     _, run_dir = exp._run("base.yaml", "base-x", extra)
