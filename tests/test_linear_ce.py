@@ -252,6 +252,19 @@ def lora(model, targets, **kw):
     return model
 
 
+def lora_token_rows(tie):
+    """LoRA plus trainable rows of three tokens (what SpecialToken(trainable=True) builds), the rows
+    moved away from the base so that a fused path reading the base matrix would differ."""
+    targets = {"embed_tokens": [3, 5, 7]} if tie else {"embed_tokens": [3, 5, 7], "lm_head": [3, 5, 7]}
+    model = lora(llama(tie=tie), ["q_proj"], trainable_token_indices=targets)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
 def phi_with_bias():
     from transformers import PhiConfig, PhiForCausalLM
 
@@ -266,6 +279,8 @@ MODELS = {
     "lora": lambda: lora(llama(), ["q_proj", "v_proj"]),
     "lora-on-head": lambda: lora(llama(), ["q_proj", "lm_head"]),
     "lora-head-saved": lambda: lora(llama(), ["q_proj"], modules_to_save=["lm_head"]),
+    "lora-token-rows-tied": lambda: lora_token_rows(True),
+    "lora-token-rows-untied": lambda: lora_token_rows(False),
     "biased-head": phi_with_bias,
 }
 
@@ -383,7 +398,7 @@ def grpo_batch(seed=5):
     return torch.cat([prompts[rows], comp], 1), torch.cat([pmask[rows], cmask], 1), cmask
 
 
-@pytest.mark.parametrize("kind", ["untied", "tied", "lora-on-head"])
+@pytest.mark.parametrize("kind", ["untied", "tied", "lora-on-head", "lora-token-rows-tied", "lora-token-rows-untied"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_grpo_logps_entropies_and_gradients_fused_equal_unfused(kind, shared):
     from metareason.train.grpo_loss import completion_logps, shared_prompt_logps
@@ -406,7 +421,7 @@ def test_grpo_logps_entropies_and_gradients_fused_equal_unfused(kind, shared):
     torch.testing.assert_close(eb[m], ea[m], atol=1e-5, rtol=1e-5)
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-5, msg=name)
-    if kind == "lora-on-head":  # the reference policy: adapters disabled, the head's too
+    if kind != "untied" and kind != "tied":  # the reference policy: adapters disabled, the head's too
         with torch.no_grad(), model.disable_adapter():
             torch.testing.assert_close(fn(model, ids, attn, 5, fused=True)[m], fn(model, ids, attn, 5)[m],
                                        atol=1e-5, rtol=1e-5)

@@ -19,7 +19,8 @@ Supported: transformers' own causal-LM classes (a model class of our own may att
 in its forward, e.g. ``deepseek_mla``'s ``lru_stats``, which the decoder alone would drop),
 PEFT-wrapped ones (LoRA in the decoder; LoRA on the output layer is merged into its weight
 per call, differentiably, unless it has dropout or a variant such as DoRA; ``modules_to_save``
-heads), tied or untied output layers, with or without bias. Refused: prompt-learning adapters,
+heads; trainable token rows, the base weight with the rows written over it), tied or untied
+output layers, with or without bias. Refused: prompt-learning adapters,
 quantized or otherwise non-``Linear`` output layers, models whose forward transforms the
 logits (soft-capping, scaling: a config attribute, and a probe comparing the split against the
 model's own logits).
@@ -107,7 +108,32 @@ def _linear(head) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return _linear(head.modules_to_save[active[0]])
     if LoraLinear and isinstance(head, LoraLinear) and type(head.base_layer) is torch.nn.Linear:
         return _lora_merged(head)
+    tokens = _trainable_token_rows(head)
+    if tokens is not None:
+        return tokens
     raise NotFusable(f"the output layer is a {type(head).__name__}, not a Linear (or LoRA on one)")
+
+
+def _trainable_token_rows(head) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """An output layer wrapped by peft's trainable token rows (``trainable_token_indices``, tied or
+    not): the base weight with the trained rows written over it, differentiably (what the wrapper's
+    own forward multiplies by); None for any other layer."""
+    try:
+        from peft.utils.other import TrainableTokensWrapper
+    except ImportError:  # pragma: no cover - older peft
+        return None
+    if not isinstance(head, TrainableTokensWrapper):
+        return None
+    layer = head.token_adapter
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear:
+        raise NotFusable(f"the output layer's trainable token rows wrap a {type(base).__name__}, not a Linear")
+    active = list(layer.active_adapters)
+    if head.disable_adapters or layer.disable_adapters or layer.merged or not active:
+        return base.weight, base.bias
+    if base.bias is not None:  # peft's forward of the wrapped Linear drops the bias: not ours to guess
+        raise NotFusable("the output layer has a bias and trainable token rows")
+    return layer.get_merged_weights(active), None
 
 
 class HeadSplit:
