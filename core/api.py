@@ -28,8 +28,8 @@ Data and tokenisation
     gold one), ``make_causal_loop_task`` / ``parse_causal_loop_answer`` (the built-in synthetic
     task), ``PLAIN_CHAT`` (no chat template), ``SpecialToken`` (a token a plugin adds to the
     vocabulary; ``trainable=True``: its rows are trained under LoRA too), ``token_row_targets``
-    (peft's ``{module: ids}`` for trainable token rows), ``prompt_ids``, ``collate``, ``IGNORE_INDEX`` (the label of a token outside the
-    loss), ``encode_sft_examples`` (a run's SFT encoding of examples), ``TaskParams`` /
+    (peft's ``{module: ids}`` for trainable token rows), ``prompt_ids``, ``collate``,
+    ``IGNORE_INDEX`` (the label of a token outside the loss), ``encode_sft_examples`` (a run's SFT encoding of examples), ``TaskParams`` /
     ``parse_params`` (a task's parameters as a pydantic model, with the config's one-line errors),
     ``FieldName`` (a parameter naming a record field).
 Loss

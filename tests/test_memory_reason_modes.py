@@ -161,3 +161,21 @@ def test_export_merged_prompt_tuning_run_gives_the_trained_logits(tmp_path):
     exported = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     with torch.no_grad():
         assert torch.equal(exported(input_ids=ids).logits, want)
+
+
+def test_rows_the_kernel_already_trains_are_kept_and_others_cannot_be_added():
+    """lora+prompt-tuning on an adapter the kernel built with trainable token rows: the rows it
+    already trains are enough; rows it lacks are a one-line error (peft cannot add them)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from metareason.api import ConfigError
+    from metareason.plugins.memory_reason.modes import add_trainable_tokens
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"],
+                                             trainable_token_indices={"embed_tokens": [3, 4]}))
+    assert add_trainable_tokens(model, [4, 3]) is model
+    with pytest.raises(ConfigError, match=r"already trains token rows \[3, 4\], not \[5\]"):
+        add_trainable_tokens(model, [3, 5])
